@@ -1,0 +1,3 @@
+from resrank_export.cli import main
+
+main(prog_name="resrank-export")

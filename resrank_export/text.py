@@ -1,0 +1,122 @@
+"""Tokenization shared by the reference model, the ONNX parity check, the index and the Triton
+python models, so that all of them feed the graphs the same ids.
+
+Only `tokenizers` and `numpy` are imported: the Triton python backend loads this module too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+QUERY_MARKER = "{query}"
+PASSAGES_MARKER = "{passages}"
+
+
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    # tokenizer.json files often carry a fixed padding/truncation (MiniLM's pads to 128);
+    # we decide both here.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest row: the graphs read the last real token at sum(mask)-1."""
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    for token in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+class PassageTokenizer:
+    """Encoder-side tokenization: truncation to `max_tokens` (special tokens included)."""
+
+    def __init__(self, tokenizer_file: str | Path, max_tokens: int):
+        self.tokenizer = _load_tokenizer(Path(tokenizer_file))
+        self.tokenizer.enable_truncation(max_tokens)
+        self.max_tokens = max_tokens
+        self.pad_id = _pad_id(self.tokenizer)
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids, mask = _pad([e.ids for e in encodings], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    slot_positions: list[int]
+
+
+class PromptBuilder:
+    """Builds the reranker prompt: the template with the (truncated) query and one placeholder
+    token per candidate, and the positions of those placeholders."""
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        template: str,
+        placeholder_token: str,
+        max_query_tokens: int,
+        max_candidates: int,
+    ):
+        self.tokenizer = _load_tokenizer(Path(tokenizer_file))
+        self.template = template
+        self.placeholder = placeholder_token
+        self.placeholder_id = self.tokenizer.token_to_id(placeholder_token)
+        if self.placeholder_id is None:
+            raise ValueError(f"placeholder token {placeholder_token!r} is not in {tokenizer_file}")
+        self.max_query_tokens = max_query_tokens
+        self.max_candidates = max_candidates
+        self.pad_id = _pad_id(self.tokenizer)
+
+    def clean_query(self, query: str) -> str:
+        """Remove placeholder tokens a user typed (they would add slots) and truncate the
+        query to `max_query_tokens` tokens, cutting the text at a token boundary."""
+        query = query.replace(self.placeholder, " ").strip()
+        encoding = self.tokenizer.encode(query, add_special_tokens=False)
+        if len(encoding.ids) > self.max_query_tokens:
+            query = query[: encoding.offsets[self.max_query_tokens - 1][1]]
+        return query
+
+    def passages_block(self, k: int) -> str:
+        return " ".join(f"[{i}] {self.placeholder}" for i in range(1, k + 1))
+
+    def build(self, query: str, k: int) -> Prompt:
+        if not 1 <= k <= self.max_candidates:
+            raise ValueError(f"number of candidates must be in 1..{self.max_candidates}, got {k}")
+        text = self.template.replace(QUERY_MARKER, self.clean_query(query))
+        text = text.replace(PASSAGES_MARKER, self.passages_block(k))
+        ids = self.tokenizer.encode(text).ids
+        slots = [i for i, token in enumerate(ids) if token == self.placeholder_id]
+        if len(slots) != k:  # only a tokenizer that splits the placeholder gets here
+            raise ValueError(f"prompt has {len(slots)} placeholder tokens, expected {k}")
+        return Prompt(ids, slots)
+
+    def batch(self, queries: list[str], k: int) -> dict[str, np.ndarray]:
+        """Reranker graph inputs (except `passage_embeddings`) for queries with k candidates each."""
+        prompts = [self.build(q, k) for q in queries]
+        ids, mask = _pad([p.ids for p in prompts], self.pad_id)
+        slots = np.asarray([p.slot_positions for p in prompts], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": mask, "slot_positions": slots}

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny seeded checkpoints and their exports (built once per session), the
+demo checkpoint, and the real IR data under ../shared/data (skipped with a message if absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RESRANK_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _data_dir(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not (path / "corpus.jsonl").is_file():
+        pytest.skip(f"real data {path} not found (set RESRANK_SHARED_DATA to the folder holding {name}/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dl19_dir() -> Path:
+    return _data_dir("dl19")
+
+
+@pytest.fixture(scope="session")
+def scifact_dir() -> Path:
+    return _data_dir("scifact")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(pooling=..., projector=..., reranker=...) -> validated Checkpoint,
+    cached per variant for the session."""
+    from resrank_export.checkpoint import load_checkpoint
+    from resrank_export.demo import build_tiny_checkpoint
+
+    cache: dict = {}
+
+    def make(**variant):
+        key = tuple(sorted(variant.items()))
+        if key not in cache:
+            name = "-".join(f"{k}_{v}" for k, v in key) or "default"
+            cache[key] = load_checkpoint(build_tiny_checkpoint(tmp_path_factory.mktemp(f"ck-{name}"), **variant))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """Factory: tiny_export(**variant) -> (Checkpoint, {"encoder": path, "reranker": path})."""
+    from resrank_export.export import export_onnx
+
+    cache: dict = {}
+
+    def make(**variant):
+        key = tuple(sorted(variant.items()))
+        if key not in cache:
+            checkpoint = tiny_checkpoint(**variant)
+            cache[key] = (checkpoint, export_onnx(checkpoint, tmp_path_factory.mktemp("export")))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The real demo checkpoint (MiniLM encoder + seeded Qwen3 reranker), built once."""
+    from resrank_export.checkpoint import load_checkpoint
+    from resrank_export.demo import build_demo_checkpoint
+
+    cache = Path(os.environ.get("RESRANK_EXPORT_CACHE", tmp_path_factory.mktemp("cache")))
+    path = cache / "test-demo-checkpoint"
+    if not (path / "resrank.json").is_file():
+        build_demo_checkpoint(path)
+    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_checkpoint, tmp_path_factory):
+    """(Checkpoint, graphs) of the demo checkpoint exported at FP32, once per session."""
+    from resrank_export.export import export_onnx
+
+    return demo_checkpoint, export_onnx(demo_checkpoint, tmp_path_factory.mktemp("demo-export"))
