@@ -164,3 +164,22 @@ def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_r
                                       workspace_bytes=parse_size(workspace)), runtime, repository, dry_run))
     for action in actions:
         click.echo(f"{action.graph}: {action.action} - {action.reason}")
+
+
+@engines.command("check")
+@click.argument("builds", nargs=-1, required=True)
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write the results as JSON.")
+def engines_check(builds, report) -> None:
+    """Compare this GPU's plans with ONNX Runtime and time both. BUILDS: FOLDER:PRECISION, e.g. out/fp16:fp16."""
+    from resrank_export.engine.check import check_builds, render_checks
+
+    pairs = []
+    for item in builds:
+        folder, _, precision = item.rpartition(":")
+        if not folder or precision not in ("fp32", "fp16", "int8"):
+            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision fp32, fp16 or int8")
+        pairs.append((Path(folder), precision))
+    results = check_builds(pairs, report)
+    click.echo(render_checks(results))
+    if not all(r.passed for r in results):
+        raise SystemExit(1)

@@ -200,7 +200,11 @@ def render_plan(plan: MemoryPlan) -> str:
     rows += [(p.precision, _gib(p.weights), _gib(p.activations), _gib(p.workspace), _gib(p.reserve), _gib(p.total),
               "yes" if p.fits else "no", str(p.largest_batch_at_max_k), str(p.largest_k_at_batch_1))
              for p in plan.precisions]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     note = "estimate: one layer of activations live, eager attention scores materialised; 0 = does not fit"
-    return "\n".join([head, *lines, note])
+    return "\n".join([head, render_table(rows), note])
+
+
+def render_table(rows: list[tuple[str, ...]]) -> str:
+    """Right-aligned plain-text columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)

@@ -60,7 +60,10 @@ def plan_engine_actions(build: Path, precision: str, runtime: GpuRuntime) -> lis
     entries = read_engine_manifest(engines_dir(build, precision))
     actions = []
     for graph in GRAPHS:
-        entry = find_entry(entries, graph, runtime.compute_capability)
+        # Without a plan for this architecture, judge another one of the graph: its verdict
+        # says why it cannot serve here.
+        entry = find_entry(entries, graph, runtime.compute_capability) \
+            or next((e for e in entries if e.graph == graph), None)
         if entry is not None and not (engines_dir(build, precision) / entry.plan).is_file():
             verdict_ok, reason = False, f"{entry.plan}: recorded in the manifest but the file is missing"
         else:
