@@ -161,8 +161,8 @@ def plan_memory(checkpoint: Checkpoint, config: PlanConfig) -> MemoryPlan:
             precision=precision, weights=weights, activations=activations,
             workspace=engine.workspace_bytes, reserve=config.reserve_bytes, total=needed,
             fits=needed <= config.gpu_memory,
-            largest_batch_at_max_k=_largest(lambda b: total(precision, b, k_max) <= config.gpu_memory, 4096),
-            largest_k_at_batch_1=_largest(lambda k: total(precision, 1, k) <= config.gpu_memory, ck.max_candidates)))
+            largest_batch_at_max_k=_largest(lambda b, p=precision: total(p, b, k_max) <= config.gpu_memory, 4096),
+            largest_k_at_batch_1=_largest(lambda k, p=precision: total(p, 1, k) <= config.gpu_memory, ck.max_candidates)))
     return MemoryPlan(config.gpu_memory, engine.max_batch, k_max, encoder.parameters, reranker.parameters, plans)
 
 

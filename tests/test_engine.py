@@ -5,7 +5,6 @@ trtexec), plan installation into a Triton config, and the no-TensorRT error path
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from resrank_export.engine.manifest import (EngineEntry, GpuRuntime, cc_model_filenames, check_compatible,
+from resrank_export.engine.manifest import (GpuRuntime, cc_model_filenames, check_compatible,
                                             find_entry, plan_filename, read_engine_manifest,
                                             write_engine_manifest)
 from resrank_export.engine.profiles import BuildGraphs, EngineConfig, Profile, engine_profiles
