@@ -240,3 +240,20 @@ def test_build_with_tensorrt_backend_without_tensorrt_exits_2(tiny_checkpoint, t
     assert message.startswith("error: --backend tensorrt needs TensorRT") and "\n" not in message
     assert "--backend onnxruntime" in message and "docker" in message
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_build_writes_the_engine_script_from_the_same_profiles(tiny_checkpoint, tmp_path):
+    from resrank_export.build import BuildConfig, run_build
+    from resrank_export.engine.script import render_build_script
+    from resrank_export.engine.stage import build_profiles
+
+    config = BuildConfig(out=tmp_path / "build", checkpoint=tiny_checkpoint().root, engine=EngineConfig(max_batch=2))
+    manifest = run_build(config)
+    assert manifest["stages"]["engine-script"]["status"] == "ran"
+    script = tmp_path / "build" / "onnx" / "fp32" / "build_engines.sh"
+    expected = render_build_script(build_profiles(tmp_path / "build", "fp32", config.engine), config.engine, "fp32")
+    assert script.read_text() == expected and os.access(script, os.X_OK)
+    assert run_build(config)["stages"]["engine-script"]["status"] == "skipped"
+    changed = run_build(replace(config, engine=EngineConfig(max_batch=3)))
+    assert changed["stages"]["engine-script"]["status"] == "ran" and "--maxShapes=input_ids:3x" in script.read_text()
