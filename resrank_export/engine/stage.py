@@ -9,6 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
 from resrank_export.engine.manifest import (GpuRuntime, cc_model_filenames, check_compatible,
                                             find_entry, plan_filename, read_engine_manifest,
                                             write_engine_manifest)
@@ -90,13 +92,18 @@ def ensure_engines(build: Path, precision: str, config: EngineConfig, runtime: G
     profiles = build_profiles(build, precision, config)
     timing_cache = config.timing_cache or Path(build) / "engines" / f"timing.{runtime.sm}.cache"
     entries = read_engine_manifest(folder)
-    for action in (a for a in actions if a.action == "build"):
-        entry = build_engine(graphs_dir(build, precision) / f"{action.graph}.onnx",
-                             folder / plan_filename(action.graph, runtime), profiles[action.graph], precision,
-                             config, timing_cache, runtime, source_hash(build, precision, action.graph))
-        entries = [e for e in entries if (e.graph, e.compute_capability) != (entry.graph, entry.compute_capability)]
-        entries.append(entry)
-        write_engine_manifest(folder, entries)  # after each plan, so a failed second build keeps the first
+    to_build = [a for a in actions if a.action == "build"]
+    # TensorRT builds take minutes per graph: show which one is running and for how long.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as progress:
+        for action in to_build:
+            task = progress.add_task(f"TensorRT {precision} {action.graph} for {runtime.gpu_name}", total=None)
+            entry = build_engine(graphs_dir(build, precision) / f"{action.graph}.onnx",
+                                 folder / plan_filename(action.graph, runtime), profiles[action.graph], precision,
+                                 config, timing_cache, runtime, source_hash(build, precision, action.graph))
+            progress.remove_task(task)
+            entries = [e for e in entries if (e.graph, e.compute_capability) != (entry.graph, entry.compute_capability)]
+            entries.append(entry)
+            write_engine_manifest(folder, entries)  # after each plan, so a failed second build keeps the first
     return actions
 
 
