@@ -8,6 +8,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,8 +192,9 @@ def test_build_script_matches_the_profiles(tiny_build, tmp_path):
     (tmp_path / "weak").mkdir()
     weak = _run_build_script(script, tmp_path / "weak", STRONGLY_TYPED="")  # TensorRT 8: no such flag
     assert len(weak) == 2 and all("--stronglyTyped" not in call for call in weak)
-    if shutil.which("shellcheck"):
-        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck:
+        result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
 
 
