@@ -16,7 +16,7 @@ from resrank_export.lazy import require
 log = logging.getLogger(__name__)
 
 
-def tensorrt_module(purpose: str = "TensorRT engines"):
+def tensorrt_module(purpose: str = "the TensorRT engine stage"):
     return require("tensorrt", purpose)
 
 
