@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -69,13 +70,22 @@ def main(verbose: bool) -> None:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
-def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force) -> None:
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: also build TensorRT plans for this machine's GPU (needs TensorRT and a GPU).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest request batch the TensorRT profiles admit.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
+def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
+          max_batch, workspace) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch and write the manifest."""
     from resrank_export.build import BuildConfig, run_build
+    from resrank_export.engine.profiles import EngineConfig
     from resrank_export.export import ExportConfig
     from resrank_export.parity import ParityConfig
+    from resrank_export.plan import parse_size
 
-    config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force,
+    config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
+                         engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          export=ExportConfig(opset=opset, external_data=external_data),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries))
     manifest = run_build(config)
@@ -101,3 +111,75 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
         raise ResRankExportError(f"{out}: already exists; choose a new folder")
     build_demo_checkpoint(out, reranker=reranker, seed=seed)
     click.echo(f"demo checkpoint written to {out}")
+
+
+# --- TensorRT engines and memory planning ----------------------------------------------------
+
+@main.command("plan")
+@click.option("--gpu-memory", required=True, help="GPU memory to plan for, e.g. 16GiB, 24GB, 80GiB.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="ResRank checkpoint folder. Default: the demo checkpoint.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Request batch to plan for.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(gpu_memory, checkpoint, max_batch, workspace, as_json) -> None:
+    """Estimate GPU memory (weights + activations + workspace) per precision and the largest batch / k that fit."""
+    from resrank_export.engine.profiles import EngineConfig
+    from resrank_export.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
+
+    result = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
+        max_batch=max_batch, workspace_bytes=parse_size(workspace))))
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
+
+
+@main.group()
+def engines() -> None:
+    """TensorRT plans of a build folder: build them on this GPU, check and install them."""
+
+
+@engines.command("ensure")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Build folder (from `resrank-export build`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--repository", type=click.Path(path_type=Path, file_okay=False),
+              help="Triton repository whose tensorrt models receive the plans (cc_model_filenames).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--workspace", default="4GiB", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only print what would be kept or built.")
+@click.option("--tensorrt-version", envvar="RESRANK_TENSORRT_VERSION",
+              help="Decide for this TensorRT version instead of the installed one (with --compute-capability).")
+@click.option("--compute-capability", envvar="RESRANK_GPU_COMPUTE_CAPABILITY", help="e.g. 8.9")
+@click.option("--gpu-name", envvar="RESRANK_GPU_NAME", default="unnamed GPU", show_default=True)
+def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_run, tensorrt_version,
+                   compute_capability, gpu_name) -> None:
+    """Build the plans this GPU lacks (missing, other TensorRT release or architecture, changed graph)."""
+    from resrank_export.engine.profiles import EngineConfig
+    from resrank_export.engine.stage import EnsureConfig, run_ensure
+    from resrank_export.engine.manifest import GpuRuntime
+    from resrank_export.plan import parse_size
+
+    if bool(tensorrt_version) != bool(compute_capability):
+        raise click.UsageError("--tensorrt-version and --compute-capability go together")
+    runtime = GpuRuntime(tensorrt_version, gpu_name, compute_capability) if tensorrt_version else None
+    actions = run_ensure(EnsureConfig(build_dir, precision, EngineConfig(max_batch=max_batch,
+                                      workspace_bytes=parse_size(workspace)), runtime, repository, dry_run))
+    for action in actions:
+        click.echo(f"{action.graph}: {action.action} - {action.reason}")
+
+
+@engines.command("check")
+@click.argument("builds", nargs=-1, required=True)
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write the results as JSON.")
+def engines_check(builds, report) -> None:
+    """Compare this GPU's plans with ONNX Runtime and time both. BUILDS: FOLDER:PRECISION, e.g. out/fp16:fp16."""
+    from resrank_export.engine.check import check_builds, render_checks
+
+    pairs = []
+    for item in builds:
+        folder, _, precision = item.rpartition(":")
+        if not folder or precision not in ("fp32", "fp16", "int8"):
+            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision fp32, fp16 or int8")
+        pairs.append((Path(folder), precision))
+    results = check_builds(pairs, report)
+    click.echo(render_checks(results))
+    if not all(r.passed for r in results):
+        raise SystemExit(1)

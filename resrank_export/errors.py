@@ -32,3 +32,7 @@ class NotAvailableError(ResRankExportError):
     """The requested feature cannot run here (not implemented yet, or needs other hardware)."""
 
     exit_code = 2
+
+
+class EngineError(ResRankExportError):
+    """A TensorRT engine cannot be built, or a plan does not fit this GPU / TensorRT version."""
