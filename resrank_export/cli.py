@@ -101,3 +101,79 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
         raise ResRankExportError(f"{out}: already exists; choose a new folder")
     build_demo_checkpoint(out, reranker=reranker, seed=seed)
     click.echo(f"demo checkpoint written to {out}")
+
+
+# --- Triton: model repository, server, queries -------------------------------------------------
+
+
+@main.command()
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), default=Path("resrank-build"),
+              show_default=True, help="Build folder (from `resrank-export build`).")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path),
+              help="Index folder (from `resrank-export index`). Without it only the resrank_rerank ensemble is written.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository folder; replaced atomically.")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
+              show_default=True, help="Backend of the encoder and reranker models (the others are python).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
+@click.option("--max-queue-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests queued per model beyond this are rejected.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Instances per composing model.")
+@click.option("--gpu", is_flag=True, help="KIND_GPU instance groups for the encoder and reranker.")
+@click.option("--ort-accelerator", type=click.Choice(["tensorrt", "cuda"]),
+              help="onnxruntime backend: GPU execution accelerator.")
+@click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
+              help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
+def triton(build_dir, index_dir, out, backend, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+           gpu, ort_accelerator, cc_model_filenames) -> None:
+    """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+
+    pairs = dict(item.split("=", 1) for item in cc_model_filenames if "=" in item)
+    if len(pairs) != len(cc_model_filenames):
+        raise ResRankExportError("--cc-model-filename: expected CC=FILE, e.g. 9.0=model_sm90.plan")
+    summary = write_repository(TritonConfig(
+        build=build_dir, out=out, index=index_dir, backend=backend, max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
+        ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
+    click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
+
+
+@main.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds to.")
+@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="0: a free port.")
+@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True)
+@click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
+def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
+    """Run tritonserver (from the nvidia-pytriton wheel) on the repository until Ctrl-C."""
+    from resrank_export.triton.server import ServerConfig, docker_command, serve as run_server
+
+    config = ServerConfig(repository=repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port)
+    if print_docker:
+        click.echo(docker_command(config))
+        return
+    sys.exit(run_server(config))
+
+
+@main.command()
+@click.argument("text")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--passages", type=click.Path(path_type=Path),
+              help="Rerank the passages of this file (JSONL/TSV/text) instead of searching the index.")
+@click.option("--url", help="Server address. Default: 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")
+@click.option("--grpc", is_flag=True, help="Use gRPC instead of HTTP.")
+def query(text, top_k, passages, url, grpc) -> None:
+    """Ask a running server: the reranked top-k of the index, or the order of --passages."""
+    from resrank_export.triton.client import QueryConfig, run_query
+
+    protocol = "grpc" if grpc else "http"
+    results = run_query(QueryConfig(query=text, url=url or f"127.0.0.1:{8001 if grpc else 8000}",
+                                    protocol=protocol, top_k=top_k, passages=passages))
+    for rank, (passage_id, score) in enumerate(results, 1):
+        click.echo(f"{rank:3d}  {score:+.4f}  {passage_id}")
