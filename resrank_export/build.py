@@ -29,6 +29,7 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     force: bool = False
+    triton_backend: str | None = "python"  # None: no model repository stage
 
 
 def _check_out_folder(out: Path) -> None:
@@ -75,6 +76,7 @@ def run_build(config: BuildConfig) -> dict:
         runner = StageRunner(work, read_manifest(work), force=config.force)
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
+        _triton_stage(runner, work, config)
         manifest = runner.write(inputs)
     return manifest
 
@@ -102,3 +104,35 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
 
     runner.run("parity", {"graphs": runner.output_hashes("export"), "atol": config.parity.atol,
                           "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
+
+
+# --- Triton model repository (last stage) ------------------------------------------------------
+TRITON_REPOSITORY = "model_repository"
+
+
+def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """<build>/model_repository, with the index ensemble when <build>/index exists. Skipped with
+    a warning when the triton extra is not installed."""
+    import importlib.util
+
+    if config.triton_backend is None:
+        return
+    if importlib.util.find_spec("tritonclient") is None:
+        log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")
+        return
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+
+    index = work / "index"
+    has_index = (index / "index.json").is_file()
+
+    def triton() -> dict:
+        triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
+                                     backend=config.triton_backend)
+        return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": write_repository(triton_config)}
+
+    from resrank_export import __version__
+
+    runner.run("triton", {"graphs": runner.output_hashes("export"), "backend": config.triton_backend,
+                          "package": __version__,
+                          "index": sha256_file(index / "index.json") if has_index else None}, triton)

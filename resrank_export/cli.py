@@ -69,13 +69,17 @@ def main(verbose: bool) -> None:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
-def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force) -> None:
+@click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
+              show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
+def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force,
+          triton_backend) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch and write the manifest."""
     from resrank_export.build import BuildConfig, run_build
     from resrank_export.export import ExportConfig
     from resrank_export.parity import ParityConfig
 
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force,
+                         triton_backend=None if triton_backend == "none" else triton_backend,
                          export=ExportConfig(opset=opset, external_data=external_data),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries))
     manifest = run_build(config)

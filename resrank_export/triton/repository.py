@@ -112,14 +112,14 @@ def write_repository(config: TritonConfig) -> dict:
         "rank_sort": ({}, {}),
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
-    summary = {"backend": config.backend, "build": str(build.resolve()), "index": None, "max_top_k": None}
+    summary = {"backend": config.backend, "max_top_k": None}
     if config.index is not None:
         index = Path(config.index)
         meta = _read_index(index)
         max_top_k = min(settings.max_candidates, int(meta["count"]))
         python["faiss_lookup"] = ({"MAX_TOP_K": str(max_top_k)}, {"index": index})
         ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
-        summary.update(index=str(index.resolve()), max_top_k=max_top_k)
+        summary["max_top_k"] = max_top_k
     else:
         log.warning("no index given: writing only the %s ensemble", RERANK_ENSEMBLE)
 
