@@ -12,6 +12,7 @@ from pathlib import Path
 from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.fs import atomic_dir, link_or_copy
+from resrank_export.index import read_index_info
 from resrank_export.specs import GraphSpec
 from resrank_export.triton.config import (
     RERANK_ENSEMBLE, RERANK_OUTPUTS, RERANK_STEPS, RETRIEVE_ENSEMBLE, RETRIEVE_OUTPUTS, RETRIEVE_STEPS,
@@ -50,16 +51,6 @@ def _read_build(build: Path) -> ResRankConfig:
         if not tokenizer.is_file():
             raise ResRankExportError(f"{tokenizer}: file not found; --build must be a resrank-export build folder")
     return ResRankConfig.from_json(json.loads(path.read_text()), path)
-
-
-def _read_index(index: Path) -> dict:
-    path = index / "index.json"
-    if not path.is_file():
-        raise ResRankExportError(f"{path}: file not found; --index must be a folder written by `resrank-export index`")
-    meta = json.loads(path.read_text())
-    if not meta.get("complete"):
-        raise ResRankExportError(f"{path}: field 'complete' is not true; rebuild the index")
-    return meta
 
 
 def _check_out(out: Path) -> None:
@@ -115,7 +106,7 @@ def write_repository(config: TritonConfig) -> dict:
     summary = {"backend": config.backend, "max_top_k": None}
     if config.index is not None:
         index = Path(config.index)
-        meta = _read_index(index)
+        meta = read_index_info(index)
         max_top_k = min(settings.max_candidates, int(meta["count"]))
         python["faiss_lookup"] = ({"MAX_TOP_K": str(max_top_k)}, {"index": index})
         ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
