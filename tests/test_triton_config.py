@@ -33,6 +33,22 @@ def build_dir(tiny_export) -> Path:
     return graphs["encoder"].parents[2]
 
 
+@pytest.fixture(scope="module")
+def index_dir(build_dir, tmp_path_factory) -> Path:
+    """A 20-passage index of the embedded corpus, so the `resrank` ensemble is written too."""
+    import json
+
+    pytest.importorskip("faiss")
+    from resrank_export.default_corpus import stdlib_passages
+    from resrank_export.index import IndexConfig, build_index
+
+    folder = tmp_path_factory.mktemp("index")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=20)))
+    build_index(IndexConfig(build=build_dir, corpus=corpus, out=folder / "index"))
+    return folder / "index"
+
+
 @pytest.mark.parametrize("backend", ["python", "onnxruntime", "tensorrt"])
 def test_graph_model_configs_match_onnx(build_dir, tmp_path, backend):
     import onnx
@@ -56,10 +72,12 @@ def test_graph_model_configs_match_onnx(build_dir, tmp_path, backend):
         assert dict(configs["encoder"].cc_model_filenames) == {"9.0": "model_sm90.plan"}
 
 
-def test_ensemble_edges_join_matching_tensors(build_dir, tmp_path):
-    write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo"))
+@pytest.mark.parametrize("ensemble_name", ["resrank", "resrank_rerank"])
+def test_ensemble_edges_join_matching_tensors(build_dir, index_dir, tmp_path, ensemble_name):
+    summary = write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", index=index_dir))
     configs = _configs(tmp_path / "repo")
-    ensemble = configs["resrank_rerank"]
+    assert summary["max_top_k"] == 20 and configs["faiss_lookup"].parameters["MAX_TOP_K"].string_value == "20"
+    ensemble = configs[ensemble_name]
     assert ensemble.platform == "ensemble"
     produced = {t.name: (t.data_type, list(t.dims)) for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:

@@ -77,25 +77,24 @@ def model_specs(dim: int) -> dict[str, GraphSpec]:
 
 # Ensemble wiring: (model, {model input: source}); a source is an ensemble input name or
 # "<model>.<output>". The final map sends "<model>.<output>" to the ensemble outputs.
+def _rerank_steps(candidates: str) -> tuple:
+    """prompt_builder -> reranker -> rank_sort over the candidates that model `candidates` made."""
+    return (
+        ("prompt_builder", {"QUERY": "QUERY", "passage_embeddings": f"{candidates}.passage_embeddings"}),
+        ("reranker", {"input_ids": "prompt_builder.input_ids", "attention_mask": "prompt_builder.attention_mask",
+                      "passage_embeddings": f"{candidates}.passage_embeddings",
+                      "slot_positions": "prompt_builder.slot_positions"}),
+        ("rank_sort", {"scores": "reranker.scores", "candidate_ids": f"{candidates}.candidate_ids"}),
+    )
+
+
 RETRIEVE_STEPS = (
     ("query_tokenizer", {"QUERY": "QUERY"}),
     ("encoder", {"input_ids": "query_tokenizer.input_ids", "attention_mask": "query_tokenizer.attention_mask"}),
     ("faiss_lookup", {"embeddings": "encoder.embeddings", "TOP_K": "TOP_K"}),
-    ("prompt_builder", {"QUERY": "QUERY", "passage_embeddings": "faiss_lookup.passage_embeddings"}),
-    ("reranker", {"input_ids": "prompt_builder.input_ids", "attention_mask": "prompt_builder.attention_mask",
-                  "passage_embeddings": "faiss_lookup.passage_embeddings",
-                  "slot_positions": "prompt_builder.slot_positions"}),
-    ("rank_sort", {"scores": "reranker.scores", "candidate_ids": "faiss_lookup.candidate_ids"}),
-)
+) + _rerank_steps("faiss_lookup")
 RETRIEVE_OUTPUTS = {"DOC_IDS": "rank_sort.DOC_IDS", "SCORES": "rank_sort.SCORES"}
-RERANK_STEPS = (
-    ("passage_encoder", {"PASSAGES": "PASSAGES"}),
-    ("prompt_builder", {"QUERY": "QUERY", "passage_embeddings": "passage_encoder.passage_embeddings"}),
-    ("reranker", {"input_ids": "prompt_builder.input_ids", "attention_mask": "prompt_builder.attention_mask",
-                  "passage_embeddings": "passage_encoder.passage_embeddings",
-                  "slot_positions": "prompt_builder.slot_positions"}),
-    ("rank_sort", {"scores": "reranker.scores", "candidate_ids": "passage_encoder.candidate_ids"}),
-)
+RERANK_STEPS = (("passage_encoder", {"PASSAGES": "PASSAGES"}),) + _rerank_steps("passage_encoder")
 RERANK_OUTPUTS = {"ORDER": "rank_sort.ORDER", "SCORES": "rank_sort.SCORES"}
 
 
