@@ -207,17 +207,23 @@ class TritonServer:
 
 
 def serve(config: ServerConfig) -> int:
-    """`resrank-export serve`: run until Ctrl-C (or SIGTERM), then stop cleanly."""
+    """`resrank-export serve`: run until Ctrl-C or SIGTERM, then stop cleanly. Both signals get
+    explicit handlers (a shell starts background jobs with SIGINT ignored)."""
     server = TritonServer(config).start()
-    previous = signal.signal(signal.SIGTERM, lambda *_: server.process.send_signal(signal.SIGTERM))
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
+
+    def forward(signum, frame) -> None:
         log.info("stopping tritonserver")
-        return 0
+        server.process.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        code = server.stop()
+    log.info("tritonserver exited with code %s", code)
+    return code or 0
 
 
 def docker_command(config: ServerConfig, image: str = DOCKER_IMAGE) -> str:
