@@ -96,6 +96,19 @@ def test_search_equals_pipeline(server, reference, protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_request_with_several_rows_is_split_per_row(server, reference, protocol):
+    """One request carrying 3 queries: every row is answered for its own query."""
+    queries = [SAMPLE_QUERIES[1], LONG_QUERY, "json"]
+    with _client(server, protocol) as client:
+        out = client.infer("resrank", {"QUERY": np.array([[q.encode()] for q in queries], dtype=np.object_),
+                                       "TOP_K": np.full((3, 1), 6, dtype=np.int32)}, ["DOC_IDS", "SCORES"])
+    for row, query in enumerate(queries):
+        expected = reference.search(query, 6)
+        assert [v.decode() for v in out["DOC_IDS"][row]] == expected.ids
+        np.testing.assert_allclose(out["SCORES"][row], expected.scores, rtol=0, atol=SCORE_ATOL)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_rerank_equals_pipeline(server, reference, triton_passages, protocol):
     with _client(server, protocol) as client:
         for query, start, k in ((SAMPLE_QUERIES[3], 0, 1), (SAMPLE_QUERIES[4], 40, 7), (LONG_QUERY, 100, 30)):
