@@ -124,9 +124,14 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
              "chunk_size": config.chunk_size, "vector_dtype": config.vector_dtype}
     _open_work_dir(work, state)
     start = time.perf_counter()
-    chunks, encoded = _encode_chunks(_passages(config.corpus), encoder, work, config, on_chunk)
-    if not chunks:
-        raise InputDataError(f"{config.corpus}: the corpus holds no passages")
+    try:
+        chunks, encoded = _encode_chunks(_passages(config.corpus), encoder, work, config, on_chunk)
+        if not chunks:
+            raise InputDataError(f"{config.corpus}: the corpus holds no passages")
+    except BaseException:
+        if not any(work.glob("*.npy")):  # nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
     with atomic_dir(config.out) as tmp:
         count = _assemble(work, chunks, tmp, config.store_texts, encoder.dim, config.vector_dtype)
@@ -156,7 +161,8 @@ def _finish_index(folder: Path, config: IndexConfig, encoder: OnnxEncoder, count
                   timings: dict, start: float) -> dict:
     """FAISS index, index.json and the report, next to the vectors already in `folder`."""
     info = _write_faiss(require("faiss", "building a FAISS index"), folder, config, count, encoder.dim)
-    info.update(encoder_sha256=encoder.sha256, build=str(Path(config.recorded_build or config.build).resolve()), has_texts=has_texts)
+    recorded_build = Path(config.recorded_build or config.build).resolve()
+    info.update(encoder_sha256=encoder.sha256, build=str(recorded_build), has_texts=has_texts)
     (folder / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
     timings["build_seconds"] = time.perf_counter() - start
     write_report(folder, index_report(Retriever.load(folder, encoder=encoder), config, timings))

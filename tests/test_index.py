@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,14 @@ def test_interrupted_build_does_not_load_and_resumes_without_reencoding(tiny_bui
     np.testing.assert_allclose(np.asarray(Retriever.load(out).vectors), reference, atol=1e-5)
 
 
-def test_index_from_another_encoder_is_refused(flat_index, tiny_export):
-    other = _build_dir(tiny_export(pooling="cls"))
+def test_index_from_another_encoder_is_refused(flat_index, tiny_build, tmp_path):
+    import onnx
+
+    other = tmp_path / "other-build"
+    shutil.copytree(tiny_build, other)
+    graph = onnx.load(other / "onnx" / "fp32" / "encoder.onnx")
+    onnx.helper.set_model_props(graph, {"re-exported": "yes"})  # same dims, other file
+    onnx.save(graph, other / "onnx" / "fp32" / "encoder.onnx")
     with pytest.raises(IndexFormatError, match="encoder_sha256"):
         Retriever.load(flat_index, other)
     info = dict(Retriever.load(flat_index).info, dim=48)
@@ -135,7 +142,7 @@ def test_bad_corpus_is_a_typed_error_and_writes_nothing(tiny_build, tmp_path, li
     corpus.write_text(lines)
     with pytest.raises(InputDataError, match=message):
         build_index(IndexConfig(build=tiny_build, corpus=corpus, out=tmp_path / "index"))
-    assert not (tmp_path / "index").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
