@@ -29,6 +29,8 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     force: bool = False
+    corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
+    index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
 
 
@@ -76,6 +78,8 @@ def run_build(config: BuildConfig) -> dict:
         runner = StageRunner(work, read_manifest(work), force=config.force)
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
+        if config.corpus is not None or config.checkpoint is None:
+            _index_stage(runner, work, config)
         _triton_stage(runner, work, config)
         manifest = runner.write(inputs)
     return manifest
@@ -106,6 +110,22 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
                           "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
 
 
+# --- index stage (resrank_export/index.py) ---------------------------------------------------
+def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
+    beside the build folder, so an interrupted build resumes encoding where it stopped."""
+    from resrank_export.index import REPORT_JSON, IndexConfig, build_index, corpus_identity
+
+    out = Path(config.out)
+
+    def index() -> dict:
+        build_index(IndexConfig(build=work, corpus=config.corpus, out=work / "index", kind=config.index_kind,
+                                work_dir=out.parent / f".{out.name}.index-partial", recorded_build=out.resolve()))
+        report = json.loads((work / "index" / REPORT_JSON).read_text())
+        return {"outputs": _files_under(work, "index"), "report": report}
+
+    runner.run("index", {"encoder": runner.output_hashes("export")["onnx/fp32/encoder.onnx"],
+                         "corpus": corpus_identity(config.corpus), "kind": config.index_kind}, index)
 # --- Triton model repository (last stage) ------------------------------------------------------
 TRITON_REPOSITORY = "model_repository"
 
@@ -135,4 +155,4 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     runner.run("triton", {"graphs": runner.output_hashes("export"), "backend": config.triton_backend,
                           "package": __version__,
-                          "index": sha256_file(index / "index.json") if has_index else None}, triton)
+                          "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

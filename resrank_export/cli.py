@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.index import KINDS, VECTOR_DTYPES  # light: numpy only
 
 log = logging.getLogger("resrank_export")
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3")
@@ -69,10 +70,15 @@ def main(verbose: bool) -> None:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="Corpus to index into <out>/index (see 'index --help' for formats). Without --checkpoint "
+                   "and --corpus the embedded standard-library corpus is indexed.")
+@click.option("--index", "index_kind", type=click.Choice(KINDS), default="flat",
+              show_default=True, help="FAISS index kind of the index stage.")
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
-def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force,
-          triton_backend) -> None:
+def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, corpus,
+          index_kind, triton_backend) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch and write the manifest."""
     from resrank_export.build import BuildConfig, run_build
     from resrank_export.export import ExportConfig
@@ -81,7 +87,8 @@ def build(checkpoint, precision, out, parity_data, parity_queries, opset, extern
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force,
                          triton_backend=None if triton_backend == "none" else triton_backend,
                          export=ExportConfig(opset=opset, external_data=external_data),
-                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries))
+                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
+                         corpus=corpus, index_kind=index_kind)
     manifest = run_build(config)
     parity = manifest["stages"]["parity"]["report"]
     click.echo(f"build written to {out}: reranker max |diff| {parity['reranker']['max_abs_diff']:.2e}, "
@@ -105,6 +112,71 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
         raise ResRankExportError(f"{out}: already exists; choose a new folder")
     build_demo_checkpoint(out, reranker=reranker, seed=seed)
     click.echo(f"demo checkpoint written to {out}")
+
+
+# --- index and search (resrank_export/index.py) ---------------------------------------------
+
+
+@main.command("index")
+@click.option("--build", "build_dir", required=True, type=click.Path(path_type=Path),
+              help="Build folder from 'resrank-export build' (its FP32 encoder graph encodes the corpus).")
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="BEIR folder or corpus.jsonl, JSONL (id/text), TSV (id<TAB>text) or text (one passage "
+                   "per line). Default: the embedded standard-library corpus.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder (written atomically).")
+@click.option("--index", "kind", type=click.Choice(KINDS), default="flat", show_default=True,
+              help="flat: exact inner product; ivf: IVF-Flat; hnsw: graph; ivfpq: compressed, for little memory.")
+@click.option("--vector-dtype", type=click.Choice(VECTOR_DTYPES), default="float32", show_default=True,
+              help="Precision of the stored slot vectors (vectors.npy).")
+@click.option("--texts/--no-texts", default=True, show_default=True, help="Store passage texts for display.")
+@click.option("--nlist", type=click.IntRange(min=1), help="ivf/ivfpq: lists. Default ~4*sqrt(passages).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="ivf/ivfpq: lists searched. Default max(16, nlist/8).")
+@click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
+@click.option("--ef-search", type=click.IntRange(min=1), default=128, show_default=True, help="hnsw: search breadth.")
+@click.option("--pq-m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (divides the dim). Default dim/4.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Passages per resumable chunk: an interrupted build resumes after the last finished chunk.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Encoder batch size.")
+@click.option("--from-index", type=click.Path(path_type=Path),
+              help="Reuse the vectors of this index (another --index kind without re-encoding).")
+def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
+                  chunk_size, batch_size, from_index) -> None:
+    """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
+    from resrank_export.index import IndexConfig, build_index
+
+    info = build_index(IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
+                                   store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+                                   ef_search=ef_search, pq_m=pq_m, chunk_size=chunk_size, batch_size=batch_size,
+                                   source_index=from_index))
+    click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
+               f"report: {out / 'report.md'}")
+
+
+@main.command("search")
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index folder.")
+@click.option("--query", help="One query text (query_id null in --json output).")
+@click.option("--queries", "queries_file", type=click.Path(path_type=Path),
+              help="queries.jsonl ({_id or id, text}) or a BEIR folder.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--build", "build_dir", type=click.Path(path_type=Path),
+              help="Build folder whose encoder encodes the queries. Default: the one recorded in the index.")
+@click.option("--json", "as_json", is_flag=True, help='One {"query_id", "ids", "scores"} JSON object per line.')
+def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) -> None:
+    """Retrieve the top-k passages of each query."""
+    import json
+
+    from resrank_export.index import SearchConfig, run_search
+
+    config = SearchConfig(index=index_dir, query=query, queries_file=queries_file, top_k=top_k, build=build_dir)
+    for hits in run_search(config):
+        if as_json:
+            click.echo(json.dumps({"query_id": hits.query_id, "ids": hits.result.ids,
+                                   "scores": [round(float(s), 6) for s in hits.result.scores]}, ensure_ascii=False))
+            continue
+        click.echo(f"query {hits.query_id or ''}: {hits.query}")
+        for rank, (pid, score) in enumerate(zip(hits.result.ids, hits.result.scores), 1):
+            snippet = f"  {hits.texts[rank - 1][:100]}" if hits.texts else ""
+            click.echo(f"{rank:4d}  {score:.4f}  {pid}{snippet}")
 
 
 # --- Triton: model repository, server, queries -------------------------------------------------

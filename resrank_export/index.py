@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,7 +24,7 @@ import numpy as np
 from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.data import Passage, iter_passages
 from resrank_export.errors import IndexFormatError, InputDataError, ResRankExportError
-from resrank_export.fs import atomic_dir, sha256_file
+from resrank_export.fs import atomic_dir, link_or_copy, sha256_file
 from resrank_export.lazy import require
 from resrank_export.runtime import ort_session, run_session
 from resrank_export.text import PassageTokenizer
@@ -40,6 +40,8 @@ VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.json"
 TEXTS_FILE = "texts.jsonl"
 PROGRESS_FILE = "progress.json"
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+_RECALL_K = (10, 100)
 _ADD_BLOCK = 65536  # rows copied from the memory-mapped vectors into FAISS at a time
 
 
@@ -100,6 +102,8 @@ class IndexConfig:
     pq_m: int | None = None  # ivfpq: sub-quantizers, default D/4 (a divisor of D)
     train_size: int = 100_000  # ivf, ivfpq: vectors sampled for training
     work_dir: Path | None = None  # partial chunks; default: .<out>.partial beside out
+    source_index: Path | None = None  # reuse this index's vectors, ids and texts: no encoding
+    recorded_build: Path | None = None  # build path for index.json when `build` is a temp folder
     eval_queries: int = 1000  # stored vectors used as queries for recall vs exact search
 
 
@@ -108,28 +112,62 @@ ProgressHook = Callable[[int, int], None]  # (chunks done, passages done)
 
 def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> dict:
     """Encode the corpus (resuming finished chunks) and write the index folder atomically;
-    returns the index.json content."""
+    returns the index.json content. With `config.source_index`, reuse that index's vectors."""
     _check_config(config)
-    faiss = require("faiss", "building a FAISS index")
+    if config.source_index is not None:
+        return _reindex(Path(config.source_index), config)
+    require("faiss", "building a FAISS index")  # fail before hours of encoding
     _check_out_folder(config.out)
     encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
     work = config.work_dir or config.out.parent / f".{config.out.name}.partial"
-    state = {"encoder_sha256": encoder.sha256, "corpus": _corpus_identity(config.corpus),
+    state = {"encoder_sha256": encoder.sha256, "corpus": corpus_identity(config.corpus),
              "chunk_size": config.chunk_size, "vector_dtype": config.vector_dtype}
     _open_work_dir(work, state)
     start = time.perf_counter()
-    chunks = _encode_chunks(_passages(config.corpus), encoder, work, config, on_chunk)
-    if not chunks:
-        raise InputDataError(f"{config.corpus}: the corpus holds no passages")
+    try:
+        chunks, encoded = _encode_chunks(_passages(config.corpus), encoder, work, config, on_chunk)
+        if not chunks:
+            raise InputDataError(f"{config.corpus}: the corpus holds no passages")
+    except BaseException:
+        if not any(work.glob("*.npy")):  # nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
     with atomic_dir(config.out) as tmp:
         count = _assemble(work, chunks, tmp, config.store_texts, encoder.dim, config.vector_dtype)
-        info = _write_faiss(faiss, tmp, config, count, encoder.dim)
-        info.update(encoder_sha256=encoder.sha256, build=str(Path(config.build).resolve()),
-                    has_texts=config.store_texts)
-        (tmp / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        info = _finish_index(tmp, config, encoder, count, config.store_texts, timings, start)
     shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def _reindex(source: Path, config: IndexConfig) -> dict:
+    """Another index kind (or parameters) over an existing index's stored vectors, ids and
+    texts. `config.corpus` only matters for the report's nDCG; the vector dtype is the source's."""
+    source_info = read_index_info(source)
+    _check_out_folder(config.out)
+    encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
+    check_encoder_matches(source_info, encoder, source)
+    start = time.perf_counter()
+    has_texts = source_info["has_texts"] and config.store_texts
+    with atomic_dir(config.out) as tmp:
+        for name in (VECTORS_FILE, IDS_FILE) + ((TEXTS_FILE,) if has_texts else ()):
+            link_or_copy(str(source / name), str(tmp / name))
+        config = replace(config, vector_dtype=source_info["vector_dtype"])
+        timings = {"encode_seconds": 0.0, "encoded_passages": 0}
+        return _finish_index(tmp, config, encoder, source_info["count"], has_texts, timings, start)
+
+
+def _finish_index(folder: Path, config: IndexConfig, encoder: OnnxEncoder, count: int, has_texts: bool,
+                  timings: dict, start: float) -> dict:
+    """FAISS index, index.json and the report, next to the vectors already in `folder`."""
+    info = _write_faiss(require("faiss", "building a FAISS index"), folder, config, count, encoder.dim)
+    recorded_build = Path(config.recorded_build or config.build).resolve()
+    info.update(encoder_sha256=encoder.sha256, build=str(recorded_build), has_texts=has_texts)
+    (folder / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    timings["build_seconds"] = time.perf_counter() - start
+    write_report(folder, index_report(Retriever.load(folder, encoder=encoder), config, timings))
     log.info("index of %d passages (%s) written to %s in %.1fs", count, config.kind, config.out,
-             time.perf_counter() - start)
+             timings["build_seconds"])
     return info
 
 
@@ -150,7 +188,7 @@ def _check_out_folder(out: Path) -> None:
                                  "choose another --out or remove it")
 
 
-def _corpus_identity(corpus: Path | None) -> str:
+def corpus_identity(corpus: Path | None) -> str:
     """What a resumed build must match: the corpus file's content hash."""
     if corpus is None:
         return f"stdlib-docstrings:python-{sys.version.split()[0]}"
@@ -202,12 +240,12 @@ def _chunk_paths(work: Path, number: int) -> tuple[Path, Path]:
 
 
 def _encode_chunks(passages: Iterator[Passage], encoder: OnnxEncoder, work: Path, config: IndexConfig,
-                   on_chunk: ProgressHook | None) -> int:
-    """Encode and save each chunk not saved yet; returns the number of chunks. A chunk's
+                   on_chunk: ProgressHook | None) -> tuple[int, int]:
+    """Encode and save each chunk not saved yet; returns (chunks, passages encoded now). A chunk's
     vectors file is renamed into place last, so it marks the chunk as finished."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    done = 0
+    done = encoded = 0
     columns = (TextColumn("encoding corpus"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("encode", total=_estimated_count(config.corpus))
@@ -222,11 +260,12 @@ def _encode_chunks(passages: Iterator[Passage], encoder: OnnxEncoder, work: Path
                 partial = vectors_path.with_suffix(".tmp.npy")
                 np.save(partial, vectors)
                 os.replace(partial, vectors_path)
+                encoded += len(chunk)
             done += len(chunk)
             progress.update(task, completed=done)
             if on_chunk is not None:
                 on_chunk(number + 1, done)
-    return number + 1
+    return number + 1, encoded
 
 
 def _estimated_count(corpus: Path | None) -> int | None:
@@ -345,7 +384,9 @@ class Retriever:
         self._text_offsets: dict[str, int] | None = None
 
     @classmethod
-    def load(cls, index_dir: str | Path, build_dir: str | Path | None = None) -> "Retriever":
+    def load(cls, index_dir: str | Path, build_dir: str | Path | None = None,
+             encoder: OnnxEncoder | None = None) -> "Retriever":
+        """`build_dir` (or an already loaded `encoder`) enables search by text."""
         folder = Path(index_dir)
         info = read_index_info(folder)
         faiss = require("faiss", "loading a FAISS index")
@@ -356,9 +397,9 @@ class Retriever:
         if index.ntotal != info["count"] or vectors.shape != (info["count"], info["dim"]) or len(ids) != info["count"]:
             raise IndexFormatError(f"{folder}: index.faiss ({index.ntotal}), vectors.npy {vectors.shape} and "
                                    f"ids.json ({len(ids)}) disagree with {INDEX_FILE} (count {info['count']})")
-        encoder = None
-        if build_dir is not None:
+        if encoder is None and build_dir is not None:
             encoder = OnnxEncoder(build_dir)
+        if encoder is not None:
             check_encoder_matches(info, encoder, folder)
         return cls(folder, info, index, vectors, ids, encoder)
 
@@ -367,12 +408,20 @@ class Retriever:
         return int(self.info["dim"])
 
     def search(self, query: str, k: int) -> SearchResult:
+        return self.search_texts([query], k)[0]
+
+    def search_texts(self, queries: list[str], k: int) -> list[SearchResult]:
+        """Encode the queries (one batch) and search; hits an approximate index could not fill
+        are left out."""
         if self.encoder is None:
             raise ResRankExportError(f"{self.folder}: searching by text needs the build folder "
                                      "(Retriever.load(index_dir, build_dir))")
-        ids, scores, vectors = self.search_vectors(self.encoder.encode([query]), k)
-        found = len([i for i in ids[0] if i])
-        return SearchResult(ids[0][:found], scores[0, :found], vectors[0, :found])
+        ids, scores, vectors = self.search_vectors(self.encoder.encode(list(queries)), k)
+        results = []
+        for row_ids, row_scores, row_vectors in zip(ids, scores, vectors):
+            found = len([i for i in row_ids if i])
+            results.append(SearchResult(row_ids[:found], row_scores[:found], row_vectors[:found]))
+        return results
 
     def search_vectors(self, query_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
         """Top-k for a batch of query vectors: ids [B][k], scores [B, k], slot vectors [B, k, D].
@@ -414,6 +463,40 @@ class Retriever:
         return texts
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    index: Path
+    query: str | None = None  # one query text (its query_id is None) ...
+    queries_file: Path | None = None  # ... or a queries.jsonl ({_id|id, text}) / BEIR folder
+    top_k: int = 10
+    build: Path | None = None  # encoder for the queries; default: the build recorded in index.json
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class QueryHits:
+    query_id: str | None
+    query: str
+    result: SearchResult
+    texts: list[str] | None  # stored passage texts of the hits, when the index has them
+
+
+def run_search(config: SearchConfig) -> Iterator[QueryHits]:
+    """Search every query of `config`, encoding them in batches; yields results in query order."""
+    if (config.query is None) == (config.queries_file is None):
+        raise ResRankExportError("give exactly one of a query text (--query) or a queries file (--queries)")
+    from resrank_export.data import read_queries
+
+    queries = [(None, config.query)] if config.query is not None else list(read_queries(config.queries_file).items())
+    info = read_index_info(Path(config.index))
+    retriever = Retriever.load(config.index, config.build or info["build"])
+    for start in range(0, len(queries), config.batch_size):
+        batch = queries[start:start + config.batch_size]
+        for (query_id, query), result in zip(batch, retriever.search_texts([q for _, q in batch], config.top_k)):
+            texts = retriever.texts(result.ids) if info["has_texts"] else None
+            yield QueryHits(query_id, query, result, texts)
+
+
 def read_index_info(folder: Path) -> dict:
     """index.json of a complete index, or IndexFormatError saying what is wrong."""
     folder = Path(folder)
@@ -444,3 +527,53 @@ def check_encoder_matches(info: dict, encoder: OnnxEncoder, folder: Path) -> Non
         raise IndexFormatError(f"{folder / INDEX_FILE}: encoder_sha256 {info['encoder_sha256'][:12]}... does "
                                f"not match {encoder_graph(encoder.build_dir)} ({encoder.sha256[:12]}...); "
                                "rebuild the index with this build's encoder")
+
+
+
+def index_report(retriever: Retriever, config: IndexConfig, timings: dict) -> dict:
+    """Build time, bytes per passage, recall@10/@100 of an approximate index against exact search
+    and, when the corpus is a BEIR folder with judged queries, nDCG@10. Recall queries are those
+    BEIR queries, else a seeded sample of stored passage vectors."""
+    from resrank_export.evaluation import evaluate_beir, is_beir_folder, judged_queries, recall_against_exact
+
+    info, count = retriever.info, retriever.info["count"]
+    report = {
+        "kind": info["kind"], "count": count, "dim": info["dim"], "vector_dtype": info["vector_dtype"],
+        "params": info["params"], "build_seconds": round(timings["build_seconds"], 3),
+        "encode_seconds": round(timings["encode_seconds"], 3), "encoded_passages": timings["encoded_passages"],
+        "passages_per_second": round(timings["encoded_passages"] / max(timings["encode_seconds"], 1e-9), 1),
+        "bytes_per_passage": {name: round((retriever.folder / name).stat().st_size / count, 1)
+                              for name in (FAISS_FILE, VECTORS_FILE)},
+    }
+    if is_beir_folder(config.corpus):
+        _, queries = judged_queries(Path(config.corpus))
+        query_vectors = retriever.encoder.encode(list(queries.values()))
+        report["ndcg@10"] = round(evaluate_beir(retriever, Path(config.corpus))["ndcg@10"], 4)
+        report["queries"] = f"{len(queries)} judged queries of {config.corpus}"
+    else:
+        rows = np.sort(np.random.default_rng(0).choice(count, size=min(count, config.eval_queries), replace=False))
+        query_vectors = np.asarray(retriever.vectors[rows], dtype=np.float32)
+        report["queries"] = f"{len(rows)} stored passage vectors (seeded sample)"
+    if info["kind"] != "flat":
+        ids, _, _ = retriever.search_vectors(query_vectors, max(_RECALL_K))
+        exact = _exact_ids(retriever, query_vectors, max(_RECALL_K))
+        report.update({f"recall@{k}": round(recall_against_exact(ids, exact, k), 4) for k in _RECALL_K})
+    return report
+
+
+def _exact_ids(retriever: Retriever, query_vectors: np.ndarray, k: int) -> list[list[str]]:
+    faiss = require("faiss", "exact search")
+    exact = faiss.IndexFlatIP(retriever.dim)
+    for start in range(0, len(retriever.ids), _ADD_BLOCK):
+        exact.add(np.ascontiguousarray(retriever.vectors[start:start + _ADD_BLOCK], dtype=np.float32))
+    _, rows = exact.search(np.ascontiguousarray(query_vectors), min(k, len(retriever.ids)))
+    return [[retriever.ids[r] for r in row if r >= 0] for row in rows]
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# Index report", "", "| figure | value |", "|---|---|"]
+    for key, value in report.items():
+        shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+        lines.append(f"| {key} | {shown} |")
+    (folder / REPORT_MD).write_text("\n".join(lines) + "\n")
