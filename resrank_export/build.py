@@ -33,6 +33,9 @@ class BuildConfig:
     force: bool = False
     backend: str = "onnxruntime"  # tensorrt: also build plans for this machine's GPU
     engine: EngineConfig = field(default_factory=EngineConfig)
+    corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
+    index_kind: str = "flat"
+    triton_backend: str | None = "python"  # None: no model repository stage
 
 
 def _check_out_folder(out: Path) -> None:
@@ -82,6 +85,9 @@ def run_build(config: BuildConfig) -> dict:
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
         _engine_stages(runner, work, config, runtime)
+        if config.corpus is not None or config.checkpoint is None:
+            _index_stage(runner, work, config)
+        _triton_stage(runner, work, config)
         manifest = runner.write(inputs)
     return manifest
 
@@ -143,3 +149,49 @@ def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime
         return {"outputs": [*plans, folder / MANIFEST_NAME], "report": asdict(runtime)}
 
     runner.run("engines", {**key, "runtime": asdict(runtime)}, engines)
+# --- index stage (resrank_export/index.py) ---------------------------------------------------
+def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
+    beside the build folder, so an interrupted build resumes encoding where it stopped."""
+    from resrank_export.index import REPORT_JSON, IndexConfig, build_index, corpus_identity
+
+    out = Path(config.out)
+
+    def index() -> dict:
+        build_index(IndexConfig(build=work, corpus=config.corpus, out=work / "index", kind=config.index_kind,
+                                work_dir=out.parent / f".{out.name}.index-partial", recorded_build=out.resolve()))
+        report = json.loads((work / "index" / REPORT_JSON).read_text())
+        return {"outputs": _files_under(work, "index"), "report": report}
+
+    runner.run("index", {"encoder": runner.output_hashes("export")["onnx/fp32/encoder.onnx"],
+                         "corpus": corpus_identity(config.corpus), "kind": config.index_kind}, index)
+# --- Triton model repository (last stage) ------------------------------------------------------
+TRITON_REPOSITORY = "model_repository"
+
+
+def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """<build>/model_repository, with the index ensemble when <build>/index exists. Skipped with
+    a warning when the triton extra is not installed."""
+    import importlib.util
+
+    if config.triton_backend is None:
+        return
+    if importlib.util.find_spec("tritonclient") is None:
+        log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")
+        return
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+
+    index = work / "index"
+    has_index = (index / "index.json").is_file()
+
+    def triton() -> dict:
+        triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
+                                     backend=config.triton_backend)
+        return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": write_repository(triton_config)}
+
+    from resrank_export import __version__
+
+    runner.run("triton", {"graphs": runner.output_hashes("export"), "backend": config.triton_backend,
+                          "package": __version__,
+                          "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

@@ -18,6 +18,10 @@ class InputDataError(ResRankExportError):
     """A corpus, query or calibration file is malformed."""
 
 
+class IndexFormatError(ResRankExportError):
+    """An index folder is incomplete, malformed or was built with another encoder."""
+
+
 class ParityError(ResRankExportError):
     """An exported graph does not reproduce the reference within tolerance."""
 
