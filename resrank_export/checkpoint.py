@@ -88,13 +88,13 @@ class ResRankConfig:
             raise CheckpointError(
                 f"{source}: field 'prompt_template' must contain {PASSAGES_MARKER} exactly once"
             )
+        if not self.placeholder_token.strip():
+            raise CheckpointError(f"{source}: field 'placeholder_token' must not be empty")
         if self.placeholder_token in self.prompt_template:
             raise CheckpointError(
                 f"{source}: field 'prompt_template' contains the placeholder token "
                 f"{self.placeholder_token!r}; slots are placed only by {PASSAGES_MARKER}"
             )
-        if not self.placeholder_token.strip():
-            raise CheckpointError(f"{source}: field 'placeholder_token' must not be empty")
         for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
             if getattr(self, name) <= 0:
                 raise CheckpointError(
