@@ -44,7 +44,7 @@ def _wrong_projector_dims(root: Path) -> None:
     save_file({"weight": torch.zeros(48, 16), "bias": torch.zeros(48)}, str(root / PROJECTOR_FILE))
 
 
-LINEAR = {"projector": "linear", "pooling": "last"}
+LINEAR = {"projector": "linear", "pooling": "last", "encoder": "qwen3"}
 
 # (id, checkpoint variant, mutation, file the message must name, words the message must contain)
 BROKEN = [

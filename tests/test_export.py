@@ -23,11 +23,12 @@ TEXTS = [
 ]
 QUERIES = ["how long do fleas live", "what is dense retrieval and why does a reranker help after it", "x"]
 ATOL = 1e-4  # the FP32 parity gate
-# Together: projectors none/linear/mlp2x_gelu and poolings mean/last/cls on Qwen3; the BERT
-# reranker is exported once, by the external-data test (exports are the slow part of the suite).
+# Together: projectors none/linear/mlp2x_gelu, poolings mean/last/cls, Qwen3 and BERT encoders,
+# Qwen3 reranker; the BERT reranker is exported once, by the external-data test (exports are
+# the slow part of the suite).
 VARIANTS = {
     "qwen3-mean-none": {},
-    "qwen3-last-linear": {"pooling": "last", "projector": "linear"},
+    "qwen3-encoder-last-linear": {"pooling": "last", "projector": "linear", "encoder": "qwen3"},
     "qwen3-cls-mlp2x_gelu": {"pooling": "cls", "projector": "mlp2x_gelu"},
 }
 BERT = {"reranker": "bert"}

@@ -17,10 +17,11 @@ TEXTS = [
     "Dense retrieval encodes passages into vectors; a listwise reranker then orders the candidates.",
 ]
 QUERIES = ["how long do fleas live", "what is dense retrieval and why does a reranker help after it"]
-# Checkpoint variants that cover every projector and both reranker families.
+# Checkpoint variants that cover every projector and both backbone families (the
+# "qwen3-linear" one also has a Qwen3 encoder).
 RERANKER_VARIANTS = {
     "qwen3-none": {},
-    "qwen3-linear": {"pooling": "last", "projector": "linear"},
+    "qwen3-linear": {"pooling": "last", "projector": "linear", "encoder": "qwen3"},
     "qwen3-mlp2x_gelu": {"pooling": "cls", "projector": "mlp2x_gelu"},
     "bert-none": {"reranker": "bert"},
 }
@@ -54,8 +55,9 @@ def _pool_by_hand(hidden: np.ndarray, pooling: str, normalize: bool) -> np.ndarr
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
-def test_encoder_pooling_matches_hand_computation(references, pooling, normalize):
-    reference = references("qwen3-none")
+@pytest.mark.parametrize("encoder", ["bert", "qwen3"])
+def test_encoder_pooling_matches_hand_computation(references, encoder, pooling, normalize):
+    reference = references({"bert": "qwen3-none", "qwen3": "qwen3-linear"}[encoder])
     backbone = reference.encoder.backbone
     batch = reference.passage_tokenizer(TEXTS)  # padded: every row but the longest has padding
     with torch.no_grad():
