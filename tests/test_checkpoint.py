@@ -44,7 +44,13 @@ def _wrong_projector_dims(root: Path) -> None:
     save_file({"weight": torch.zeros(48, 16), "bias": torch.zeros(48)}, str(root / PROJECTOR_FILE))
 
 
+def _wrong_mlp_inner_dim(root: Path) -> None:
+    save_file({"0.weight": torch.zeros(64, 32), "0.bias": torch.zeros(64),
+               "2.weight": torch.zeros(48, 64), "2.bias": torch.zeros(48)}, str(root / PROJECTOR_FILE))
+
+
 LINEAR = {"projector": "linear", "pooling": "last", "encoder": "qwen3"}
+MLP = {"pooling": "cls", "projector": "mlp2x_gelu"}
 
 # (id, checkpoint variant, mutation, file the message must name, words the message must contain)
 BROKEN = [
@@ -69,6 +75,7 @@ BROKEN = [
     ("projector-kind-mismatch", LINEAR, _config(projector="mlp2x_gelu"), PROJECTOR_FILE,
      ["mlp2x_gelu", "0.weight"]),
     ("projector-dims", LINEAR, _wrong_projector_dims, PROJECTOR_FILE, ["16 -> 48", "32 (encoder dim)"]),
+    ("projector-inner-dims", MLP, _wrong_mlp_inner_dim, PROJECTOR_FILE, ["'0.weight'", "[64, 32]", "[48, 32]"]),
     ("placeholder-missing", {}, _config(placeholder_token="<|slot|>"), "reranker/tokenizer.json",
      ["'<|slot|>'", "placeholder_token"]),
     ("template-without-query", {}, _config(prompt_template="Passages: {passages} rank them"), CONFIG_FILE,
