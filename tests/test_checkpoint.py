@@ -74,7 +74,7 @@ BROKEN = [
     ("projector-weights-missing", LINEAR, _remove(PROJECTOR_FILE), PROJECTOR_FILE, ["file not found", "linear"]),
     ("projector-kind-mismatch", LINEAR, _config(projector="mlp2x_gelu"), PROJECTOR_FILE,
      ["mlp2x_gelu", "0.weight"]),
-    ("projector-dims", LINEAR, _wrong_projector_dims, PROJECTOR_FILE, ["16 -> 48", "32 (encoder dim)"]),
+    ("projector-dims", LINEAR, _wrong_projector_dims, PROJECTOR_FILE, ["'weight'", "[48, 16]", "[48, 32]", "encoder dim 32"]),
     ("projector-inner-dims", MLP, _wrong_mlp_inner_dim, PROJECTOR_FILE, ["'0.weight'", "[64, 32]", "[48, 32]"]),
     ("placeholder-missing", {}, _config(placeholder_token="<|slot|>"), "reranker/tokenizer.json",
      ["'<|slot|>'", "placeholder_token"]),
