@@ -64,12 +64,15 @@ def _broken(tiny_checkpoint, tmp_path, how: str) -> Path:
         (root / CONFIG_FILE).write_text(json.dumps({**config, "placeholder_token": "<|slot|>"}))
     elif how == "no-reranker":
         shutil.rmtree(root / "reranker")
+    elif how == "corrupt-weights":  # found only when the export loads the model
+        weights = root / "reranker" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
     return root
 
 
 BROKEN = {"missing-folder": "checkpoint folder not found", "malformed-json": "malformed JSON",
           "unknown-pooling": "'pooling' is 'max'", "no-placeholder": "'<|slot|>'",
-          "no-reranker": "reranker: folder not found"}
+          "no-reranker": "reranker: folder not found", "corrupt-weights": "reranker: cannot be loaded"}
 
 
 @pytest.mark.parametrize("how", list(BROKEN))
@@ -80,7 +83,7 @@ def test_bad_checkpoint_is_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert BROKEN[how] in result.stderr
-    assert not (tmp_path / "builds").exists()
+    assert not out.exists() and not any(out.parent.glob("*"))
 
 
 def test_bad_checkpoint_via_python_m(tiny_checkpoint, tmp_path):
