@@ -65,14 +65,14 @@ def _broken(tiny_checkpoint, tmp_path, how: str) -> Path:
     elif how == "no-reranker":
         shutil.rmtree(root / "reranker")
     elif how == "corrupt-weights":  # found only when the export loads the model
-        weights = root / "reranker" / "model.safetensors"
+        weights = root / "encoder" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     return root
 
 
 BROKEN = {"missing-folder": "checkpoint folder not found", "malformed-json": "malformed JSON",
           "unknown-pooling": "'pooling' is 'max'", "no-placeholder": "'<|slot|>'",
-          "no-reranker": "reranker: folder not found", "corrupt-weights": "reranker: cannot be loaded"}
+          "no-reranker": "reranker: folder not found", "corrupt-weights": "encoder: cannot be loaded"}
 
 
 @pytest.mark.parametrize("how", list(BROKEN))
