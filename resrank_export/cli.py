@@ -150,16 +150,19 @@ def engines() -> None:
 @engines.command("ensure")
 @click.option("--build", "build_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Build folder (from `resrank-export build`).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="Which graphs of the build (onnx/<precision>/) to compile.")
 @click.option("--repository", type=click.Path(path_type=Path, file_okay=False),
               help="Triton repository whose tensorrt models receive the plans (cc_model_filenames).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--workspace", default="4GiB", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest request batch the TensorRT profiles admit.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
 @click.option("--dry-run", is_flag=True, help="Only print what would be kept or built.")
 @click.option("--tensorrt-version", envvar="RESRANK_TENSORRT_VERSION",
               help="Decide for this TensorRT version instead of the installed one (with --compute-capability).")
 @click.option("--compute-capability", envvar="RESRANK_GPU_COMPUTE_CAPABILITY", help="e.g. 8.9")
-@click.option("--gpu-name", envvar="RESRANK_GPU_NAME", default="unnamed GPU", show_default=True)
+@click.option("--gpu-name", envvar="RESRANK_GPU_NAME", default="unnamed GPU", show_default=True,
+              help="GPU name recorded in the engine manifest when the GPU is not queried.")
 def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_run, tensorrt_version,
                    compute_capability, gpu_name) -> None:
     """Build the plans this GPU lacks (missing, other TensorRT release or architecture, changed graph)."""
@@ -239,7 +242,8 @@ def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, npro
 @click.option("--query", help="One query text (query_id null in --json output).")
 @click.option("--queries", "queries_file", type=click.Path(path_type=Path),
               help="queries.jsonl ({_id or id, text}) or a BEIR folder.")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many passages to return per query.")
 @click.option("--build", "build_dir", type=click.Path(path_type=Path),
               help="Build folder whose encoder encodes the queries. Default: the one recorded in the index.")
 @click.option("--json", "as_json", is_flag=True, help='One {"query_id", "ids", "scores"} JSON object per line.')
@@ -273,8 +277,10 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="Model repository folder; replaced atomically.")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
               show_default=True, help="Backend of the encoder and reranker models (the others are python).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="max_batch_size of the composing models (dynamic batching merges up to this many).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="How long dynamic batching waits to fill a batch, in microseconds.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests queued per model beyond this are rejected.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
@@ -301,11 +307,13 @@ def triton(build_dir, index_dir, out, backend, max_batch_size, max_queue_delay_u
 
 
 @main.command()
-@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True)
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository folder (from `resrank-export triton` or <build>/model_repository).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds to.")
-@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="0: a free port.")
-@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True)
+@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="HTTP port (0: a free one).")
+@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True, help="gRPC port (0: a free one).")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True,
+              help="Prometheus metrics port (0: a free one).")
 @click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
 def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
     """Run tritonserver (from the nvidia-pytriton wheel) on the repository until Ctrl-C."""
@@ -321,7 +329,8 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
 
 @main.command()
 @click.argument("text")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many passages to return per query.")
 @click.option("--passages", type=click.Path(path_type=Path),
               help="Rerank the passages of this file (JSONL/TSV/text) instead of searching the index.")
 @click.option("--url", help="Server address. Default: 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")

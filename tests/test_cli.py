@@ -31,13 +31,27 @@ def _flat(text: str) -> str:
     return re.sub(r"-\s+", "-", " ".join(text.split()))
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["demo-checkpoint"]], ids=["main", "build", "demo-checkpoint"])
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for name, cmd in sorted(group.commands.items()):
+        paths += _command_paths(cmd, prefix + (name,)) if isinstance(cmd, click.Group) else [prefix + (name,)]
+    return paths
+
+
+def _resolve(path: tuple[str, ...]) -> click.Command:
+    cmd = main
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+@pytest.mark.parametrize("command", _command_paths(main), ids=lambda p: " ".join(p) or "main")
 def test_help_explains_every_option(command):
     result = _invoke(*command, "--help")
     assert result.exit_code == 0
     help_text = _flat(result.output)
     assert f"Usage: resrank-export {' '.join(command)}".strip() in help_text
-    cmd = main if not command else main.get_command(click.Context(main), command[0])
+    cmd = _resolve(command)
     for param in cmd.params:
         if isinstance(param, click.Argument):
             assert param.human_readable_name in help_text
