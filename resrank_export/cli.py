@@ -215,7 +215,7 @@ def engines_check(builds, report) -> None:
               help="Precision of the stored slot vectors (vectors.npy).")
 @click.option("--texts/--no-texts", default=True, show_default=True, help="Store passage texts for display.")
 @click.option("--nlist", type=click.IntRange(min=1), help="ivf/ivfpq: lists. Default ~4*sqrt(passages).")
-@click.option("--nprobe", type=click.IntRange(min=1), help="ivf/ivfpq: lists searched. Default max(16, nlist/8).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="ivf/ivfpq: lists searched. Default max(32, nlist/8).")
 @click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
 @click.option("--ef-search", type=click.IntRange(min=1), default=128, show_default=True, help="hnsw: search breadth.")
 @click.option("--pq-m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (divides the dim). Default dim/4.")

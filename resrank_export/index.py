@@ -95,7 +95,7 @@ class IndexConfig:
     chunk_size: int = 4096  # passages encoded and saved per resumable chunk
     batch_size: int = 32
     nlist: int | None = None  # ivf, ivfpq: default ~4*sqrt(N)
-    nprobe: int | None = None  # ivf, ivfpq: default max(16, nlist/8)
+    nprobe: int | None = None  # ivf, ivfpq: default max(32, nlist/8)
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
@@ -311,7 +311,8 @@ def _kind_params(config: IndexConfig, count: int, dim: int) -> dict:
     if config.kind == "hnsw":
         return {"M": config.hnsw_m, "efConstruction": config.ef_construction, "efSearch": config.ef_search}
     nlist = config.nlist or max(1, min(round(4 * math.sqrt(count)), count // 39))
-    nprobe = min(nlist, config.nprobe or max(16, nlist // 8))
+    # SciFact/MiniLM (nlist 132): nprobe 16 gives recall@10 0.91 against exact search, 32 gives 0.97.
+    nprobe = min(nlist, config.nprobe or max(32, nlist // 8))
     params = {"nlist": nlist, "nprobe": nprobe, "train_size": min(count, config.train_size)}
     if config.kind == "ivfpq":
         pq_m = config.pq_m or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
