@@ -122,6 +122,7 @@ def test_reranker_benchmark_smoke(context):
 
 def test_flop_formula_counts_the_models_matmul_weights(context):
     """The per-layer count from config.json equals the Linear weights inside the layers."""
+    import torch
     from transformers import AutoModel
 
     from resrank_export.bench.flops import matmul_params_per_layer, transformer_shape
@@ -130,7 +131,7 @@ def test_flop_formula_counts_the_models_matmul_weights(context):
         shape = transformer_shape(model_dir / "config.json")
         model = AutoModel.from_pretrained(model_dir)
         weights = sum(m.weight.numel() for name, m in model.named_modules()
-                      if isinstance(m, __import__("torch").nn.Linear) and ".layer" in f".{name}")
+                      if isinstance(m, torch.nn.Linear) and ".layer" in f".{name}")
         assert matmul_params_per_layer(shape) * shape["layers"] == weights
 
 

@@ -35,7 +35,7 @@ class BenchConfig:
     encoder_passages: int = 1000
     encoder_batch: int = 32
     reranker_ks: tuple[int, ...] = (10, 20, 50, 100)
-    reranker_queries: int = 5  # each query is timed `repeats` times at every k
+    reranker_queries: int = 3  # each query is timed `repeats` times at every k
     served_concurrency: tuple[int, ...] = (1, 4, 16)
     served_requests: int = 64  # requests per concurrency level (after `warmup` per client)
     served_top_k: int = 20  # candidates per request of both ensembles

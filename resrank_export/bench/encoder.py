@@ -92,7 +92,7 @@ def _st_encoder(folder: Path, batch_size: int, **kwargs) -> Encode:
                                       show_progress_bar=False).astype(np.float32)
 
 
-def _st_onnx_encoders(folder: Path, batch_size: int) -> dict[str, Encode | str]:
+def _st_onnx_encoders(folder: Path, batch_size: int, cpu_flags: list[str]) -> dict[str, Encode | str]:
     """sentence-transformers' ONNX backend (FP32 and its dynamic INT8), or why not."""
     if importlib.util.find_spec("optimum") is None:
         reason = ("needs the 'optimum' package (pip install 'sentence-transformers[onnx]'), not installed here; "
@@ -102,8 +102,7 @@ def _st_onnx_encoders(folder: Path, batch_size: int) -> dict[str, Encode | str]:
     try:
         onnx_model = st.SentenceTransformer(str(folder), device="cpu", backend="onnx")
         onnx_model.save(str(folder))
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        config = "avx512_vnni" if "avx512_vnni" in flags else "avx2"
+        config = "avx512_vnni" if "avx512_vnni" in cpu_flags else "avx2"
         st.export_dynamic_quantized_onnx_model(onnx_model, config, str(folder))
         return {"sentence-transformers-onnx": _st_encoder(folder, batch_size, backend="onnx"),
                 "sentence-transformers-onnx-int8": _st_encoder(
@@ -142,7 +141,7 @@ def _encoders(config: BenchConfig, context: BenchContext, work: Path) -> dict[st
     encoders: dict[str, Encode | str] = {
         "pytorch": _pytorch_encoder(context, batch),
         "sentence-transformers": _st_encoder(st_folder, batch),
-        **_st_onnx_encoders(st_folder, batch),
+        **_st_onnx_encoders(st_folder, batch, context.machine["cpu_flags"]),
     }
     for precision in ("fp32", "fp16", "int8"):
         graph, reason = graph_file(context.build, precision, "encoder")

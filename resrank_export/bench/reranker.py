@@ -19,11 +19,11 @@ from resrank_export.text import PASSAGES_MARKER, QUERY_MARKER
 log = logging.getLogger(__name__)
 BASELINE = "fulltext-pytorch"
 LABELS = {
-    "resrank-pytorch": "ResRank, PyTorch eager",
+    "resrank-pytorch": "ResRank, PyTorch eager (SDPA attention)",
     "resrank-onnx-fp32": "ResRank graph, ONNX Runtime FP32",
     "resrank-onnx-fp16": "ResRank graph, ONNX Runtime FP16 (precision stage)",
     "resrank-onnx-int8": "ResRank graph, ONNX Runtime INT8 (precision stage)",
-    "fulltext-pytorch": "full-text listwise, same backbone, PyTorch eager (baseline)",
+    "fulltext-pytorch": "full-text listwise, same backbone, PyTorch eager, SDPA (baseline)",
 }
 Score = Callable[[dict], np.ndarray]  # prepared inputs of one request -> scores [k]
 
@@ -121,7 +121,8 @@ class Requests:
     def __init__(self, config: BenchConfig, context: BenchContext):
         from resrank_export.model import prompt_builder
 
-        self.encode = onnx_encoder(graph_file(context.build, "fp32", "encoder")[0], context, 32)
+        self.encode = onnx_encoder(graph_file(context.build, "fp32", "encoder")[0], context,
+                                   config.encoder_batch)
         self.builder, self.fulltext = prompt_builder(context.checkpoint), FullTextPrompts(context)
         self.pairs = list(zip(context.data.queries[:config.reranker_queries], context.data.candidates))
 

@@ -155,13 +155,11 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
     if missing:
         log.info("served: not available (%s)", "; ".join(missing))
         return {**result, "status": "not available", "reason": "; ".join(missing)}
-    import psutil
-
     from resrank_export.index import IndexConfig, build_index
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
 
-    threads = context.threads or psutil.cpu_count(logical=False) or 1
+    threads = context.threads or context.machine["physical_cores"] or 1
     payloads = _payloads(config, context)
     with tempfile.TemporaryDirectory(prefix="resrank-bench-served-") as tmp:
         work = Path(tmp)

@@ -84,9 +84,10 @@ def _cpu_flags() -> list[str]:
 
 def machine_info(threads: dict) -> dict:
     """CPU model, cores, ISA flags that matter for INT8/FP16 kernels, memory, library versions."""
-    import psutil
-
+    from resrank_export.lazy import require
     from resrank_export.manifest import library_versions
+
+    psutil = require("psutil", "the machine record of the benchmarks")
 
     versions = library_versions()
     for name in ("sentence-transformers", "numpy", "matplotlib", "nvidia-pytriton", "optimum"):
