@@ -170,7 +170,10 @@ def _plot_reranker(result: dict, path: Path, plt) -> None:
         rows = [r for r in result["rows"] if r["name"] == name and r["status"] == "ok"]
         ax.plot([r["k"] for r in rows], [r["time"]["median_s"] * 1e3 for r in rows], marker="o",
                 label=rows[0]["label"])
-    ax.set(xlabel="candidates k", ylabel="latency (ms, median)", yscale="log", title="Reranker latency vs k")
+    ax.set(xlabel="candidates k", ylabel="latency (ms, median)", xscale="log", yscale="log",
+           title="Reranker latency vs k (batch 1)")
+    ax.set_xticks(result["ks"], [str(k) for k in result["ks"]])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,7 +194,7 @@ def _plot_served(result: dict, path: Path, plt) -> None:
                    label=f"{ensemble}, in-process (c=1)")
     ax.set(xlabel="concurrency", ylabel="throughput (requests/s)", xscale="log", title="Served throughput vs concurrency")
     ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
