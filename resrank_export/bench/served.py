@@ -117,6 +117,8 @@ def _in_process(build: Path, index: Path, payloads: dict[str, list[tuple]], warm
             call(*payload)
             latencies.append(time.perf_counter() - start)
         result[ensemble] = latency_stats(latencies, time.perf_counter() - begin)
+        log.info("in-process %s: p50 %.1f ms, %.1f req/s", ensemble, result[ensemble]["p50_s"] * 1e3,
+                 result[ensemble]["throughput_rps"])
     return result
 
 
