@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resrank_export.checkpoint import Checkpoint, load_checkpoint
+from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.export import ExportConfig, export_onnx
 from resrank_export.fs import atomic_dir, sha256_file, sha256_tree
@@ -18,6 +19,7 @@ from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnxruntime", "tensorrt")
 PARITY_FILE = "parity.json"
 
 
@@ -29,6 +31,11 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     force: bool = False
+    backend: str = "onnxruntime"  # tensorrt: also build plans for this machine's GPU
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
+    index_kind: str = "flat"
+    triton_backend: str | None = "python"  # None: no model repository stage
 
 
 def _check_out_folder(out: Path) -> None:
@@ -58,6 +65,8 @@ def run_build(config: BuildConfig) -> dict:
         raise ResRankExportError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if config.precision != "fp32":
         raise NotAvailableError(f"--precision {config.precision} is not available yet; use --precision fp32")
+    # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
+    runtime = _engine_runtime(config)
     out = Path(config.out)
     _check_out_folder(out)
     if config.checkpoint is None:
@@ -75,6 +84,10 @@ def run_build(config: BuildConfig) -> dict:
         runner = StageRunner(work, read_manifest(work), force=config.force)
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
+        _engine_stages(runner, work, config, runtime)
+        if config.corpus is not None or config.checkpoint is None:
+            _index_stage(runner, work, config)
+        _triton_stage(runner, work, config)
         manifest = runner.write(inputs)
     return manifest
 
@@ -102,3 +115,83 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
 
     runner.run("parity", {"graphs": runner.output_hashes("export"), "atol": config.parity.atol,
                           "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
+
+
+# --- engine stages (TensorRT; see resrank_export/engine) -------------------------------------
+
+def _engine_runtime(config: BuildConfig):
+    if config.backend not in BACKENDS:
+        raise ResRankExportError(f"--backend {config.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if config.backend != "tensorrt":
+        return None
+    from resrank_export.engine.tensorrt import require_tensorrt_backend
+
+    return require_tensorrt_backend()
+
+
+def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime) -> None:
+    """build_engines.sh for every build (the on-target path); plans only with --backend tensorrt."""
+    from dataclasses import asdict
+
+    from resrank_export.engine.manifest import MANIFEST_NAME, read_engine_manifest
+    from resrank_export.engine.stage import GRAPHS, engines_dir, ensure_engines, source_hash, write_engine_script
+
+    precision = config.precision
+    key = {"graphs": {g: source_hash(work, precision, g) for g in GRAPHS}, "engine": asdict(config.engine)}
+    runner.run("engine-script", key, lambda: {"outputs": [write_engine_script(work, precision, config.engine)]})
+    if runtime is None:
+        return
+
+    def engines() -> dict:
+        ensure_engines(work, precision, config.engine, runtime)
+        folder = engines_dir(work, precision)
+        plans = [folder / e.plan for e in read_engine_manifest(folder) if e.compute_capability == runtime.compute_capability]
+        return {"outputs": [*plans, folder / MANIFEST_NAME], "report": asdict(runtime)}
+
+    runner.run("engines", {**key, "runtime": asdict(runtime)}, engines)
+# --- index stage (resrank_export/index.py) ---------------------------------------------------
+def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
+    beside the build folder, so an interrupted build resumes encoding where it stopped."""
+    from resrank_export.index import REPORT_JSON, IndexConfig, build_index, corpus_identity
+
+    out = Path(config.out)
+
+    def index() -> dict:
+        build_index(IndexConfig(build=work, corpus=config.corpus, out=work / "index", kind=config.index_kind,
+                                work_dir=out.parent / f".{out.name}.index-partial", recorded_build=out.resolve()))
+        report = json.loads((work / "index" / REPORT_JSON).read_text())
+        return {"outputs": _files_under(work, "index"), "report": report}
+
+    runner.run("index", {"encoder": runner.output_hashes("export")["onnx/fp32/encoder.onnx"],
+                         "corpus": corpus_identity(config.corpus), "kind": config.index_kind}, index)
+# --- Triton model repository (last stage) ------------------------------------------------------
+TRITON_REPOSITORY = "model_repository"
+
+
+def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
+    """<build>/model_repository, with the index ensemble when <build>/index exists. Skipped with
+    a warning when the triton extra is not installed."""
+    import importlib.util
+
+    if config.triton_backend is None:
+        return
+    if importlib.util.find_spec("tritonclient") is None:
+        log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")
+        return
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+
+    index = work / "index"
+    has_index = (index / "index.json").is_file()
+
+    def triton() -> dict:
+        triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
+                                     backend=config.triton_backend)
+        return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": write_repository(triton_config)}
+
+    from resrank_export import __version__
+
+    runner.run("triton", {"graphs": runner.output_hashes("export"), "backend": config.triton_backend,
+                          "package": __version__,
+                          "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

@@ -88,13 +88,13 @@ class ResRankConfig:
             raise CheckpointError(
                 f"{source}: field 'prompt_template' must contain {PASSAGES_MARKER} exactly once"
             )
+        if not self.placeholder_token.strip():
+            raise CheckpointError(f"{source}: field 'placeholder_token' must not be empty")
         if self.placeholder_token in self.prompt_template:
             raise CheckpointError(
                 f"{source}: field 'prompt_template' contains the placeholder token "
                 f"{self.placeholder_token!r}; slots are placed only by {PASSAGES_MARKER}"
             )
-        if not self.placeholder_token.strip():
-            raise CheckpointError(f"{source}: field 'placeholder_token' must not be empty")
         for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
             if getattr(self, name) <= 0:
                 raise CheckpointError(
@@ -177,25 +177,33 @@ def _placeholder_id(reranker_dir: Path, token: str) -> int:
     return token_id
 
 
-def _projector_dims(path: Path, kind: str) -> tuple[int, int]:
-    """(input dim, output dim) of the projector weights, validated against `kind`."""
+def _check_projector(path: Path, kind: str, in_dim: int, out_dim: int) -> None:
+    """Every tensor of the projector weights has the shape `build_projector(kind, in_dim,
+    out_dim)` loads, so a wrong file fails here and not inside the export."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; projector '{kind}' needs its weights")
-    expected = {"linear": ["bias", "weight"], "mlp2x_gelu": ["0.bias", "0.weight", "2.bias", "2.weight"]}[kind]
+    expected = {
+        "linear": {"weight": [out_dim, in_dim], "bias": [out_dim]},
+        "mlp2x_gelu": {"0.weight": [out_dim, in_dim], "0.bias": [out_dim],
+                       "2.weight": [out_dim, out_dim], "2.bias": [out_dim]},
+    }[kind]
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = sorted(handle.keys())
-            shapes = {name: handle.get_slice(name).get_shape() for name in names}
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
-    if names != expected:
+    if sorted(shapes) != sorted(expected):
         raise CheckpointError(
-            f"{path}: projector '{kind}' expects tensors {expected}, found {names}"
+            f"{path}: projector '{kind}' expects tensors {sorted(expected)}, found {sorted(shapes)}"
         )
-    first, last = ("weight", "weight") if kind == "linear" else ("0.weight", "2.weight")
-    return shapes[first][1], shapes[last][0]
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise CheckpointError(
+                f"{path}: projector '{kind}' tensor '{name}' has shape {shapes[name]}; expected {shape} "
+                f"(encoder dim {in_dim}, reranker hidden size {out_dim})"
+            )
 
 
 def load_checkpoint(root: str | Path) -> Checkpoint:
@@ -218,11 +226,6 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
                 "use projector 'linear' or 'mlp2x_gelu'"
             )
     else:
-        in_dim, out_dim = _projector_dims(root / PROJECTOR_FILE, config.projector)
-        if (in_dim, out_dim) != (encoder_dim, reranker_hidden):
-            raise CheckpointError(
-                f"{root / PROJECTOR_FILE}: projector maps {in_dim} -> {out_dim}; expected "
-                f"{encoder_dim} (encoder dim) -> {reranker_hidden} (reranker hidden size)"
-            )
+        _check_projector(root / PROJECTOR_FILE, config.projector, encoder_dim, reranker_hidden)
     placeholder_id = _placeholder_id(root / "reranker", config.placeholder_token)
     return Checkpoint(root, config, encoder_dim, reranker_hidden, placeholder_id)

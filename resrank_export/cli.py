@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import click
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.index import KINDS, VECTOR_DTYPES  # light: numpy only
 
 log = logging.getLogger("resrank_export")
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3")
@@ -69,15 +71,34 @@ def main(verbose: bool) -> None:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
-def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force) -> None:
-    """Export the encoder and reranker to ONNX, check parity with PyTorch and write the manifest."""
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: also build TensorRT plans for this machine's GPU (needs TensorRT and a GPU).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest request batch the TensorRT profiles admit.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="Corpus to index into <out>/index (see 'index --help' for formats). Without --checkpoint "
+                   "and --corpus the embedded standard-library corpus is indexed.")
+@click.option("--index", "index_kind", type=click.Choice(KINDS), default="flat",
+              show_default=True, help="FAISS index kind of the index stage.")
+@click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
+              show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
+def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
+          max_batch, workspace, corpus, index_kind, triton_backend) -> None:
+    """Export the encoder and reranker to ONNX, check parity with PyTorch, build TensorRT scripts (and
+    plans with --backend tensorrt), index the corpus and write the Triton model repository."""
     from resrank_export.build import BuildConfig, run_build
+    from resrank_export.engine.profiles import EngineConfig
     from resrank_export.export import ExportConfig
     from resrank_export.parity import ParityConfig
+    from resrank_export.plan import parse_size
 
-    config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force,
+    config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
+                         engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
+                         triton_backend=None if triton_backend == "none" else triton_backend,
                          export=ExportConfig(opset=opset, external_data=external_data),
-                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries))
+                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
+                         corpus=corpus, index_kind=index_kind)
     manifest = run_build(config)
     parity = manifest["stages"]["parity"]["report"]
     click.echo(f"build written to {out}: reranker max |diff| {parity['reranker']['max_abs_diff']:.2e}, "
@@ -101,6 +122,228 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
         raise ResRankExportError(f"{out}: already exists; choose a new folder")
     build_demo_checkpoint(out, reranker=reranker, seed=seed)
     click.echo(f"demo checkpoint written to {out}")
+
+
+# --- TensorRT engines and memory planning ----------------------------------------------------
+
+@main.command("plan")
+@click.option("--gpu-memory", required=True, help="GPU memory to plan for, e.g. 16GiB, 24GB, 80GiB.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="ResRank checkpoint folder. Default: the demo checkpoint.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Request batch to plan for.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(gpu_memory, checkpoint, max_batch, workspace, as_json) -> None:
+    """Estimate GPU memory (weights + activations + workspace) per precision and the largest batch / k that fit."""
+    from resrank_export.engine.profiles import EngineConfig
+    from resrank_export.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
+
+    result = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
+        max_batch=max_batch, workspace_bytes=parse_size(workspace))))
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
+
+
+@main.group()
+def engines() -> None:
+    """TensorRT plans of a build folder: build them on this GPU, check and install them."""
+
+
+@engines.command("ensure")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Build folder (from `resrank-export build`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="Which graphs of the build (onnx/<precision>/) to compile.")
+@click.option("--repository", type=click.Path(path_type=Path, file_okay=False),
+              help="Triton repository whose tensorrt models receive the plans (cc_model_filenames).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest request batch the TensorRT profiles admit.")
+@click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be kept or built.")
+@click.option("--tensorrt-version", envvar="RESRANK_TENSORRT_VERSION",
+              help="Decide for this TensorRT version instead of the installed one (with --compute-capability).")
+@click.option("--compute-capability", envvar="RESRANK_GPU_COMPUTE_CAPABILITY", help="e.g. 8.9")
+@click.option("--gpu-name", envvar="RESRANK_GPU_NAME", default="unnamed GPU", show_default=True,
+              help="GPU name recorded in the engine manifest when the GPU is not queried.")
+def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_run, tensorrt_version,
+                   compute_capability, gpu_name) -> None:
+    """Build the plans this GPU lacks (missing, other TensorRT release or architecture, changed graph)."""
+    from resrank_export.engine.profiles import EngineConfig
+    from resrank_export.engine.stage import EnsureConfig, run_ensure
+    from resrank_export.engine.manifest import GpuRuntime
+    from resrank_export.plan import parse_size
+
+    if bool(tensorrt_version) != bool(compute_capability):
+        raise click.UsageError("--tensorrt-version and --compute-capability go together")
+    runtime = GpuRuntime(tensorrt_version, gpu_name, compute_capability) if tensorrt_version else None
+    actions = run_ensure(EnsureConfig(build_dir, precision, EngineConfig(max_batch=max_batch,
+                                      workspace_bytes=parse_size(workspace)), runtime, repository, dry_run))
+    for action in actions:
+        click.echo(f"{action.graph}: {action.action} - {action.reason}")
+
+
+@engines.command("check")
+@click.argument("builds", nargs=-1, required=True)
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write the results as JSON.")
+def engines_check(builds, report) -> None:
+    """Compare this GPU's plans with ONNX Runtime and time both. BUILDS: FOLDER:PRECISION, e.g. out/fp16:fp16."""
+    from resrank_export.engine.check import check_builds, render_checks
+
+    pairs = []
+    for item in builds:
+        folder, _, precision = item.rpartition(":")
+        if not folder or precision not in ("fp32", "fp16", "int8"):
+            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision fp32, fp16 or int8")
+        pairs.append((Path(folder), precision))
+    results = check_builds(pairs, report)
+    click.echo(render_checks(results))
+    if not all(r.passed for r in results):
+        raise SystemExit(1)
+
+
+# --- index and search (resrank_export/index.py) ---------------------------------------------
+
+
+@main.command("index")
+@click.option("--build", "build_dir", required=True, type=click.Path(path_type=Path),
+              help="Build folder from 'resrank-export build' (its FP32 encoder graph encodes the corpus).")
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="BEIR folder or corpus.jsonl, JSONL (id/text), TSV (id<TAB>text) or text (one passage "
+                   "per line). Default: the embedded standard-library corpus.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder (written atomically).")
+@click.option("--index", "kind", type=click.Choice(KINDS), default="flat", show_default=True,
+              help="flat: exact inner product; ivf: IVF-Flat; hnsw: graph; ivfpq: compressed, for little memory.")
+@click.option("--vector-dtype", type=click.Choice(VECTOR_DTYPES), default="float32", show_default=True,
+              help="Precision of the stored slot vectors (vectors.npy).")
+@click.option("--texts/--no-texts", default=True, show_default=True, help="Store passage texts for display.")
+@click.option("--nlist", type=click.IntRange(min=1), help="ivf/ivfpq: lists. Default ~4*sqrt(passages).")
+@click.option("--nprobe", type=click.IntRange(min=1), help="ivf/ivfpq: lists searched. Default max(16, nlist/8).")
+@click.option("--hnsw-m", type=click.IntRange(min=2), default=32, show_default=True, help="hnsw: links per node.")
+@click.option("--ef-search", type=click.IntRange(min=1), default=128, show_default=True, help="hnsw: search breadth.")
+@click.option("--pq-m", type=click.IntRange(min=1), help="ivfpq: sub-quantizers (divides the dim). Default dim/4.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Passages per resumable chunk: an interrupted build resumes after the last finished chunk.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Encoder batch size.")
+@click.option("--from-index", type=click.Path(path_type=Path),
+              help="Reuse the vectors of this index (another --index kind without re-encoding).")
+def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
+                  chunk_size, batch_size, from_index) -> None:
+    """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
+    from resrank_export.index import IndexConfig, build_index
+
+    info = build_index(IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
+                                   store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+                                   ef_search=ef_search, pq_m=pq_m, chunk_size=chunk_size, batch_size=batch_size,
+                                   source_index=from_index))
+    click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
+               f"report: {out / 'report.md'}")
+
+
+@main.command("search")
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=Path), help="Index folder.")
+@click.option("--query", help="One query text (query_id null in --json output).")
+@click.option("--queries", "queries_file", type=click.Path(path_type=Path),
+              help="queries.jsonl ({_id or id, text}) or a BEIR folder.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many passages to return per query.")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path),
+              help="Build folder whose encoder encodes the queries. Default: the one recorded in the index.")
+@click.option("--json", "as_json", is_flag=True, help='One {"query_id", "ids", "scores"} JSON object per line.')
+def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) -> None:
+    """Retrieve the top-k passages of each query."""
+    import json
+
+    from resrank_export.index import SearchConfig, run_search
+
+    config = SearchConfig(index=index_dir, query=query, queries_file=queries_file, top_k=top_k, build=build_dir)
+    for hits in run_search(config):
+        if as_json:
+            click.echo(json.dumps({"query_id": hits.query_id, "ids": hits.result.ids,
+                                   "scores": [round(float(s), 6) for s in hits.result.scores]}, ensure_ascii=False))
+            continue
+        click.echo(f"query {hits.query_id or ''}: {hits.query}")
+        for rank, (pid, score) in enumerate(zip(hits.result.ids, hits.result.scores), 1):
+            snippet = f"  {hits.texts[rank - 1][:100]}" if hits.texts else ""
+            click.echo(f"{rank:4d}  {score:.4f}  {pid}{snippet}")
+
+
+# --- Triton: model repository, server, queries -------------------------------------------------
+
+
+@main.command()
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), default=Path("resrank-build"),
+              show_default=True, help="Build folder (from `resrank-export build`).")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path),
+              help="Index folder (from `resrank-export index`). Without it only the resrank_rerank ensemble is written.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository folder; replaced atomically.")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
+              show_default=True, help="Backend of the encoder and reranker models (the others are python).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="max_batch_size of the composing models (dynamic batching merges up to this many).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="How long dynamic batching waits to fill a batch, in microseconds.")
+@click.option("--max-queue-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests queued per model beyond this are rejected.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Instances per composing model.")
+@click.option("--gpu", is_flag=True, help="KIND_GPU instance groups for the encoder and reranker.")
+@click.option("--ort-accelerator", type=click.Choice(["tensorrt", "cuda"]),
+              help="onnxruntime backend: GPU execution accelerator.")
+@click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
+              help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
+def triton(build_dir, index_dir, out, backend, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+           gpu, ort_accelerator, cc_model_filenames) -> None:
+    """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+
+    pairs = dict(item.split("=", 1) for item in cc_model_filenames if "=" in item)
+    if len(pairs) != len(cc_model_filenames):
+        raise ResRankExportError("--cc-model-filename: expected CC=FILE, e.g. 9.0=model_sm90.plan")
+    summary = write_repository(TritonConfig(
+        build=build_dir, out=out, index=index_dir, backend=backend, max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
+        ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
+    click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
+
+
+@main.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository folder (from `resrank-export triton` or <build>/model_repository).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds to.")
+@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="HTTP port (0: a free one).")
+@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True, help="gRPC port (0: a free one).")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True,
+              help="Prometheus metrics port (0: a free one).")
+@click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
+def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
+    """Run tritonserver (from the nvidia-pytriton wheel) on the repository until Ctrl-C."""
+    from resrank_export.triton.server import ServerConfig, docker_command, serve as run_server
+
+    config = ServerConfig(repository=repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port)
+    if print_docker:
+        click.echo(docker_command(config))
+        return
+    sys.exit(run_server(config))
+
+
+@main.command()
+@click.argument("text")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many passages to return per query.")
+@click.option("--passages", type=click.Path(path_type=Path),
+              help="Rerank the passages of this file (JSONL/TSV/text) instead of searching the index.")
+@click.option("--url", help="Server address. Default: 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")
+@click.option("--grpc", is_flag=True, help="Use gRPC instead of HTTP.")
+def query(text, top_k, passages, url, grpc) -> None:
+    """Ask a running server: the reranked top-k of the index, or the order of --passages."""
+    from resrank_export.triton.client import QueryConfig, run_query
+
+    protocol = "grpc" if grpc else "http"
+    results = run_query(QueryConfig(query=text, url=url or f"127.0.0.1:{8001 if grpc else 8000}",
+                                    protocol=protocol, top_k=top_k, passages=passages))
+    for rank, (passage_id, score) in enumerate(results, 1):
+        click.echo(f"{rank:3d}  {score:+.4f}  {passage_id}")
 
 
 # --- Benchmarks -----------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def read_queries(path: str | Path) -> dict[str, str]:
 
 
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
-    """BEIR qrels TSV with header (query-id, corpus-id, score) -> {qid: {docid: grade}}."""
+    """BEIR qrels TSV with header (query-id, corpus-id, score) or TREC qrels (qid iter docid
+    grade) -> {qid: {docid: grade}}."""
     path = Path(path)
     if path.is_dir():
         path = path / "qrels" / "test.tsv"
@@ -115,9 +116,10 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
             cols = line.split()
             if not cols or (lineno == 1 and not cols[-1].lstrip("-").isdigit()):
                 continue
-            if len(cols) < 3:
-                raise InputDataError(f"{path}:{lineno}: expected 'query-id corpus-id score'")
-            qrels.setdefault(cols[0], {})[cols[1]] = int(cols[-1])
+            if len(cols) < 3 or not cols[-1].lstrip("-").isdigit():
+                raise InputDataError(
+                    f"{path}:{lineno}: expected 'query-id corpus-id score' with an integer score")
+            qrels.setdefault(cols[0], {})[cols[-2]] = int(cols[-1])
     return qrels
 
 

@@ -132,24 +132,32 @@ def build_demo_checkpoint(out: str | Path, reranker: str = "qwen3", seed: int = 
     return write_checkpoint(Path(out), config, encoder, source, backbone)
 
 
+TINY_BACKBONES = ("qwen3", "bert")
+
+
+def _tiny_backbone(kind: str, vocab_size: int, hidden: int, seed: int):
+    if kind not in TINY_BACKBONES:
+        raise ValueError(f"tiny backbone must be one of {TINY_BACKBONES}, got {kind!r}")
+    if kind == "qwen3":
+        return _qwen3(vocab_size, hidden, 2, 4 if hidden % 4 == 0 else 2, seed)
+    return _tiny_bert(vocab_size, hidden, seed)
+
+
 def build_tiny_checkpoint(out: str | Path, *, pooling: str = "mean", projector: str = "none",
-                          reranker: str = "qwen3", normalize: bool = True, seed: int = 0,
-                          max_candidates: int = 20) -> Path:
-    """A seeded checkpoint small enough to export in seconds (tests): tiny BERT encoder with the
-    MiniLM tokenizer, tiny Qwen3 or BERT reranker."""
+                          reranker: str = "qwen3", encoder: str = "bert", normalize: bool = True,
+                          seed: int = 0, max_candidates: int = 20) -> Path:
+    """A seeded checkpoint small enough to export in seconds (tests): tiny BERT or Qwen3
+    encoder and reranker, both with the MiniLM tokenizer."""
     source = minilm_dir()
     config = ResRankConfig(pooling=pooling, normalize=normalize, projector=projector,
                            max_passage_tokens=64, max_query_tokens=16, max_candidates=max_candidates)
     encoder_dim = 32
     hidden = encoder_dim if projector == "none" else 48
     vocab = _reranker_vocab(source, config.placeholder_token)
-    encoder = _tiny_bert(vocab - 1, encoder_dim, seed)
-    if reranker == "qwen3":
-        backbone = _qwen3(vocab, hidden, 2, 4 if hidden % 4 == 0 else 2, seed + 2)
-    else:
-        backbone = _tiny_bert(vocab, hidden, seed + 2)
+    encoder_model = _tiny_backbone(encoder, vocab - 1, encoder_dim, seed)
+    backbone = _tiny_backbone(reranker, vocab, hidden, seed + 2)
     state = None if projector == "none" else _projector_state(projector, encoder_dim, hidden, seed)
-    return write_checkpoint(Path(out), config, encoder, source, backbone, state)
+    return write_checkpoint(Path(out), config, encoder_model, source, backbone, state)
 
 
 def cache_dir() -> Path:

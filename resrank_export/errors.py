@@ -18,6 +18,10 @@ class InputDataError(ResRankExportError):
     """A corpus, query or calibration file is malformed."""
 
 
+class IndexFormatError(ResRankExportError):
+    """An index folder is incomplete, malformed or was built with another encoder."""
+
+
 class ParityError(ResRankExportError):
     """An exported graph does not reproduce the reference within tolerance."""
 
@@ -32,3 +36,7 @@ class NotAvailableError(ResRankExportError):
     """The requested feature cannot run here (not implemented yet, or needs other hardware)."""
 
     exit_code = 2
+
+
+class EngineError(ResRankExportError):
+    """A TensorRT engine cannot be built, or a plan does not fit this GPU / TensorRT version."""

@@ -23,7 +23,7 @@ def atomic_dir(target: Path, seed_from_target: bool = False) -> Iterator[Path]:
     try:
         if seed_from_target and target.is_dir():
             shutil.rmtree(tmp)
-            shutil.copytree(target, tmp, copy_function=_link_or_copy)
+            shutil.copytree(target, tmp, copy_function=link_or_copy)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -37,7 +37,8 @@ def atomic_dir(target: Path, seed_from_target: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard link when the file system allows it (graphs can be GBs), else copy."""
     try:
         os.link(src, dst)
     except OSError:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from resrank_export.checkpoint import Checkpoint
+from resrank_export.errors import CheckpointError
 from resrank_export.text import PassageTokenizer, PromptBuilder
 
 
@@ -21,7 +22,12 @@ def load_backbone(model_dir) -> nn.Module:
     ModelOpt handle, and it is what the parity reference runs too."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    try:
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    except Exception as exc:  # corrupt weights, unknown model_type, ...: a user error, one line
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{model_dir}: cannot be loaded as a Hugging Face model "
+                              f"({type(exc).__name__}: {reason})") from None
     return model.eval()
 
 

@@ -37,6 +37,8 @@ class ParityData:
 def load_parity_data(config: ParityConfig, k: int) -> ParityData:
     """Queries with k candidate texts each, from the BEIR folder or the embedded corpus."""
     data_dir = config.data_dir
+    if data_dir is not None and not data_dir.is_dir():  # a mistyped path must not pass silently
+        raise InputDataError(f"{data_dir}: parity data folder not found")
     if data_dir is not None and (data_dir / RUN_FILE).is_file():
         run = read_trec_run(data_dir / RUN_FILE)
         queries = read_queries(data_dir)

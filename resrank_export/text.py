@@ -106,8 +106,10 @@ class PromptBuilder:
     def build(self, query: str, k: int) -> Prompt:
         if not 1 <= k <= self.max_candidates:
             raise ValueError(f"number of candidates must be in 1..{self.max_candidates}, got {k}")
-        text = self.template.replace(QUERY_MARKER, self.clean_query(query))
-        text = text.replace(PASSAGES_MARKER, self.passages_block(k))
+        # Fill both markers in one pass: a query that contains "{passages}" stays text.
+        query = self.clean_query(query)
+        before, after = self.template.split(PASSAGES_MARKER)
+        text = before.replace(QUERY_MARKER, query) + self.passages_block(k) + after.replace(QUERY_MARKER, query)
         ids = self.tokenizer.encode(text).ids
         slots = [i for i, token in enumerate(ids) if token == self.placeholder_id]
         if len(slots) != k:  # only a tokenizer that splits the placeholder gets here

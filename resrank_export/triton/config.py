@@ -1,0 +1,196 @@
+"""Triton `config.pbtxt` builders. Every tensor name, dtype and dim comes from a GraphSpec
+(resrank_export.specs for the exported graphs, `model_specs` below for the python models and
+ensembles), so the configs cannot drift from the graphs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resrank_export.errors import ResRankExportError
+from resrank_export.lazy import require
+from resrank_export.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds resrank_export/
+
+# Tensors the Triton models add around the graphs ("bytes" = TYPE_STRING).
+QUERY = TensorSpec("QUERY", "bytes", (BATCH, 1))
+TOP_K = TensorSpec("TOP_K", "int32", (BATCH, 1))
+PASSAGES = TensorSpec("PASSAGES", "bytes", (BATCH, CANDIDATES))
+DOC_IDS = TensorSpec("DOC_IDS", "bytes", (BATCH, CANDIDATES))
+SCORES = TensorSpec("SCORES", "float32", (BATCH, CANDIDATES))
+ORDER = TensorSpec("ORDER", "int64", (BATCH, CANDIDATES))
+CANDIDATE_IDS = TensorSpec("candidate_ids", "bytes", (BATCH, CANDIDATES))
+RETRIEVAL_SCORES = TensorSpec("retrieval_scores", "float32", (BATCH, CANDIDATES))
+
+RETRIEVE_ENSEMBLE, RERANK_ENSEMBLE = "resrank", "resrank_rerank"
+GRAPH_MODELS = ("encoder", "reranker")
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """What `write_repository` builds. `index` None: only the rerank ensemble is written."""
+
+    build: Path
+    out: Path
+    index: Path | None = None
+    backend: str = "python"  # for the encoder and reranker; the other models are always python
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    max_queue_size: int = 64  # requests waiting per model beyond this are rejected
+    instances: int = 1
+    gpu: bool = False  # instance groups KIND_GPU instead of KIND_CPU for the graph models
+    ort_threads: int = 1  # intra-op threads per ONNX Runtime session
+    ort_accelerator: str | None = None  # onnxruntime backend: "tensorrt" or "cuda" execution accelerator
+    trt_precision: str = "FP16"  # precision_mode of the ORT TensorRT accelerator
+    cc_model_filenames: dict[str, str] = field(default_factory=dict)  # tensorrt: {"9.0": "model_sm90.plan"}
+    package_path: Path | None = PACKAGE_PARENT  # put on the stub's sys.path; None: the installed package
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.ort_accelerator not in (None, "tensorrt", "cuda"):
+            raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
+        for name in ("max_batch_size", "max_queue_size", "instances", "ort_threads"):
+            if getattr(self, name) < 1:
+                raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+
+
+def model_specs(dim: int) -> dict[str, GraphSpec]:
+    """I/O of every composing model and ensemble, keyed by model name."""
+    enc, rer = encoder_spec(dim), reranker_spec(dim)
+    slots = rer.tensor("passage_embeddings")
+    prompt = tuple(rer.tensor(n) for n in ("input_ids", "attention_mask", "slot_positions"))
+    return {
+        "query_tokenizer": GraphSpec("query_tokenizer", (QUERY,), enc.inputs),
+        "encoder": enc,
+        "faiss_lookup": GraphSpec("faiss_lookup", (enc.outputs[0], TOP_K), (CANDIDATE_IDS, RETRIEVAL_SCORES, slots)),
+        "passage_encoder": GraphSpec("passage_encoder", (PASSAGES,), (slots, CANDIDATE_IDS)),
+        "prompt_builder": GraphSpec("prompt_builder", (QUERY, slots), prompt),
+        "reranker": rer,
+        "rank_sort": GraphSpec("rank_sort", (rer.outputs[0], CANDIDATE_IDS), (DOC_IDS, SCORES, ORDER)),
+        RETRIEVE_ENSEMBLE: GraphSpec(RETRIEVE_ENSEMBLE, (QUERY, TOP_K), (DOC_IDS, SCORES)),
+        RERANK_ENSEMBLE: GraphSpec(RERANK_ENSEMBLE, (QUERY, PASSAGES), (ORDER, SCORES)),
+    }
+
+
+# Ensemble wiring: (model, {model input: source}); a source is an ensemble input name or
+# "<model>.<output>". The final map sends "<model>.<output>" to the ensemble outputs.
+def _rerank_steps(candidates: str) -> tuple:
+    """prompt_builder -> reranker -> rank_sort over the candidates that model `candidates` made."""
+    return (
+        ("prompt_builder", {"QUERY": "QUERY", "passage_embeddings": f"{candidates}.passage_embeddings"}),
+        ("reranker", {"input_ids": "prompt_builder.input_ids", "attention_mask": "prompt_builder.attention_mask",
+                      "passage_embeddings": f"{candidates}.passage_embeddings",
+                      "slot_positions": "prompt_builder.slot_positions"}),
+        ("rank_sort", {"scores": "reranker.scores", "candidate_ids": f"{candidates}.candidate_ids"}),
+    )
+
+
+RETRIEVE_STEPS = (
+    ("query_tokenizer", {"QUERY": "QUERY"}),
+    ("encoder", {"input_ids": "query_tokenizer.input_ids", "attention_mask": "query_tokenizer.attention_mask"}),
+    ("faiss_lookup", {"embeddings": "encoder.embeddings", "TOP_K": "TOP_K"}),
+) + _rerank_steps("faiss_lookup")
+RETRIEVE_OUTPUTS = {"DOC_IDS": "rank_sort.DOC_IDS", "SCORES": "rank_sort.SCORES"}
+RERANK_STEPS = (("passage_encoder", {"PASSAGES": "PASSAGES"}),) + _rerank_steps("passage_encoder")
+RERANK_OUTPUTS = {"ORDER": "rank_sort.ORDER", "SCORES": "rank_sort.SCORES"}
+
+
+def _pb():
+    return require("tritonclient.grpc.model_config_pb2", "writing Triton model configs")
+
+
+def data_type(tensor: TensorSpec) -> int:
+    pb = _pb()
+    types = {"bytes": pb.TYPE_STRING, "float32": pb.TYPE_FP32, "float16": pb.TYPE_FP16,
+             "int64": pb.TYPE_INT64, "int32": pb.TYPE_INT32, "bool": pb.TYPE_BOOL}
+    return types[tensor.dtype]
+
+
+def triton_dims(tensor: TensorSpec) -> list[int]:
+    """Dims without the leading batch axis (all models batch); symbolic axes become -1."""
+    if tensor.dims[0] != BATCH:
+        raise ValueError(f"{tensor.name}: first axis must be '{BATCH}'")
+    return [-1 if isinstance(d, str) else d for d in tensor.dims[1:]]
+
+
+def _io(config, spec: GraphSpec) -> None:
+    pb = _pb()
+    for tensor in spec.inputs:
+        config.input.append(pb.ModelInput(name=tensor.name, data_type=data_type(tensor), dims=triton_dims(tensor)))
+    for tensor in spec.outputs:
+        config.output.append(pb.ModelOutput(name=tensor.name, data_type=data_type(tensor), dims=triton_dims(tensor)))
+
+
+def _batched(spec: GraphSpec, config: TritonConfig, max_batch_size: int, gpu: bool):
+    pb = _pb()
+    model = pb.ModelConfig(name=spec.name, max_batch_size=max_batch_size)
+    _io(model, spec)
+    model.dynamic_batching.max_queue_delay_microseconds = config.max_queue_delay_us
+    model.dynamic_batching.default_queue_policy.max_queue_size = config.max_queue_size
+    kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
+    model.instance_group.add(kind=kind, count=config.instances)
+    return model
+
+
+def python_model_config(spec: GraphSpec, config: TritonConfig, parameters: dict[str, str],
+                        max_batch_size: int | None = None):
+    """A python-backend model running resrank_export.triton.models.<RESRANK_MODEL>."""
+    model = _batched(spec, config, max_batch_size or config.max_batch_size, gpu=False)
+    model.backend = "python"
+    params = {"RESRANK_PACKAGE_PATH": str(config.package_path or ""), **parameters}
+    for key, value in params.items():
+        model.parameters[key].string_value = str(value)
+    return model
+
+
+def graph_model_config(spec: GraphSpec, config: TritonConfig, max_batch_size: int):
+    """The encoder or reranker in the chosen backend flavour."""
+    if config.backend == "python":
+        return python_model_config(spec, config, {"RESRANK_MODEL": "onnx_graph", "GRAPH": "model.onnx",
+                                                  "THREADS": str(config.ort_threads)}, max_batch_size)
+    model = _batched(spec, config, max_batch_size, gpu=config.gpu)
+    if config.backend == "onnxruntime":
+        model.platform, model.backend, model.default_model_filename = "onnxruntime_onnx", "onnxruntime", "model.onnx"
+        model.parameters["intra_op_thread_count"].string_value = str(config.ort_threads)
+        if config.ort_accelerator:
+            accelerator = model.optimization.execution_accelerators.gpu_execution_accelerator.add(
+                name=config.ort_accelerator)
+            if config.ort_accelerator == "tensorrt":
+                accelerator.parameters["precision_mode"] = config.trt_precision
+    else:
+        model.platform, model.backend, model.default_model_filename = "tensorrt_plan", "tensorrt", "model.plan"
+        for capability, filename in config.cc_model_filenames.items():
+            model.cc_model_filenames[capability] = filename
+    return model
+
+
+def ensemble_config(spec: GraphSpec, steps, outputs: dict[str, str], max_batch_size: int):
+    """ensemble_scheduling linking the composing models; intermediate tensors are named
+    "<model>.<output>"."""
+    pb = _pb()
+    model = pb.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
+    _io(model, spec)
+    consumed = {source for _, inputs in steps for source in inputs.values()}
+    final = {source: name for name, source in outputs.items()}
+    for step_model, inputs in steps:
+        step = model.ensemble_scheduling.step.add(model_name=step_model, model_version=-1)
+        for name, source in inputs.items():
+            step.input_map[name] = source
+        for produced in sorted(s for s in consumed | set(final) if s.startswith(step_model + ".")):
+            step.output_map[produced.split(".", 1)[1]] = final.get(produced, produced)
+    return model
+
+
+def to_text(model) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(model)
+
+
+def parse_config(text: str):
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _pb().ModelConfig())

@@ -1,0 +1,16 @@
+"""QUERY -> encoder input ids, with the same PassageTokenizer (and max_passage_tokens) the index
+used for the corpus."""
+
+from __future__ import annotations
+
+from resrank_export.text import PassageTokenizer
+from resrank_export.triton.models.common import queries, resrank_config, respond, version_dir
+
+
+class Model:
+    def __init__(self, args: dict, config: dict, params: dict[str, str]):
+        folder = version_dir(args)
+        self.tokenizer = PassageTokenizer(folder / "tokenizer.json", resrank_config(folder).max_passage_tokens)
+
+    def execute(self, requests):
+        return respond(requests, lambda request: self.tokenizer(queries(request)))

@@ -1,0 +1,132 @@
+"""`write_repository`: a build folder (+ an index folder) -> a Triton model repository with the
+composing models, the `resrank` ensemble (query -> reranked top-k) and the `resrank_rerank`
+ensemble (query + the user's passages -> order). Written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
+from resrank_export.errors import ResRankExportError
+from resrank_export.fs import atomic_dir, link_or_copy
+from resrank_export.index import read_index_info
+from resrank_export.specs import GraphSpec
+from resrank_export.triton.config import (
+    RERANK_ENSEMBLE, RERANK_OUTPUTS, RERANK_STEPS, RETRIEVE_ENSEMBLE, RETRIEVE_OUTPUTS, RETRIEVE_STEPS,
+    TritonConfig, ensemble_config, graph_model_config, model_specs, python_model_config, to_text)
+
+log = logging.getLogger(__name__)
+MARKER_FILE = "resrank_repository.json"  # Triton ignores files at the repository root
+ENTRY_MODULE = Path(__file__).parent / "models" / "entry.py"
+ENGINES_DIR = "engines"  # <build>/engines/<graph>.plan, written by the TensorRT stage
+
+
+def _graph_path(build: Path, name: str) -> Path:
+    path = build / "onnx" / "fp32" / f"{name}.onnx"
+    if not path.is_file():
+        raise ResRankExportError(f"{path}: graph not found; run `resrank-export build --out {build}` first")
+    return path
+
+
+def encoder_dim(build: Path) -> int:
+    """The embedding size, read from encoder.onnx's output (weights are not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(_graph_path(build, "encoder")), load_external_data=False).graph
+    dims = graph.output[0].type.tensor_type.shape.dim
+    if len(dims) != 2 or not dims[1].dim_value:
+        raise ResRankExportError(f"{_graph_path(build, 'encoder')}: output is not [batch, dim]")
+    return dims[1].dim_value
+
+
+def _read_build(build: Path) -> ResRankConfig:
+    path = build / CONFIG_FILE
+    if not path.is_file():
+        raise ResRankExportError(f"{path}: file not found; --build must be a resrank-export build folder")
+    for role in ("encoder", "reranker"):
+        tokenizer = build / "tokenizer" / role / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise ResRankExportError(f"{tokenizer}: file not found; --build must be a resrank-export build folder")
+    return ResRankConfig.from_json(json.loads(path.read_text()), path)
+
+
+def _check_out(out: Path) -> None:
+    """Never replace a folder we did not write: that would lose the user's files."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER_FILE).is_file())):
+        raise ResRankExportError(f"{out}: exists and is not a resrank-export model repository (no {MARKER_FILE}); "
+                                 "choose another --out or remove it")
+
+
+def _write_model(repo: Path, model, files: dict[str, Path]) -> None:
+    """<repo>/<name>/config.pbtxt and version 1 with `files` ({name in version folder: source})."""
+    version = repo / model.name / "1"
+    version.mkdir(parents=True)
+    (repo / model.name / "config.pbtxt").write_text(to_text(model))
+    for name, source in files.items():
+        if source.is_dir():
+            shutil.copytree(source, version / name, copy_function=link_or_copy)
+        elif source.suffix == ".py":  # a copy: editing the repository must not edit the package
+            shutil.copy2(source, version / name)
+        else:
+            link_or_copy(str(source), str(version / name))
+
+
+def _graph_files(config: TritonConfig, spec: GraphSpec) -> dict[str, Path]:
+    if config.backend != "tensorrt":
+        return {"model.onnx": _graph_path(config.build, spec.name)}
+    engine = config.build / ENGINES_DIR / f"{spec.name}.plan"
+    if not engine.is_file():
+        log.warning("%s not found: %s/1/model.plan must be added before Triton can load it", engine, spec.name)
+        return {}
+    return {"model.plan": engine}
+
+
+def write_repository(config: TritonConfig) -> dict:
+    """Write the model repository to `config.out`; returns the summary stored in MARKER_FILE."""
+    config.validate()
+    build, out = Path(config.build), Path(config.out)
+    settings = _read_build(build)
+    _check_out(out)
+    specs = model_specs(encoder_dim(build))
+    batch = config.max_batch_size
+    encoder_batch = max(batch, min(settings.max_candidates, 64))  # passages of one request go in one batch
+    tokenizers = {role: build / "tokenizer" / role / "tokenizer.json" for role in ("encoder", "reranker")}
+    settings_file = build / CONFIG_FILE
+    python = {  # model -> (parameters, files)
+        "query_tokenizer": ({}, {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
+        "passage_encoder": ({"ENCODER_MAX_BATCH": str(encoder_batch)},
+                            {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
+        "prompt_builder": ({}, {"tokenizer.json": tokenizers["reranker"], CONFIG_FILE: settings_file}),
+        "rank_sort": ({}, {}),
+    }
+    ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
+    summary = {"backend": config.backend, "max_top_k": None}
+    if config.index is not None:
+        index = Path(config.index)
+        meta = read_index_info(index)
+        max_top_k = min(settings.max_candidates, int(meta["count"]))
+        python["faiss_lookup"] = ({"MAX_TOP_K": str(max_top_k)}, {"index": index})
+        ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
+        summary["max_top_k"] = max_top_k
+    else:
+        log.warning("no index given: writing only the %s ensemble", RERANK_ENSEMBLE)
+
+    with atomic_dir(out) as work:
+        for name, (params, files) in python.items():
+            model = python_model_config(specs[name], config, {"RESRANK_MODEL": name, **params})
+            _write_model(work, model, {"model.py": ENTRY_MODULE, **files})
+        for name, max_batch in (("encoder", encoder_batch), ("reranker", batch)):
+            files = _graph_files(config, specs[name])
+            if config.backend == "python":
+                files["model.py"] = ENTRY_MODULE
+            _write_model(work, graph_model_config(specs[name], config, max_batch), files)
+        for name, steps, outputs in ensembles:
+            _write_model(work, ensemble_config(specs[name], steps, outputs, batch), {})
+        summary["models"] = sorted(p.name for p in work.iterdir() if p.is_dir())
+        (work / MARKER_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("model repository written to %s (%s backend; models: %s)", out, config.backend,
+             ", ".join(summary["models"]))
+    return summary

@@ -1,0 +1,241 @@
+"""Launcher for the real `tritonserver` binary shipped in the nvidia-pytriton wheel: a writable
+python-backend folder with the stub for this Python, an environment that makes the stub use this
+interpreter's packages, free loopback ports, a readiness wait that scans the log (a stub that
+cannot start makes Triton wait forever) and a clean stop."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from resrank_export.errors import MissingDependencyError, ResRankExportError
+
+log = logging.getLogger(__name__)
+# Log lines after which the server will never become ready.
+FATAL_LOG_PATTERNS = ("error while loading shared libraries", "failed to load", "Traceback (most recent call last)")
+DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+class ServerError(ResRankExportError):
+    """tritonserver did not start, or stopped while it should be serving."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0: a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    startup_timeout: float = 180.0
+    exit_timeout: int = 10
+    log_verbose: int = 0
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    python_backend: Path
+    stub: Path
+    caches: Path
+
+    @classmethod
+    def find(cls) -> "TritonInstall":
+        spec = importlib.util.find_spec("pytriton")  # finds the wheel without importing pytriton
+        if spec is None or spec.origin is None:
+            raise MissingDependencyError("serving needs the 'nvidia-pytriton' package (its wheel ships tritonserver); "
+                                         "pip install 'resrank-export[triton]'")
+        root = Path(spec.origin).parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(root / "bin" / "tritonserver", root / "backends" / "python",
+                      root / "python_backend_stubs" / version / "triton_python_backend_stub", root / "caches")
+        for path in (install.binary, install.python_backend, install.stub):
+            if not path.exists():
+                raise MissingDependencyError(f"{path}: not found in the nvidia-pytriton wheel (Python {version})")
+        return install
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _backend_dir(install: TritonInstall, work: Path) -> Path:
+    """<work>/backends/python: the backend library beside the stub for this Python (the backend
+    looks for the stub next to itself). Symlinks keep the stub's $ORIGIN RPATH valid."""
+    python = work / "backends" / "python"
+    python.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (python / name).symlink_to(install.python_backend / name)
+    (python / install.stub.name).symlink_to(install.stub)
+    return python.parent
+
+
+def _environment() -> dict[str, str]:
+    """The stub embeds libpython and finds its packages through `python3` on PATH, so this
+    interpreter's lib folder goes first on LD_LIBRARY_PATH and its bin folder first on PATH."""
+    env = os.environ.copy()
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+class TritonServer:
+    """A running tritonserver; use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self.ports = {name: getattr(config, f"{name}_port") or free_port(config.host)
+                      for name in ("http", "grpc", "metrics")}
+        self._work: Path | None = None
+        self._log_handle = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.ports['grpc']}"
+
+    @property
+    def log_path(self) -> Path:
+        return self._work / "tritonserver.log"
+
+    def command(self, install: TritonInstall, backends: Path) -> list[str]:
+        c, host = self.config, self.config.host
+        return [str(install.binary), f"--model-repository={Path(c.repository).resolve()}",
+                f"--backend-directory={backends}", f"--cache-directory={install.caches}",
+                f"--http-address={host}", f"--http-port={self.ports['http']}",
+                f"--grpc-address={host}", f"--grpc-port={self.ports['grpc']}",
+                f"--metrics-address={host}", f"--metrics-port={self.ports['metrics']}",
+                "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+                "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={c.exit_timeout}",
+                f"--log-verbose={c.log_verbose}"]
+
+    def start(self) -> "TritonServer":
+        if not (Path(self.config.repository) / "resrank_repository.json").is_file():
+            raise ServerError(f"{self.config.repository}: not a model repository written by `resrank-export triton`")
+        install = TritonInstall.find()
+        self._work = Path(tempfile.mkdtemp(prefix="resrank-triton-"))
+        command = self.command(install, _backend_dir(install, self._work))
+        log.debug("starting %s", " ".join(command))
+        self._log_handle = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, env=_environment(), stdout=self._log_handle,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+        log.info("tritonserver ready: HTTP %s, gRPC %s, metrics %s:%d", self.http_url, self.grpc_url,
+                 self.config.host, self.ports["metrics"])
+        return self
+
+    def _log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                                  f"log {self.log_path}:\n{self._log_tail()}")
+            text = self.log_path.read_text(errors="replace")
+            for pattern in FATAL_LOG_PATTERNS:
+                if pattern in text:
+                    raise ServerError(f"tritonserver cannot load the repository ({pattern!r}); "
+                                      f"log {self.log_path}:\n{self._log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver not ready after {self.config.startup_timeout:.0f}s; log {self.log_path}")
+
+    def check_running(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise ServerError(f"tritonserver is not running; log {self.log_path}:\n{self._log_tail()}")
+
+    def wait(self) -> int:
+        """Block until the server exits (used by `serve`)."""
+        return self.process.wait()
+
+    def stop(self, keep_log: bool = False) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit within exit_timeout + 20 s. Close clients
+        first: open HTTP keep-alive connections make Triton wait the whole exit timeout."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(self.config.exit_timeout + 20)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._work is not None and not keep_log:
+            shutil.rmtree(self._work, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(keep_log=exc[0] is not None)
+
+
+def serve(config: ServerConfig) -> int:
+    """`resrank-export serve`: run until Ctrl-C or SIGTERM, then stop cleanly. Both signals get
+    explicit handlers (a shell starts background jobs with SIGINT ignored)."""
+    server = TritonServer(config).start()
+
+    def forward(signum, frame) -> None:
+        log.info("stopping tritonserver")
+        server.process.send_signal(signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        code = server.stop()
+    log.info("tritonserver exited with code %s", code)
+    return code or 0
+
+
+def docker_command(config: ServerConfig, image: str = DOCKER_IMAGE) -> str:
+    """The equivalent NGC container command for a GPU host. The python models need this package
+    and its runtime dependencies inside the container; the repository's RESRANK_PACKAGE_PATH
+    folder is mounted at the same path."""
+    from resrank_export.triton.config import PACKAGE_PARENT
+
+    repo = Path(config.repository).resolve()
+    ports = {"http": config.http_port or 8000, "grpc": config.grpc_port or 8001, "metrics": config.metrics_port or 8002}
+    publish = " ".join(f"-p 127.0.0.1:{port}:{port}" for port in ports.values())
+    return (f"docker run --gpus all --rm --shm-size=1g {publish} -v {repo}:/models:ro "
+            f"-v {PACKAGE_PARENT}:{PACKAGE_PARENT}:ro {image} bash -c \"pip install 'tokenizers>=0.21' "
+            f"'onnxruntime-gpu>=1.20' 'faiss-cpu>=1.8' 'numpy<2' && tritonserver --model-repository=/models "
+            f"--http-port={ports['http']} --grpc-port={ports['grpc']} --metrics-port={ports['metrics']}\"")

@@ -1,0 +1,159 @@
+"""`run_build`: the build folder layout and manifest, skipping unchanged stages, rerunning changed
+ones, and never leaving partial output or touching folders that are not builds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from resrank_export.build import BuildConfig, run_build
+from resrank_export.checkpoint import CONFIG_FILE
+from resrank_export.errors import CheckpointError, NotAvailableError, ParityError, ResRankExportError
+from resrank_export.fs import sha256_file, sha256_tree
+from resrank_export.manifest import MANIFEST_FILE
+from resrank_export.parity import ParityConfig
+
+LAYOUT = ["resrank.json", "onnx/fp32/encoder.onnx", "onnx/fp32/reranker.onnx",
+          "tokenizer/encoder/tokenizer.json", "tokenizer/reranker/tokenizer.json"]
+
+
+@pytest.fixture(scope="module")
+def first_build(tiny_checkpoint, tmp_path_factory):
+    """(checkpoint folder, build folder, manifest) of one finished build of a tiny checkpoint."""
+    root = tmp_path_factory.mktemp("build-module")
+    checkpoint = root / "checkpoint"
+    shutil.copytree(tiny_checkpoint().root, checkpoint)
+    out = root / "builds" / "build"
+    return checkpoint, out, run_build(BuildConfig(out=out, checkpoint=checkpoint))
+
+
+@pytest.fixture
+def build_copy(first_build, tmp_path):
+    """A private copy of the finished build, in a folder of its own."""
+    out = tmp_path / "builds" / "build"
+    shutil.copytree(first_build[1], out)
+    return out
+
+
+def _status(manifest: dict) -> dict[str, str]:
+    """Status of the stages this suite is about (later issues add stages after them)."""
+    return {name: manifest["stages"][name]["status"] for name in ("export", "parity")}
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_first_build_layout_and_manifest(first_build):
+    _, out, manifest = first_build
+    assert _status(manifest) == {"export": "ran", "parity": "ran"}
+    assert json.loads((out / MANIFEST_FILE).read_text()) == manifest
+    export_outputs = manifest["stages"]["export"]["outputs"]
+    assert set(LAYOUT) <= set(export_outputs)
+    for stage in manifest["stages"].values():
+        for rel, digest in stage["outputs"].items():
+            assert sha256_file(out / rel) == digest
+    report = manifest["stages"]["parity"]["report"]
+    assert json.loads((out / "parity.json").read_text()) == report
+    assert report["passed"] is True and report["reranker"]["max_abs_diff"] <= 1e-4
+    assert _entries(out.parent) == ["build"]  # no temp folder left beside it
+
+
+def test_rerun_with_unchanged_inputs_skips_every_stage(first_build, build_copy):
+    checkpoint, _, first = first_build
+    manifest = run_build(BuildConfig(out=build_copy, checkpoint=checkpoint))
+    assert _status(manifest) == {"export": "skipped", "parity": "skipped"}
+    assert {stage["status"] for stage in manifest["stages"].values()} == {"skipped"}
+    assert manifest["stages"]["parity"]["report"] == first["stages"]["parity"]["report"]
+    for name, stage in manifest["stages"].items():
+        assert stage["outputs"] == first["stages"][name]["outputs"]
+        for rel, digest in stage["outputs"].items():
+            assert sha256_file(build_copy / rel) == digest
+    assert json.loads((build_copy / MANIFEST_FILE).read_text()) == manifest
+    assert _entries(build_copy.parent) == ["build"]
+
+
+def test_changed_checkpoint_reruns_its_stages(first_build, build_copy, tmp_path):
+    checkpoint, _, first = first_build
+    changed = tmp_path / "changed-checkpoint"
+    shutil.copytree(checkpoint, changed)
+    config = json.loads((changed / CONFIG_FILE).read_text())
+    (changed / CONFIG_FILE).write_text(json.dumps({**config, "residual_alpha": 0.5}))
+    manifest = run_build(BuildConfig(out=build_copy, checkpoint=changed))
+    assert _status(manifest) == {"export": "ran", "parity": "ran"}
+    graph = "onnx/fp32/reranker.onnx"
+    assert manifest["stages"]["export"]["outputs"][graph] != first["stages"]["export"]["outputs"][graph]
+    assert json.loads((build_copy / CONFIG_FILE).read_text())["residual_alpha"] == 0.5
+    assert manifest["stages"]["parity"]["report"]["passed"] is True
+
+
+def test_failed_stage_keeps_the_previous_build(first_build, build_copy):
+    """A stage that raises (here parity, given a tolerance nothing can meet) must leave the
+    previous build exactly as it was and no temp folder."""
+    checkpoint = first_build[0]
+    before = sha256_tree(build_copy)
+    with pytest.raises(ParityError):
+        run_build(BuildConfig(out=build_copy, checkpoint=checkpoint, parity=ParityConfig(atol=-1.0)))
+    assert sha256_tree(build_copy) == before
+    assert _entries(build_copy.parent) == ["build"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "previous-build"])
+def test_bad_checkpoint_writes_nothing(first_build, tmp_path, existing):
+    bad = tmp_path / "bad-checkpoint"
+    shutil.copytree(first_build[0], bad)
+    (bad / CONFIG_FILE).write_text('{"pooling": ')
+    out = tmp_path / "builds" / "build"
+    if existing:
+        shutil.copytree(first_build[1], out)
+    before = sha256_tree(out) if existing else None
+    with pytest.raises(CheckpointError, match=CONFIG_FILE):
+        run_build(BuildConfig(out=out, checkpoint=bad))
+    if existing:
+        assert sha256_tree(out) == before and _entries(out.parent) == ["build"]
+    else:
+        assert not out.exists() and not (tmp_path / "builds").exists()
+
+
+def test_foreign_folder_is_refused_and_untouched(first_build, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ResRankExportError, match="not a resrank-export build folder"):
+        run_build(BuildConfig(out=out, checkpoint=first_build[0]))
+    assert _entries(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    assert _entries(tmp_path) == ["mine"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ResRankExportError, match="not a resrank-export build folder"):
+        run_build(BuildConfig(out=a_file, checkpoint=first_build[0]))
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_other_precisions_are_not_available_yet(first_build, tmp_path, precision):
+    out = tmp_path / "build"
+    with pytest.raises(NotAvailableError, match="not available yet") as caught:
+        run_build(BuildConfig(out=out, checkpoint=first_build[0], precision=precision))
+    assert caught.value.exit_code == 2
+    assert not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="triton extra not installed")
+def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
+    from resrank_export.build import TRITON_REPOSITORY, BuildConfig, run_build
+    from resrank_export.triton.repository import MARKER_FILE
+
+    config = BuildConfig(out=tmp_path / "build", checkpoint=tiny_checkpoint().root)
+    first = run_build(config)
+    assert first["stages"]["triton"]["status"] == "ran"
+    summary = json.loads((tmp_path / "build" / TRITON_REPOSITORY / MARKER_FILE).read_text())
+    assert summary == first["stages"]["triton"]["report"]
+    assert "resrank_rerank" in summary["models"] and "resrank" not in summary["models"]  # no index yet
+    second = run_build(config)
+    assert second["stages"]["triton"]["status"] == "skipped"
+    assert second["stages"]["triton"]["outputs"] == first["stages"]["triton"]["outputs"]

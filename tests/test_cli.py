@@ -1,0 +1,155 @@
+"""The command line: help for every option, one-line errors with their exit codes and no output
+left behind, and (slow) a full build of the demo checkpoint with parity on DL19."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from resrank_export.checkpoint import CONFIG_FILE
+from resrank_export.cli import main
+from resrank_export.manifest import MANIFEST_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args), prog_name="resrank-export")
+
+
+def _flat(text: str) -> str:
+    """Help text with click's line wrapping undone."""
+    return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for name, cmd in sorted(group.commands.items()):
+        paths += _command_paths(cmd, prefix + (name,)) if isinstance(cmd, click.Group) else [prefix + (name,)]
+    return paths
+
+
+def _resolve(path: tuple[str, ...]) -> click.Command:
+    cmd = main
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+@pytest.mark.parametrize("command", _command_paths(main), ids=lambda p: " ".join(p) or "main")
+def test_help_explains_every_option(command):
+    result = _invoke(*command, "--help")
+    assert result.exit_code == 0
+    help_text = _flat(result.output)
+    assert f"Usage: resrank-export {' '.join(command)}".strip() in help_text
+    cmd = _resolve(command)
+    for param in cmd.params:
+        if isinstance(param, click.Argument):
+            assert param.human_readable_name in help_text
+            continue
+        assert param.help, f"option {param.opts} has no help text"
+        for name in param.opts + param.secondary_opts:
+            assert name in help_text
+        assert _flat(param.help) in help_text
+    for name in getattr(cmd, "commands", {}):
+        assert name in help_text
+
+
+def _broken(tiny_checkpoint, tmp_path, how: str) -> Path:
+    root = tmp_path / "checkpoint"
+    if how == "missing-folder":
+        return root
+    shutil.copytree(tiny_checkpoint().root, root)
+    config = json.loads((root / CONFIG_FILE).read_text())
+    if how == "malformed-json":
+        (root / CONFIG_FILE).write_text("{")
+    elif how == "unknown-pooling":
+        (root / CONFIG_FILE).write_text(json.dumps({**config, "pooling": "max"}))
+    elif how == "no-placeholder":
+        (root / CONFIG_FILE).write_text(json.dumps({**config, "placeholder_token": "<|slot|>"}))
+    elif how == "no-reranker":
+        shutil.rmtree(root / "reranker")
+    elif how == "corrupt-weights":  # found only when the export loads the model
+        weights = root / "encoder" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return root
+
+
+BROKEN = {"missing-folder": "checkpoint folder not found", "malformed-json": "malformed JSON",
+          "unknown-pooling": "'pooling' is 'max'", "no-placeholder": "'<|slot|>'",
+          "no-reranker": "reranker: folder not found", "corrupt-weights": "encoder: cannot be loaded"}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_bad_checkpoint_is_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path, how):
+    checkpoint = _broken(tiny_checkpoint, tmp_path, how)
+    out = tmp_path / "builds" / "out"
+    result = _invoke("build", "--checkpoint", str(checkpoint), "--out", str(out))
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert BROKEN[how] in result.stderr
+    assert not out.exists() and not any(out.parent.glob("*"))
+
+
+def test_bad_checkpoint_via_python_m(tiny_checkpoint, tmp_path):
+    """The real entry point: the error is the only thing on stderr."""
+    checkpoint = _broken(tiny_checkpoint, tmp_path, "unknown-pooling")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "resrank_export", "build", "--checkpoint", str(checkpoint),
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: {checkpoint / CONFIG_FILE}: field 'pooling' is 'max'; expected one of last, mean, cls"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_other_precisions_exit_2(tmp_path, precision):
+    out = tmp_path / "out"
+    result = _invoke("build", "--precision", precision, "--out", str(out))
+    assert result.exit_code == 2
+    assert result.stderr == f"error: --precision {precision} is not available yet; use --precision fp32\n"
+    assert not out.exists()
+
+
+def test_foreign_out_folder_is_refused(tiny_checkpoint, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    result = _invoke("build", "--checkpoint", str(tiny_checkpoint().root), "--out", str(out))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "no manifest.json" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_demo_checkpoint_refuses_existing_folder(tmp_path):
+    result = _invoke("demo-checkpoint", str(tmp_path))
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_build_demo_checkpoint_with_dl19_parity(demo_checkpoint, dl19_dir, tmp_path):
+    """End to end, the slowest test: real MiniLM encoder, DL19 text, 100 candidates."""
+    out = tmp_path / "build"
+    result = _invoke("build", "--checkpoint", str(demo_checkpoint.root), "--parity-data", str(dl19_dir),
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    parity = manifest["stages"]["parity"]["report"]
+    assert str(dl19_dir) in parity["source"]
+    assert parity["reranker"]["max_abs_diff"] <= 1e-4 and parity["reranker"]["top10_identical"] is True
+    assert parity["encoder"]["max_abs_diff"] <= 1e-4 and parity["encoder"]["top10_identical"] == 1.0
+    assert {c["k"] for c in parity["reranker"]["cases"]} >= {1, demo_checkpoint.config.max_candidates}
+    assert parity["passed"] is True and "parity passed" in result.stdout
