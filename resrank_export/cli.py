@@ -344,3 +344,35 @@ def query(text, top_k, passages, url, grpc) -> None:
                                     protocol=protocol, top_k=top_k, passages=passages))
     for rank, (passage_id, score) in enumerate(results, 1):
         click.echo(f"{rank:3d}  {score:+.4f}  {passage_id}")
+
+
+# --- Benchmarks -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--smoke", is_flag=True, help="Tiny sizes (seconds): checks the benchmarks run, figures mean nothing.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+              help="Results folder (JSON, summary.md, plots); replaced atomically.")
+@click.option("--only", default="encoder,reranker,served,flops", show_default=True,
+              help="Comma-separated benchmarks to run.")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path),
+              help="Build folder (from `resrank-export build`). Default: the demo checkpoint's build, cached.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Checkpoint for the PyTorch baselines. Default: the one recorded in the build's manifest.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="BEIR folder with corpus.jsonl, queries.jsonl, run.bm25.trec (e.g. ../shared/data/dl19). "
+                   "Default: the embedded standard-library corpus.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Intra-op threads for torch and ONNX Runtime; 0: library defaults.")
+@click.option("--repeats", type=click.IntRange(min=1), help="Timed repeats (default: the preset's).")
+def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats) -> None:
+    """Run the benchmarks: encoder throughput, reranker latency vs k, served pipeline, FLOPs."""
+    from resrank_export.bench.config import BenchConfig
+    from resrank_export.bench.run import run_bench
+
+    preset = BenchConfig.smoke if smoke else BenchConfig.full
+    overrides = {"repeats": repeats} if repeats else {}
+    config = preset(out=out, only=tuple(n.strip() for n in only.split(",") if n.strip()), build=build_dir,
+                    checkpoint=checkpoint, data=data, threads=threads, **overrides)
+    run_bench(config, command=" ".join(["resrank-export", *sys.argv[1:]]))
+    click.echo(f"benchmark results written to {out} (summary: {out / 'summary.md'})")
