@@ -25,7 +25,7 @@ def _write_corpus(path, n):
 def calibration(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("calib")
     passages = _write_corpus(root / "corpus.jsonl", 120)
-    config = CalibrationConfig(corpus=root / "corpus.jsonl", encoder_samples=16, reranker_queries=4, seed=3)
+    config = CalibrationConfig(corpus=root / "corpus.jsonl", encoder_samples=16, reranker_queries=4, seed=3, retrieval_pool=60)
     checkpoint = tiny_checkpoint()
     card = build_calibration_set(checkpoint, root / "set", config)
     return checkpoint, config, root, passages, card

@@ -18,10 +18,10 @@ from resrank_export.runtime import ort_session, run_session
 def exported(request, tiny_export, tmp_path_factory):
     checkpoint, graphs = tiny_export(reranker=request.param)
     root = tmp_path_factory.mktemp(f"prec-{request.param}")
-    build_calibration_set(checkpoint, root / "calib", CalibrationConfig(encoder_samples=16, reranker_queries=8))
+    build_calibration_set(checkpoint, root / "calib", CalibrationConfig(encoder_samples=16, reranker_queries=8, retrieval_pool=100))
     calib = {spec.name: load_calibration(root / "calib", spec) for spec in graph_specs(checkpoint)}
     # held-out inputs: another seed of the same corpus
-    build_calibration_set(checkpoint, root / "held", CalibrationConfig(encoder_samples=16, reranker_queries=4, seed=9))
+    build_calibration_set(checkpoint, root / "held", CalibrationConfig(encoder_samples=16, reranker_queries=4, seed=9, retrieval_pool=100))
     held = {spec.name: load_calibration(root / "held", spec) for spec in graph_specs(checkpoint)}
     return checkpoint, graphs, calib, held, root
 
