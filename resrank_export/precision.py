@@ -6,11 +6,14 @@ nodes whose scales come from a calibration set run through ONNX Runtime on the C
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -90,6 +93,17 @@ def _drop_placeholder_dims(model) -> None:
                 dim.Clear()
 
 
+@contextlib.contextmanager
+def _private_copy(src: Path) -> Iterator[Path]:
+    """ModelOpt rewrites the graph it is given in place (it names unnamed nodes): hand it a copy
+    (with any external-data side file) so the FP32 graph, and its recorded hash, stay as built."""
+    src = Path(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in src.parent.glob(f"{src.name}*"):
+            shutil.copyfile(path, Path(tmp) / path.name)
+        yield Path(tmp) / src.name
+
+
 def _first_samples(calibration: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {name: array[:n] for name, array in calibration.items()}
 
@@ -99,11 +113,11 @@ def convert_fp16(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
     whose values on real calibration inputs exceed FP16's safe range, stay FP32."""
     autocast = require("modelopt.onnx.autocast", "FP16 conversion")
     onnx = require("onnx", "FP16 conversion")
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = Path(tmp) / "autocast.npz"
+    with _private_copy(src) as copy:
+        sample = copy.parent / "autocast.npz"
         np.savez(sample, **_first_samples(calibration, config.autocast_samples))
         model = autocast.convert_to_mixed_precision(
-            onnx_path=str(src), low_precision_type="fp16", keep_io_types=True,
+            onnx_path=str(copy), low_precision_type="fp16", keep_io_types=True,
             op_types_to_exclude=list(config.fp16_keep_fp32_ops), calibration_data=str(sample),
             providers=["cpu"])
     _drop_placeholder_dims(model)
@@ -150,13 +164,14 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     kept_fp32 = ffn_output_gemms(onnx.load(str(src), load_external_data=False)) \
         if config.int8_keep_ffn_output_fp32 else []
     exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
-    quantization.quantize(
-        onnx_path=str(src), quantize_mode="int8", calibration_data=calibration,
-        calibration_method=config.calibration_method, calibration_shapes=_calibration_shapes(calibration),
-        calibration_eps=["cpu"], op_types_to_quantize=list(INT8_QUANTIZE_OPS),
-        op_types_to_exclude=list(config.int8_exclude_ops) or None, nodes_to_exclude=exclude_nodes or None,
-        disable_mha_qdq=not config.int8_attention_qdq, high_precision_dtype="fp32",
-        use_external_data_format=False, output_path=str(dst), log_level="WARNING")
+    with _private_copy(src) as copy:
+        quantization.quantize(
+            onnx_path=str(copy), quantize_mode="int8", calibration_data=calibration,
+            calibration_method=config.calibration_method, calibration_shapes=_calibration_shapes(calibration),
+            calibration_eps=["cpu"], op_types_to_quantize=list(INT8_QUANTIZE_OPS),
+            op_types_to_exclude=list(config.int8_exclude_ops) or None, nodes_to_exclude=exclude_nodes or None,
+            disable_mha_qdq=not config.int8_attention_qdq, high_precision_dtype="fp32",
+            use_external_data_format=False, output_path=str(dst), log_level="WARNING")
     model = onnx.load(str(dst))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),
