@@ -9,16 +9,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.build_precision import run_precision_stages
+from resrank_export.build_precision import check_precision_inputs, run_precision_stages
 from resrank_export.calibration import CalibrationConfig
 from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.errors import ResRankExportError
 from resrank_export.export import ExportConfig, export_onnx
+from resrank_export.fidelity import FidelityConfig
 from resrank_export.fs import atomic_dir, sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE, StageRunner, library_versions, read_manifest
-from resrank_export.fidelity import FidelityConfig
 from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
-from resrank_export.precision import PrecisionConfig, check_method
+from resrank_export.precision import PrecisionConfig
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -64,8 +64,6 @@ def run_build(config: BuildConfig) -> dict:
     """Run the build stages into `config.out`; returns the manifest."""
     if config.precision not in PRECISIONS:
         raise ResRankExportError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if config.precision == "int8":
-        check_method(config.precision_graphs.calibration_method)
     out = Path(config.out)
     _check_out_folder(out)
     if config.checkpoint is None:
@@ -76,6 +74,7 @@ def run_build(config: BuildConfig) -> dict:
     else:
         checkpoint_dir = Path(config.checkpoint)
     checkpoint = load_checkpoint(checkpoint_dir)
+    check_precision_inputs(checkpoint, config)
     inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
               "precision": config.precision}
 

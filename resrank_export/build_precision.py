@@ -14,7 +14,7 @@ from resrank_export.export import graph_specs
 from resrank_export.fidelity import measure_fidelity, render_markdown
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import StageRunner
-from resrank_export.precision import convert_fp16, quantize_int8
+from resrank_export.precision import check_method, convert_fp16, quantize_int8
 
 if TYPE_CHECKING:
     from resrank_export.build import BuildConfig
@@ -31,6 +31,15 @@ def _data_identity(path: Path | None) -> dict:
     if path.is_file():
         return {"data": str(path.resolve()), "sha256": sha256_file(path)}
     return {"data": str(path.resolve()), "sha256": sha256_tree(path) if path.is_dir() else None}
+
+
+def check_precision_inputs(checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    """Fail before the export on what can be checked up front: method name, given calibration."""
+    if config.precision == "int8":
+        check_method(config.precision_graphs.calibration_method)
+    if config.precision != "fp32" and config.calibration is not None:
+        for spec in graph_specs(checkpoint):
+            load_calibration(config.calibration, spec)
 
 
 def run_precision_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
