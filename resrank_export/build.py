@@ -9,13 +9,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resrank_export.build_precision import check_precision_inputs, run_precision_stages
+from resrank_export.calibration import CalibrationConfig
 from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.engine.profiles import EngineConfig
-from resrank_export.errors import NotAvailableError, ResRankExportError
+from resrank_export.errors import ResRankExportError
 from resrank_export.export import ExportConfig, export_onnx
+from resrank_export.fidelity import FidelityConfig
 from resrank_export.fs import atomic_dir, sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE, StageRunner, library_versions, read_manifest
 from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
+from resrank_export.precision import PrecisionConfig
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -30,6 +34,10 @@ class BuildConfig:
     precision: str = "fp32"
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
+    calibration: Path | None = None  # a calibration folder made by `calibrate`; None: build one
+    calibration_set: CalibrationConfig = field(default_factory=CalibrationConfig)
+    precision_graphs: PrecisionConfig = field(default_factory=PrecisionConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     force: bool = False
     backend: str = "onnxruntime"  # tensorrt: also build plans for this machine's GPU
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -63,8 +71,6 @@ def run_build(config: BuildConfig) -> dict:
     """Run the build stages into `config.out`; returns the manifest."""
     if config.precision not in PRECISIONS:
         raise ResRankExportError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if config.precision != "fp32":
-        raise NotAvailableError(f"--precision {config.precision} is not available yet; use --precision fp32")
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
     runtime = _engine_runtime(config)
     out = Path(config.out)
@@ -77,6 +83,7 @@ def run_build(config: BuildConfig) -> dict:
     else:
         checkpoint_dir = Path(config.checkpoint)
     checkpoint = load_checkpoint(checkpoint_dir)
+    check_precision_inputs(checkpoint, config)
     inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
               "precision": config.precision}
 
@@ -84,6 +91,8 @@ def run_build(config: BuildConfig) -> dict:
         runner = StageRunner(work, read_manifest(work), force=config.force)
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
+        if config.precision != "fp32":
+            run_precision_stages(runner, work, checkpoint, config)
         _engine_stages(runner, work, config, runtime)
         if config.corpus is not None or config.checkpoint is None:
             _index_stage(runner, work, config)

@@ -83,28 +83,55 @@ def main(verbose: bool) -> None:
               show_default=True, help="FAISS index kind of the index stage.")
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="fp16/int8: calibration folder written by `resrank-export calibrate`.")
+@click.option("--calibration-corpus", type=click.Path(path_type=Path),
+              help="fp16/int8: build the calibration set from this BEIR folder or JSONL/TSV passage file "
+                   "(default: the embedded standard-library corpus).")
+@click.option("--calibration-method", type=click.Choice(["entropy", "max"]), default="entropy", show_default=True,
+              help="int8: how ModelOpt picks the activation ranges.")
+@click.option("--int8-exclude-op", multiple=True, help="int8: op type left unquantized (repeatable).")
+@click.option("--int8-exclude-node", multiple=True, help="int8: node-name regex left unquantized (repeatable).")
+@click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
+              help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
+@click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
+              help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
 def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
-          max_batch, workspace, corpus, index_kind, triton_backend) -> None:
-    """Export the encoder and reranker to ONNX, check parity with PyTorch, build TensorRT scripts (and
-    plans with --backend tensorrt), index the corpus and write the Triton model repository."""
+          max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
+          calibration_method, int8_exclude_op, int8_exclude_node, fidelity_retrieval_data,
+          fidelity_rerank_data) -> None:
+    """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
+    fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
+    the corpus and write the Triton model repository."""
     from resrank_export.build import BuildConfig, run_build
+    from resrank_export.calibration import CalibrationConfig
     from resrank_export.engine.profiles import EngineConfig
     from resrank_export.export import ExportConfig
+    from resrank_export.fidelity import FidelityConfig
     from resrank_export.parity import ParityConfig
     from resrank_export.plan import parse_size
+    from resrank_export.precision import PrecisionConfig
 
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
                          export=ExportConfig(opset=opset, external_data=external_data),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
-                         corpus=corpus, index_kind=index_kind)
+                         corpus=corpus, index_kind=index_kind,
+                         calibration=calibration, calibration_set=CalibrationConfig(corpus=calibration_corpus),
+                         precision_graphs=PrecisionConfig(calibration_method=calibration_method,
+                                                          int8_exclude_ops=tuple(int8_exclude_op),
+                                                          int8_exclude_nodes=tuple(int8_exclude_node)),
+                         fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
+                                                 rerank_data=fidelity_rerank_data))
     manifest = run_build(config)
     parity = manifest["stages"]["parity"]["report"]
     click.echo(f"build written to {out}: reranker max |diff| {parity['reranker']['max_abs_diff']:.2e}, "
                f"encoder max |diff| {parity['encoder']['max_abs_diff']:.2e}, parity "
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
+    if precision != "fp32":
+        click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}")
 
 
 @main.command("demo-checkpoint")
@@ -376,3 +403,29 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats) -> No
                     checkpoint=checkpoint, data=data, threads=threads, **overrides)
     run_bench(config, command=" ".join(["resrank-export", *sys.argv[1:]]))
     click.echo(f"benchmark results written to {out} (summary: {out / 'summary.md'})")
+
+
+# --- precision (calibration sets) ----------------------------------------------------------------
+
+@main.command()
+@click.option("--corpus", type=click.Path(path_type=Path),
+              help="BEIR folder (corpus.jsonl, queries.jsonl, optional run.bm25.trec) or JSONL/TSV passage "
+                   "file. Default: the embedded standard-library corpus.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for encoder.npz, reranker.npz and card.json (written atomically).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="ResRank checkpoint whose FP32 encoder makes the slot vectors. Default: the demo checkpoint.")
+@click.option("--encoder-samples", type=int, default=64, show_default=True, help="Passages in the encoder set.")
+@click.option("--reranker-queries", type=int, default=16, show_default=True, help="Queries in the reranker set.")
+@click.option("--candidates", type=click.IntRange(min=1),
+              help="Candidates per reranker query. Default: the checkpoint's max_candidates.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")
+def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed) -> None:
+    """Write INT8 calibration sets for both graphs from real text."""
+    from resrank_export.calibration import CalibrationConfig, calibrate_checkpoint
+
+    card = calibrate_checkpoint(checkpoint, out, CalibrationConfig(
+        corpus=corpus, encoder_samples=encoder_samples, reranker_queries=reranker_queries,
+        candidates=candidates, seed=seed))
+    click.echo(f"calibration set written to {out}: {card['encoder']['samples']} passages, "
+               f"{card['reranker']['queries']} queries x {card['reranker']['candidates']} candidates")

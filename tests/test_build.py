@@ -12,7 +12,7 @@ import pytest
 
 from resrank_export.build import BuildConfig, run_build
 from resrank_export.checkpoint import CONFIG_FILE
-from resrank_export.errors import CheckpointError, NotAvailableError, ParityError, ResRankExportError
+from resrank_export.errors import CheckpointError, ParityError, ResRankExportError
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE
 from resrank_export.parity import ParityConfig
@@ -132,15 +132,6 @@ def test_foreign_folder_is_refused_and_untouched(first_build, tmp_path):
     with pytest.raises(ResRankExportError, match="not a resrank-export build folder"):
         run_build(BuildConfig(out=a_file, checkpoint=first_build[0]))
     assert a_file.read_text() == "x"
-
-
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_other_precisions_are_not_available_yet(first_build, tmp_path, precision):
-    out = tmp_path / "build"
-    with pytest.raises(NotAvailableError, match="not available yet") as caught:
-        run_build(BuildConfig(out=out, checkpoint=first_build[0], precision=precision))
-    assert caught.value.exit_code == 2
-    assert not out.exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="triton extra not installed")

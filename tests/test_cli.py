@@ -113,15 +113,6 @@ def test_bad_checkpoint_via_python_m(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_other_precisions_exit_2(tmp_path, precision):
-    out = tmp_path / "out"
-    result = _invoke("build", "--precision", precision, "--out", str(out))
-    assert result.exit_code == 2
-    assert result.stderr == f"error: --precision {precision} is not available yet; use --precision fp32\n"
-    assert not out.exists()
-
-
 def test_foreign_out_folder_is_refused(tiny_checkpoint, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

@@ -1,0 +1,118 @@
+"""The build stages after parity for --precision fp16|int8: calibration set -> precision graphs
+-> fidelity report. Kept apart from build.py, which other stages (index, Triton) extend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from resrank_export.calibration import CARD_FILE, build_calibration_set, load_calibration
+from resrank_export.checkpoint import Checkpoint
+from resrank_export.export import graph_specs
+from resrank_export.fidelity import measure_fidelity, render_markdown
+from resrank_export.fs import sha256_file, sha256_tree
+from resrank_export.manifest import StageRunner
+from resrank_export.precision import check_method, convert_fp16, quantize_int8
+
+if TYPE_CHECKING:
+    from resrank_export.build import BuildConfig
+
+CALIBRATION_DIR = "calibration"
+FIDELITY_JSON, FIDELITY_MD = "fidelity.json", "fidelity.md"
+
+
+def _data_identity(path: Path | None) -> dict:
+    """What a stage's result depends on in a user's data folder or file: path and content hashes."""
+    if path is None:
+        return {"data": "embedded"}
+    path = Path(path)
+    if path.is_file():
+        return {"data": str(path.resolve()), "sha256": sha256_file(path)}
+    return {"data": str(path.resolve()), "sha256": sha256_tree(path) if path.is_dir() else None}
+
+
+def check_precision_inputs(checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    """Fail before the export on what can be checked up front: method name, given calibration."""
+    if config.precision == "int8":
+        check_method(config.precision_graphs.calibration_method)
+    if config.precision != "fp32" and config.calibration is not None:
+        for spec in graph_specs(checkpoint):
+            load_calibration(config.calibration, spec)
+
+
+def run_precision_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    _calibration_stage(runner, work, checkpoint, config)
+    _precision_stage(runner, work, checkpoint, config)
+    _fidelity_stage(runner, work, checkpoint, config)
+
+
+def _calibration_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    """A given calibration folder is validated against the graphs and copied in (the build then
+    holds everything its graphs were made from); otherwise one is built from the corpus. FP16
+    uses it too: AutoCast's range check runs real inputs."""
+    target = work / CALIBRATION_DIR
+
+    def calibrate() -> dict:
+        if target.exists():
+            shutil.rmtree(target)
+        if config.calibration is not None:
+            for spec in graph_specs(checkpoint):
+                load_calibration(config.calibration, spec)
+            target.mkdir()
+            for name in ("encoder.npz", "reranker.npz", CARD_FILE):
+                if (Path(config.calibration) / name).is_file():
+                    shutil.copy2(Path(config.calibration) / name, target / name)
+            card = json.loads((target / CARD_FILE).read_text()) if (target / CARD_FILE).is_file() else {}
+        else:
+            card = build_calibration_set(checkpoint, target, config.calibration_set)
+        return {"outputs": sorted(target.iterdir()), "report": card}
+
+    if config.calibration is not None:
+        inputs = {"given": _data_identity(Path(config.calibration))}
+    else:
+        inputs = {"corpus": _data_identity(config.calibration_set.corpus),
+                  "config": {k: v for k, v in vars(config.calibration_set).items() if k != "corpus"}}
+    runner.run("calibration", {**inputs, "checkpoint": sha256_tree(checkpoint.root)}, calibrate)
+
+
+def _precision_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    precision = config.precision
+
+    def convert() -> dict:
+        report, outputs = {}, []
+        for spec in graph_specs(checkpoint):
+            calibration = load_calibration(work / CALIBRATION_DIR, spec)
+            src, dst = work / "onnx" / "fp32" / spec.filename, work / "onnx" / precision / spec.filename
+            make = convert_fp16 if precision == "fp16" else quantize_int8
+            report[spec.name] = make(src, dst, calibration, config.precision_graphs)
+            outputs.append(dst)
+        return {"outputs": outputs, "report": report}
+
+    settings = vars(config.precision_graphs) if precision == "int8" else \
+        {"fp16_keep_fp32_ops": config.precision_graphs.fp16_keep_fp32_ops,
+         "autocast_samples": config.precision_graphs.autocast_samples}
+    runner.run(f"precision_{precision}", {"graphs": runner.output_hashes("export"),
+                                          "calibration": runner.output_hashes("calibration"),
+                                          "settings": settings}, convert)
+
+
+def _fidelity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
+    precision = config.precision
+
+    def fidelity() -> dict:
+        graphs = {p: {spec.name: work / "onnx" / p / spec.filename for spec in graph_specs(checkpoint)}
+                  for p in ("fp32", precision)}
+        report = measure_fidelity(checkpoint, graphs, config.fidelity)
+        for name in (FIDELITY_JSON, FIDELITY_MD):
+            (work / name).unlink(missing_ok=True)
+        (work / FIDELITY_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        (work / FIDELITY_MD).write_text(render_markdown(report))
+        return {"outputs": [work / FIDELITY_JSON, work / FIDELITY_MD], "report": report}
+
+    fc = config.fidelity
+    runner.run(f"fidelity_{precision}", {
+        "graphs": {**runner.output_hashes("export"), **runner.output_hashes(f"precision_{precision}")},
+        "retrieval": _data_identity(fc.retrieval_data), "rerank": _data_identity(fc.rerank_data),
+        "config": {k: v for k, v in vars(fc).items() if k not in ("retrieval_data", "rerank_data")}}, fidelity)

@@ -1,0 +1,58 @@
+"""Precision gates on real data (CI subsample, documented in docs/precision.md): the demo
+checkpoint's FP16/INT8 graphs against its FP32 graphs on ONNX Runtime CPU.
+
+Subsample: SciFact, 100 seeded judged queries, corpus = every passage judged for them + 200
+seeded others; DL19 BM25 top-100 lists of 6 queries. Full-corpus figures are in
+docs/fidelity-report.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from resrank_export.calibration import CalibrationConfig, build_calibration_set, load_calibration
+from resrank_export.export import graph_specs
+from resrank_export.fidelity import FidelityConfig, measure_fidelity, render_markdown
+from resrank_export.precision import PrecisionConfig, convert_fp16, quantize_int8
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report(demo_export, scifact_dir, dl19_dir, tmp_path_factory):
+    checkpoint, graphs = demo_export
+    root = tmp_path_factory.mktemp("fidelity")
+    build_calibration_set(checkpoint, root / "calib", CalibrationConfig(corpus=dl19_dir, encoder_samples=64,
+                                                                        reranker_queries=16))
+    all_graphs = {"fp32": graphs, "fp16": {}, "int8": {}}
+    for spec in graph_specs(checkpoint):
+        calibration = load_calibration(root / "calib", spec)
+        for precision, make in (("fp16", convert_fp16), ("int8", quantize_int8)):
+            all_graphs[precision][spec.name] = root / precision / spec.filename
+            make(graphs[spec.name], all_graphs[precision][spec.name], calibration, PrecisionConfig())
+    config = FidelityConfig(retrieval_data=scifact_dir, rerank_data=dl19_dir, retrieval_queries=100,
+                            retrieval_other_docs=200, rerank_queries=6)
+    result = measure_fidelity(checkpoint, all_graphs, config)
+    print(render_markdown(result))
+    return result
+
+
+def test_encoder_fp16_keeps_ndcg(report):
+    encoder = report["encoder"]["precisions"]
+    assert abs(encoder["fp16"]["ndcg@10"] - encoder["fp32"]["ndcg@10"]) <= 0.002
+
+
+def test_encoder_int8_keeps_ndcg_and_embeddings(report):
+    encoder = report["encoder"]["precisions"]
+    assert abs(encoder["int8"]["ndcg@10"] - encoder["fp32"]["ndcg@10"]) <= 0.005
+    assert encoder["int8"]["min_cosine"] >= 0.99
+
+
+def test_reranker_fp16_keeps_order(report):
+    assert report["reranker"]["precisions"]["fp16"]["kendall_tau"] >= 0.98
+
+
+def test_report_compares_against_fp32_itself(report):
+    """The FP32 row is the reference: identical by construction; INT8 must differ from it."""
+    fp32 = report["reranker"]["precisions"]["fp32"]
+    assert fp32["kendall_tau"] == 1.0 and fp32["score_mae"] == 0.0
+    assert report["reranker"]["precisions"]["int8"]["score_mae"] > 0
