@@ -13,7 +13,7 @@ from resrank_export.errors import ResRankExportError
 from resrank_export.index import KINDS, VECTOR_DTYPES  # light: numpy only
 
 log = logging.getLogger("resrank_export")
-_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3")
+_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
 
 
 def _setup_logging(verbose: bool) -> None:
