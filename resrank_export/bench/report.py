@@ -172,7 +172,12 @@ def _plot_reranker(result: dict, path: Path, plt) -> None:
                 label=rows[0]["label"])
     ax.set(xlabel="candidates k", ylabel="latency (ms, median)", xscale="log", yscale="log",
            title="Reranker latency vs k (batch 1)")
-    ax.set_xticks(result["ks"], [str(k) for k in result["ks"]])
+    _save_log_x(fig, ax, result["ks"], path, plt)
+
+
+def _save_log_x(fig, ax, ticks: list, path: Path, plt) -> None:
+    """Label the measured x values on a log axis (no minor ticks), add the legend, save."""
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -193,12 +198,7 @@ def _plot_served(result: dict, path: Path, plt) -> None:
         ax.axhline(stats["throughput_rps"], linestyle="--", linewidth=1, color=colors[ensemble],
                    label=f"{ensemble}, in-process (c=1)")
     ax.set(xlabel="concurrency", ylabel="throughput (requests/s)", xscale="log", title="Served throughput vs concurrency")
-    ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
-    ax.xaxis.set_minor_locator(plt.NullLocator())
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_log_x(fig, ax, result["concurrency"], path, plt)
 
 
 def _plot_encoder(result: dict, path: Path, plt) -> None:
