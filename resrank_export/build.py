@@ -179,8 +179,8 @@ TRITON_REPOSITORY = "model_repository"
 
 
 def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
-    """<build>/model_repository, with the index ensemble when <build>/index exists. Skipped with
-    a warning when the triton extra is not installed."""
+    """<build>/model_repository serving the build's precision, with the index ensemble when
+    <build>/index exists. Skipped with a warning when the triton extra is not installed."""
     import importlib.util
 
     if config.triton_backend is None:
@@ -196,11 +196,13 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     def triton() -> dict:
         triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
-                                     backend=config.triton_backend)
+                                     backend=config.triton_backend, precision=config.precision)
         return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": write_repository(triton_config)}
 
     from resrank_export import __version__
 
-    runner.run("triton", {"graphs": runner.output_hashes("export"), "backend": config.triton_backend,
+    graphs_stage = "export" if config.precision == "fp32" else f"precision_{config.precision}"
+    runner.run("triton", {"graphs": runner.output_hashes(graphs_stage), "precision": config.precision,
+                          "backend": config.triton_backend,
                           "package": __version__,
                           "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

@@ -304,6 +304,8 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="Model repository folder; replaced atomically.")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
               show_default=True, help="Backend of the encoder and reranker models (the others are python).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which graphs of the build to serve (onnx/<precision>/; plans of engines/<precision>/).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="max_batch_size of the composing models (dynamic batching merges up to this many).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
@@ -317,7 +319,7 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="onnxruntime backend: GPU execution accelerator.")
 @click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
               help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
-def triton(build_dir, index_dir, out, backend, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size, instances,
            gpu, ort_accelerator, cc_model_filenames) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
@@ -327,7 +329,7 @@ def triton(build_dir, index_dir, out, backend, max_batch_size, max_queue_delay_u
     if len(pairs) != len(cc_model_filenames):
         raise ResRankExportError("--cc-model-filename: expected CC=FILE, e.g. 9.0=model_sm90.plan")
     summary = write_repository(TritonConfig(
-        build=build_dir, out=out, index=index_dir, backend=backend, max_batch_size=max_batch_size,
+        build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
         ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")

@@ -124,3 +124,57 @@ def test_rewrite_replaces_previous_repository(build_dir, tmp_path):
     assert configs["reranker"].backend == "python" and configs["reranker"].max_batch_size == 4
     assert np.array_equal(np.frombuffer((repo / "reranker" / "1" / "model.onnx").read_bytes(), np.uint8),
                           np.frombuffer((build_dir / "onnx" / "fp32" / "reranker.onnx").read_bytes(), np.uint8))
+
+
+def test_repository_serves_the_requested_precision(build_dir, tmp_path):
+    """--precision int8 takes onnx/int8/ (never silently the FP32 graph), and a missing
+    precision folder is a one-line error naming the path."""
+    import shutil
+
+    import onnx
+
+    build = tmp_path / "build"
+    shutil.copytree(build_dir, build)
+    with pytest.raises(ResRankExportError, match=r"onnx/int8/encoder\.onnx: graph not found"):
+        write_repository(TritonConfig(build=build, out=tmp_path / "missing", precision="int8"))
+    (build / "onnx" / "int8").mkdir()
+    for name in ("encoder", "reranker"):
+        model = onnx.load(str(build / "onnx" / "fp32" / f"{name}.onnx"))
+        model.doc_string = "stand-in for the INT8 graph"  # other bytes than the FP32 file
+        onnx.save(model, str(build / "onnx" / "int8" / f"{name}.onnx"))
+    summary = write_repository(TritonConfig(build=build, out=tmp_path / "repo", precision="int8"))
+    assert summary["precision"] == "int8"
+    for name in ("encoder", "reranker"):
+        served = (tmp_path / "repo" / name / "1" / "model.onnx").read_bytes()
+        assert served == (build / "onnx" / "int8" / f"{name}.onnx").read_bytes()
+        assert served != (build / "onnx" / "fp32" / f"{name}.onnx").read_bytes()
+
+
+def test_tensorrt_flavour_takes_the_recorded_plans(build_dir, tmp_path):
+    """Plans recorded in engines/<precision>/engines.json are copied into each model with its own
+    cc_model_filenames (one plan per GPU architecture)."""
+    import shutil
+
+    from resrank_export.engine.manifest import EngineEntry, write_engine_manifest
+    from resrank_export.engine.stage import engines_dir
+
+    build = tmp_path / "build"
+    shutil.copytree(build_dir, build)
+    folder = engines_dir(build, "fp16")
+    folder.mkdir(parents=True)
+    entries = []
+    for graph in ("encoder", "reranker"):
+        for cc in ("8.9", "9.0"):
+            plan = f"{graph}.sm{cc.replace('.', '')}.plan"
+            (folder / plan).write_bytes(f"{graph} {cc}".encode())
+            entries.append(EngineEntry(graph=graph, precision="fp16", plan=plan, tensorrt_version="10.13.3",
+                                       gpu_name="test GPU", compute_capability=cc, source_sha256="0" * 64,
+                                       profile={}, strongly_typed=True, workspace_bytes=1 << 30))
+    write_engine_manifest(folder, entries)
+    write_repository(TritonConfig(build=build, out=tmp_path / "repo", backend="tensorrt", precision="fp16"))
+    configs = _configs(tmp_path / "repo")
+    for graph in ("encoder", "reranker"):
+        expected = {"8.9": f"{graph}.sm89.plan", "9.0": f"{graph}.sm90.plan"}
+        assert dict(configs[graph].cc_model_filenames) == expected
+        for cc, plan in expected.items():
+            assert (tmp_path / "repo" / graph / "1" / plan).read_bytes() == f"{graph} {cc}".encode()

@@ -36,6 +36,7 @@ class TritonConfig:
     out: Path
     index: Path | None = None
     backend: str = "python"  # for the encoder and reranker; the other models are always python
+    precision: str = "fp32"  # which graphs of the build (onnx/<precision>/, engines/<precision>/) to serve
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
     max_queue_size: int = 64  # requests waiting per model beyond this are rejected
@@ -50,6 +51,8 @@ class TritonConfig:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ResRankExportError(f"--precision {self.precision!r}: expected fp32, fp16 or int8")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
         for name in ("max_batch_size", "max_queue_size", "instances", "ort_threads"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
@@ -21,13 +22,13 @@ from resrank_export.triton.config import (
 log = logging.getLogger(__name__)
 MARKER_FILE = "resrank_repository.json"  # Triton ignores files at the repository root
 ENTRY_MODULE = Path(__file__).parent / "models" / "entry.py"
-ENGINES_DIR = "engines"  # <build>/engines/<graph>.plan, written by the TensorRT stage
 
 
-def _graph_path(build: Path, name: str) -> Path:
-    path = build / "onnx" / "fp32" / f"{name}.onnx"
+def _graph_path(build: Path, name: str, precision: str = "fp32") -> Path:
+    path = build / "onnx" / precision / f"{name}.onnx"
     if not path.is_file():
-        raise ResRankExportError(f"{path}: graph not found; run `resrank-export build --out {build}` first")
+        raise ResRankExportError(f"{path}: graph not found; run `resrank-export build --out {build} "
+                                 f"--precision {precision}` first")
     return path
 
 
@@ -35,7 +36,7 @@ def encoder_dim(build: Path) -> int:
     """The embedding size, read from encoder.onnx's output (weights are not loaded)."""
     import onnx
 
-    graph = onnx.load(str(_graph_path(build, "encoder")), load_external_data=False).graph
+    graph = onnx.load(str(_graph_path(build, "encoder")), load_external_data=False).graph  # dims of every precision
     dims = graph.output[0].type.tensor_type.shape.dim
     if len(dims) != 2 or not dims[1].dim_value:
         raise ResRankExportError(f"{_graph_path(build, 'encoder')}: output is not [batch, dim]")
@@ -74,14 +75,23 @@ def _write_model(repo: Path, model, files: dict[str, Path]) -> None:
             link_or_copy(str(source), str(version / name))
 
 
-def _graph_files(config: TritonConfig, spec: GraphSpec) -> dict[str, Path]:
+def _graph_model(config: TritonConfig, spec: GraphSpec) -> tuple[TritonConfig, dict[str, Path]]:
+    """(config for this model, files of its version folder). ONNX flavours take the graph of the
+    build's precision; the tensorrt flavour takes the plans recorded in the build's engine
+    manifest (one per GPU architecture, chosen by Triton through cc_model_filenames)."""
     if config.backend != "tensorrt":
-        return {"model.onnx": _graph_path(config.build, spec.name)}
-    engine = config.build / ENGINES_DIR / f"{spec.name}.plan"
-    if not engine.is_file():
-        log.warning("%s not found: %s/1/model.plan must be added before Triton can load it", engine, spec.name)
-        return {}
-    return {"model.plan": engine}
+        return config, {"model.onnx": _graph_path(config.build, spec.name, config.precision)}
+    from resrank_export.engine.manifest import cc_model_filenames, read_engine_manifest
+    from resrank_export.engine.stage import engines_dir
+
+    folder = engines_dir(config.build, config.precision)
+    names = {**cc_model_filenames(read_engine_manifest(folder), spec.name), **config.cc_model_filenames}
+    files = {plan: folder / plan for plan in names.values() if (folder / plan).is_file()}
+    if not files:
+        log.warning("no %s plan in %s: run `resrank-export engines ensure --build %s --precision %s --repository "
+                    "REPO` on the target GPU before Triton can load %s", spec.name, folder, config.build,
+                    config.precision, spec.name)
+    return replace(config, cc_model_filenames=names), files
 
 
 def write_repository(config: TritonConfig) -> dict:
@@ -103,7 +113,7 @@ def write_repository(config: TritonConfig) -> dict:
         "rank_sort": ({}, {}),
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
-    summary = {"backend": config.backend, "max_top_k": None}
+    summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None}
     if config.index is not None:
         index = Path(config.index)
         meta = read_index_info(index)
@@ -119,10 +129,10 @@ def write_repository(config: TritonConfig) -> dict:
             model = python_model_config(specs[name], config, {"RESRANK_MODEL": name, **params})
             _write_model(work, model, {"model.py": ENTRY_MODULE, **files})
         for name, max_batch in (("encoder", encoder_batch), ("reranker", batch)):
-            files = _graph_files(config, specs[name])
+            model_config, files = _graph_model(config, specs[name])
             if config.backend == "python":
                 files["model.py"] = ENTRY_MODULE
-            _write_model(work, graph_model_config(specs[name], config, max_batch), files)
+            _write_model(work, graph_model_config(specs[name], model_config, max_batch), files)
         for name, steps, outputs in ensembles:
             _write_model(work, ensemble_config(specs[name], steps, outputs, batch), {})
         summary["models"] = sorted(p.name for p in work.iterdir() if p.is_dir())
