@@ -17,7 +17,7 @@ def atomic_dir(target: Path, seed_from_target: bool = False) -> Iterator[Path]:
     removed, so a reader never sees a half-written folder. With `seed_from_target` the temp
     folder starts as a hard-linked copy of the existing target (stages that are skipped keep
     their files without copying bytes)."""
-    target = Path(target)
+    target = Path(target).absolute()  # stages join paths under the yielded folder; keep it absolute
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

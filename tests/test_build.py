@@ -102,6 +102,17 @@ def test_failed_stage_keeps_the_previous_build(first_build, build_copy):
     assert _entries(build_copy.parent) == ["build"]
 
 
+def test_relative_out_path(first_build, build_copy, monkeypatch):
+    """`--out resrank-build` (relative, as `make demo` passes it): stages that run must record
+    their outputs relative to the build folder."""
+    monkeypatch.chdir(build_copy.parent)
+    manifest = run_build(BuildConfig(out=Path(build_copy.name), checkpoint=first_build[0], force=True))
+    assert manifest["stages"]["export"]["status"] == "ran"
+    for rel, digest in manifest["stages"]["export"]["outputs"].items():
+        assert sha256_file(build_copy / rel) == digest
+    assert _entries(build_copy.parent) == ["build"]
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new-out", "previous-build"])
 def test_bad_checkpoint_writes_nothing(first_build, tmp_path, existing):
     bad = tmp_path / "bad-checkpoint"
