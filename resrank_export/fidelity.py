@@ -17,7 +17,7 @@ from resrank_export.evaluation import ndcg_at_10
 from resrank_export.lazy import require
 from resrank_export.model import passage_tokenizer, prompt_builder
 from resrank_export.parity import ParityConfig, _row_cosine, _top10, load_parity_data
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import encode_texts, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
@@ -33,16 +33,6 @@ class FidelityConfig:
     rerank_candidates: int = 100
     seed: int = 0
     batch_size: int = 32
-
-
-def encode(session, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
-    """Embeddings in input order; batches of similar length (less padding, same results)."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    chunks = [run_session(session, tokenizer([texts[i] for i in order[s:s + batch_size]]))[0]
-              for s in range(0, len(texts), batch_size)]
-    vectors = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
-    vectors[order] = np.concatenate(chunks)
-    return vectors
 
 
 def _retrieval_data(config: FidelityConfig) -> tuple[dict, dict[str, str], list[str], list[str], str]:
@@ -81,7 +71,7 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
     vectors = {}
     for precision, path in encoders.items():
         log.info("fidelity: encoding %d texts with the %s encoder", len(texts) + len(queries), precision)
-        vectors[precision] = encode(ort_session(path), tokenizer, texts + list(queries.values()), config.batch_size)
+        vectors[precision] = encode_texts(ort_session(path), tokenizer, texts + list(queries.values()), config.batch_size)
     report = {"data": description, "texts": len(texts) + len(queries), "precisions": {}}
     for precision, emb in vectors.items():
         cosine = _row_cosine(vectors["fp32"], emb)
@@ -109,7 +99,7 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
     data = load_parity_data(ParityConfig(data_dir=config.rerank_data, queries=config.rerank_queries or 10**9), k)
     encoder = ort_session(graphs["fp32"]["encoder"])
     texts = [t for cands in data.candidates for t in cands]
-    slots = encode(encoder, passage_tokenizer(checkpoint), texts, config.batch_size).reshape(len(data.queries), k, -1)
+    slots = encode_texts(encoder, passage_tokenizer(checkpoint), texts, config.batch_size).reshape(len(data.queries), k, -1)
     builder = prompt_builder(checkpoint)
     scores = {}
     for precision, paths in graphs.items():

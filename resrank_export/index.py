@@ -26,7 +26,7 @@ from resrank_export.data import Passage, iter_passages
 from resrank_export.errors import IndexFormatError, InputDataError, ResRankExportError
 from resrank_export.fs import atomic_dir, link_or_copy, sha256_file
 from resrank_export.lazy import require
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import encode_texts, ort_session
 from resrank_export.text import PassageTokenizer
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,8 @@ class OnnxEncoder:
         self.sha256 = sha256_file(graph)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """[n, D] float32 in input order. Batches hold texts of similar length (sorted by
-        characters, a cheap proxy for tokens) so little compute goes to padding."""
-        texts = list(texts)
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            vectors[rows] = run_session(self.session, self.tokenizer([texts[i] for i in rows]))[0]
-        return vectors
+        """[n, D] float32 in input order, batched by length."""
+        return encode_texts(self.session, self.tokenizer, texts, self.batch_size)
 
 
 @dataclass(frozen=True)
