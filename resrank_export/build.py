@@ -16,7 +16,7 @@ from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.export import ExportConfig, export_onnx
 from resrank_export.fidelity import FidelityConfig
-from resrank_export.fs import atomic_dir, sha256_file, sha256_tree
+from resrank_export.fs import atomic_dir, refuse_foreign_folder, sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE, StageRunner, library_versions, read_manifest
 from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.precision import PrecisionConfig
@@ -46,14 +46,6 @@ class BuildConfig:
     triton_backend: str | None = "python"  # None: no model repository stage
 
 
-def _check_out_folder(out: Path) -> None:
-    """Never replace a folder that is not a previous build: that would lose the user's files."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
-        raise ResRankExportError(
-            f"{out}: exists and is not a resrank-export build folder (no {MANIFEST_FILE}); "
-            "choose another --out or remove it")
-
-
 def _files_under(folder: Path, *parts: str) -> list[Path]:
     return sorted(p for part in parts for p in (folder / part).rglob("*") if p.is_file()) \
         + [folder / p for p in parts if (folder / p).is_file()]
@@ -74,7 +66,7 @@ def run_build(config: BuildConfig) -> dict:
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
     runtime = _engine_runtime(config)
     out = Path(config.out)
-    _check_out_folder(out)
+    refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
     if config.checkpoint is None:
         from resrank_export.demo import default_checkpoint
 

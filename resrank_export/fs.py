@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from resrank_export.errors import ResRankExportError
+
 
 @contextlib.contextmanager
 def atomic_dir(target: Path, seed_from_target: bool = False) -> Iterator[Path]:
@@ -60,3 +62,11 @@ def sha256_tree(root: Path) -> str:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def refuse_foreign_folder(out: Path, marker: str, kind: str) -> None:
+    """Never replace a folder this tool did not write (no `marker` inside): that would lose the
+    user's files. An empty folder or a missing one is fine."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise ResRankExportError(f"{out}: exists and is not {kind} (no {marker}); choose another --out or remove it")

@@ -24,7 +24,7 @@ import numpy as np
 from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.data import Passage, iter_passages
 from resrank_export.errors import IndexFormatError, InputDataError, ResRankExportError
-from resrank_export.fs import atomic_dir, link_or_copy, sha256_file
+from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder, sha256_file
 from resrank_export.lazy import require
 from resrank_export.runtime import encode_texts, ort_session
 from resrank_export.text import PassageTokenizer
@@ -110,7 +110,7 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
     if config.source_index is not None:
         return _reindex(Path(config.source_index), config)
     require("faiss", "building a FAISS index")  # fail before hours of encoding
-    _check_out_folder(config.out)
+    refuse_foreign_folder(config.out, INDEX_FILE, "an index folder")
     encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
     work = config.work_dir or config.out.parent / f".{config.out.name}.partial"
     state = {"encoder_sha256": encoder.sha256, "corpus": corpus_identity(config.corpus),
@@ -137,7 +137,7 @@ def _reindex(source: Path, config: IndexConfig) -> dict:
     """Another index kind (or parameters) over an existing index's stored vectors, ids and
     texts. `config.corpus` only matters for the report's nDCG; the vector dtype is the source's."""
     source_info = read_index_info(source)
-    _check_out_folder(config.out)
+    refuse_foreign_folder(config.out, INDEX_FILE, "an index folder")
     encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
     check_encoder_matches(source_info, encoder, source)
     start = time.perf_counter()
@@ -171,14 +171,6 @@ def _check_config(config: IndexConfig) -> None:
         raise ResRankExportError(f"vector dtype {config.vector_dtype!r}: expected one of {', '.join(VECTOR_DTYPES)}")
     if config.chunk_size < 1 or config.batch_size < 1:
         raise ResRankExportError("chunk size and batch size must be positive integers")
-
-
-def _check_out_folder(out: Path) -> None:
-    """Never replace a folder that is not an index: that would lose the user's files."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_FILE).is_file())):
-        raise ResRankExportError(f"{out}: exists and is not an index folder (no {INDEX_FILE}); "
-                                 "choose another --out or remove it")
 
 
 def corpus_identity(corpus: Path | None) -> str:
@@ -524,7 +516,6 @@ def check_encoder_matches(info: dict, encoder: OnnxEncoder, folder: Path) -> Non
         raise IndexFormatError(f"{folder / INDEX_FILE}: encoder_sha256 {info['encoder_sha256'][:12]}... does "
                                f"not match {encoder_graph(encoder.build_dir)} ({encoder.sha256[:12]}...); "
                                "rebuild the index with this build's encoder")
-
 
 
 def index_report(retriever: Retriever, config: IndexConfig, timings: dict) -> dict:

@@ -14,7 +14,7 @@ from resrank_export.bench.report import SUMMARY_FILE, write_results
 from resrank_export.bench.timing import apply_threads, machine_info
 from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.errors import ResRankExportError
-from resrank_export.fs import atomic_dir
+from resrank_export.fs import atomic_dir, refuse_foreign_folder
 from resrank_export.manifest import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,6 @@ def resolve_checkpoint(config: BenchConfig, build: Path) -> Checkpoint:
     return load_checkpoint(default_checkpoint())
 
 
-def _check_out(out: Path) -> None:
-    """Never replace a folder that holds something other than benchmark results."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
-        raise ResRankExportError(f"{out}: exists and is not a benchmark results folder (no {SUMMARY_FILE}); "
-                                 "choose another --out or remove it")
-
-
 def run_bench(config: BenchConfig, command: str = "resrank-export bench") -> dict[str, dict]:
     """Run the selected benchmarks and write `config.out`; returns the results by name."""
     from resrank_export.bench.encoder import bench_encoder
@@ -70,7 +63,7 @@ def run_bench(config: BenchConfig, command: str = "resrank-export bench") -> dic
 
     config.validate()
     out = Path(config.out)
-    _check_out(out)
+    refuse_foreign_folder(out, SUMMARY_FILE, "a benchmark results folder")
     build = resolve_build(config)
     checkpoint = resolve_checkpoint(config, build)
     data = load_bench_data(config.data, max(config.encoder_passages, config.served_passages),

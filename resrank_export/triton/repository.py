@@ -12,7 +12,7 @@ from pathlib import Path
 
 from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.errors import ResRankExportError
-from resrank_export.fs import atomic_dir, link_or_copy
+from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
 from resrank_export.index import read_index_info
 from resrank_export.specs import GraphSpec
 from resrank_export.triton.config import (
@@ -54,13 +54,6 @@ def _read_build(build: Path) -> ResRankConfig:
     return ResRankConfig.from_json(json.loads(path.read_text()), path)
 
 
-def _check_out(out: Path) -> None:
-    """Never replace a folder we did not write: that would lose the user's files."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER_FILE).is_file())):
-        raise ResRankExportError(f"{out}: exists and is not a resrank-export model repository (no {MARKER_FILE}); "
-                                 "choose another --out or remove it")
-
-
 def _write_model(repo: Path, model, files: dict[str, Path]) -> None:
     """<repo>/<name>/config.pbtxt and version 1 with `files` ({name in version folder: source})."""
     version = repo / model.name / "1"
@@ -99,7 +92,7 @@ def write_repository(config: TritonConfig) -> dict:
     config.validate()
     build, out = Path(config.build), Path(config.out)
     settings = _read_build(build)
-    _check_out(out)
+    refuse_foreign_folder(out, MARKER_FILE, "a resrank-export model repository")
     specs = model_specs(encoder_dim(build))
     batch = config.max_batch_size
     encoder_batch = max(batch, min(settings.max_candidates, 64))  # passages of one request go in one batch
