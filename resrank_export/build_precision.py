@@ -14,7 +14,7 @@ from resrank_export.export import graph_specs
 from resrank_export.fidelity import measure_fidelity, render_markdown
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import StageRunner
-from resrank_export.precision import check_method, convert_fp16, quantize_int8
+from resrank_export.precision import check_int8_config, convert_fp16, quantize_int8
 
 if TYPE_CHECKING:
     from resrank_export.build import BuildConfig
@@ -36,7 +36,7 @@ def _data_identity(path: Path | None) -> dict:
 def check_precision_inputs(checkpoint: Checkpoint, config: "BuildConfig") -> None:
     """Fail before the export on what can be checked up front: method name, given calibration."""
     if config.precision == "int8":
-        check_method(config.precision_graphs.calibration_method)
+        check_int8_config(config.precision_graphs)
     if config.precision != "fp32" and config.calibration is not None:
         for spec in graph_specs(checkpoint):
             load_calibration(config.calibration, spec)

@@ -92,14 +92,18 @@ def main(verbose: bool) -> None:
               help="int8: how ModelOpt picks the activation ranges.")
 @click.option("--int8-exclude-op", multiple=True, help="int8: op type left unquantized (repeatable).")
 @click.option("--int8-exclude-node", multiple=True, help="int8: node-name regex left unquantized (repeatable).")
+@click.option("--int8-smoothquant-alpha", type=click.FloatRange(min=0, min_open=True, max=1), default=0.5,
+              show_default=True, help="int8: SmoothQuant migration strength for GEMM inputs (outlier channels "
+                                      "moved into the weights).")
+@click.option("--no-int8-smoothquant", is_flag=True, help="int8: quantize without SmoothQuant.")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
               help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
 def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
-          calibration_method, int8_exclude_op, int8_exclude_node, fidelity_retrieval_data,
-          fidelity_rerank_data) -> None:
+          calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
+          fidelity_retrieval_data, fidelity_rerank_data) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -121,7 +125,9 @@ def build(checkpoint, precision, out, parity_data, parity_queries, opset, extern
                          calibration=calibration, calibration_set=CalibrationConfig(corpus=calibration_corpus),
                          precision_graphs=PrecisionConfig(calibration_method=calibration_method,
                                                           int8_exclude_ops=tuple(int8_exclude_op),
-                                                          int8_exclude_nodes=tuple(int8_exclude_node)),
+                                                          int8_exclude_nodes=tuple(int8_exclude_node),
+                                                          int8_smoothquant_alpha=None if no_int8_smoothquant
+                                                          else int8_smoothquant_alpha),
                          fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
                                                  rerank_data=fidelity_rerank_data))
     manifest = run_build(config)

@@ -124,6 +124,13 @@ def test_foreign_out_folder_is_refused(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+@pytest.mark.parametrize("alpha", ["0", "1.5"])
+def test_smoothquant_alpha_outside_unit_interval_is_refused(tmp_path, alpha):
+    result = _invoke("build", "--precision", "int8", "--int8-smoothquant-alpha", alpha, "--out", str(tmp_path / "b"))
+    assert result.exit_code == 2 and "--int8-smoothquant-alpha" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_demo_checkpoint_refuses_existing_folder(tmp_path):
     result = _invoke("demo-checkpoint", str(tmp_path))
     assert result.exit_code == 1 and "already exists" in result.stderr

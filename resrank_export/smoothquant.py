@@ -1,0 +1,115 @@
+"""SmoothQuant (Xiao et al., 2023) on an ONNX graph, before ModelOpt places the INT8 Q/DQ nodes.
+
+LayerNorm/RMSNorm outputs carry a few outlier channels (all-MiniLM-L6-v2: per-channel maxima
+0.8-30 on the input of the FFN up-projection), so one per-tensor INT8 scale leaves the other
+channels a handful of levels. Dividing the GEMM's input by a per-channel factor s and
+multiplying the weight's rows by s is exact in FP32 and moves the outliers into the weights,
+whose INT8 scales are per output channel. Written here because ModelOpt's ONNX INT8 path has
+no smoothing (its PyTorch path does, for a different export route) and ONNX Runtime's needs
+Intel Neural Compressor. The divisor is an explicit Mul on the GEMM's edge only: in post-LN
+BERT the normalisation output is also the residual stream, so folding 1/s into its gamma
+would change the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from resrank_export.lazy import require
+from resrank_export.runtime import ort_session, run_session
+
+log = logging.getLogger(__name__)
+
+
+def _weight_users(model) -> dict[str, int]:
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    return users
+
+
+def smoothable_groups(model, gemm_names: set[str]) -> dict[str, list]:
+    """{activation tensor: [MatMul nodes]} for the named MatMuls whose weight is a 2-D initializer
+    used by no other node (a tied weight cannot take two different row scalings)."""
+    weights = {init.name: init for init in model.graph.initializer}
+    users = _weight_users(model)
+    groups: dict[str, list] = {}
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if node.name in gemm_names and weight is not None and len(weight.dims) == 2 and users[weight.name] == 1:
+            groups.setdefault(node.input[0], []).append(node)
+    return groups
+
+
+def channel_absmax(model, tensors: list[str], calibration: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of `tensors` over the calibration set, run on ONNX Runtime."""
+    onnx = require("onnx", "SmoothQuant")
+    probe = copy.deepcopy(model)
+    declared = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in declared:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    samples = next(iter(calibration.values())).shape[0]
+    amax = {name: None for name in tensors}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(probe, str(path), save_as_external_data=probe.ByteSize() > 1 << 30, location="probe.onnx.data")
+        session = ort_session(path)
+        names = [o.name for o in session.get_outputs()]
+        for start in range(0, samples, batch):
+            outputs = run_session(session, {k: v[start:start + batch] for k, v in calibration.items()})
+            for name, value in zip(names, outputs):
+                if name in amax:
+                    peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+                    amax[name] = peak if amax[name] is None else np.maximum(amax[name], peak)
+    return amax
+
+
+def smooth_gemm_inputs(model, gemm_names: set[str], calibration: dict[str, np.ndarray], alpha: float,
+                       batch: int) -> dict:
+    """Rewrites `model` in place: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) per input channel j
+    (weights of all GEMMs sharing the input together), x / s on each GEMM edge, w_j * s_j."""
+    onnx = require("onnx", "SmoothQuant")
+    numpy_helper = onnx.numpy_helper
+    groups = smoothable_groups(model, gemm_names)
+    if not groups:
+        return {"alpha": alpha, "gemms": 0, "inputs": 0}
+    amax = channel_absmax(model, list(groups), calibration, batch)
+    weights = {init.name: init for init in model.graph.initializer}
+    first_user = {}
+    largest = 0.0
+    for tensor, nodes in groups.items():
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        wmax = np.max([np.abs(w).max(axis=1) for w in arrays], axis=0)
+        usable = (amax[tensor] > 0) & (wmax > 0)
+        scale = np.ones_like(wmax, dtype=np.float32)
+        scale[usable] = amax[tensor][usable] ** alpha / wmax[usable] ** (1 - alpha)
+        largest = max(largest, float(scale.max()))
+        for node, w in zip(nodes, arrays):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype), node.input[1]))
+        divisor, smoothed = f"{tensor}_smoothquant_inv", f"{tensor}_smoothquant"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), divisor))
+        first_user[nodes[0].output[0]] = onnx.helper.make_node("Mul", [tensor, divisor], [smoothed],
+                                                         name=f"{tensor}_smoothquant_mul")
+        for node in nodes:
+            node.input[0] = smoothed
+    ordered = []
+    for node in model.graph.node:  # each Mul goes right before its first GEMM: topological order kept
+        if node.output[0] in first_user:
+            ordered.append(first_user[node.output[0]])
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        ordered.append(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    report = {"alpha": alpha, "gemms": sum(len(n) for n in groups.values()), "inputs": len(groups),
+              "max_scale": largest}
+    log.info("smoothquant: %d GEMMs over %d inputs, alpha %.2f, largest factor %.1f", report["gemms"],
+             report["inputs"], alpha, largest)
+    return report
