@@ -1,0 +1,76 @@
+"""Full-corpus precision fidelity report: FP16 and INT8 graphs of a checkpoint against its FP32
+graphs on ONNX Runtime CPU, on every SciFact passage and query and every DL19 query (the CI
+gates in tests/test_fidelity.py run a documented subsample of the same measurement).
+
+    python benchmarks/fidelity_report.py RESULTS_DIR [--checkpoint DIR] [--reranker qwen3|minilm]
+        [--retrieval-data ../shared/data/scifact] [--rerank-data ../shared/data/dl19]
+        [--calibration-corpus ../shared/data/dl19]
+
+Without --checkpoint the demo checkpoint is used (--reranker minilm: the reranker initialised
+from the MiniLM weights, so its activations have pretrained statistics). Writes
+RESULTS_DIR/fidelity.json and RESULTS_DIR/fidelity.md. About 25 min on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--reranker", choices=["qwen3", "minilm"], default="qwen3")
+    parser.add_argument("--retrieval-data", type=Path, default=SHARED / "scifact")
+    parser.add_argument("--rerank-data", type=Path, default=SHARED / "dl19")
+    parser.add_argument("--calibration-corpus", type=Path, default=SHARED / "dl19")
+    parser.add_argument("--retrieval-queries", type=int, help="subsample (default: every judged query)")
+    parser.add_argument("--retrieval-other-docs", type=int, help="subsample (default: the full corpus)")
+    parser.add_argument("--rerank-queries", type=int, help="subsample (default: every query of the run)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from resrank_export.calibration import CalibrationConfig
+    from resrank_export.checkpoint import load_checkpoint
+    from resrank_export.demo import build_demo_checkpoint, cache_dir, default_checkpoint
+    from resrank_export.export import export_onnx
+    from resrank_export.fidelity import FidelityConfig, compare_precisions, render_markdown
+    from resrank_export.precision import PrecisionConfig
+
+    if args.checkpoint is not None:
+        path = args.checkpoint
+    elif args.reranker == "qwen3":
+        path = default_checkpoint()
+    else:
+        path = cache_dir() / "demo-checkpoint-minilm-reranker"
+        if not (path / "resrank.json").is_file():
+            build_demo_checkpoint(path, reranker="minilm")
+    checkpoint = load_checkpoint(path)
+    config = FidelityConfig(retrieval_data=args.retrieval_data, rerank_data=args.rerank_data,
+                            retrieval_queries=args.retrieval_queries, retrieval_other_docs=args.retrieval_other_docs,
+                            rerank_queries=args.rerank_queries)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        graphs = export_onnx(checkpoint, Path(work) / "fp32")
+        report = compare_precisions(checkpoint, {k: graphs[k] for k in ("encoder", "reranker")}, Path(work),
+                                    CalibrationConfig(corpus=args.calibration_corpus), PrecisionConfig(), config)
+    report["run"] = {"checkpoint": str(Path(path).resolve()), "seconds": round(time.perf_counter() - started),
+                     "machine": platform.platform(), "python": sys.version.split()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fidelity.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (args.out / "fidelity.md").write_text(render_markdown(report, f"Precision fidelity vs FP32: {Path(path).name}"))
+    print((args.out / "fidelity.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
