@@ -189,7 +189,8 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     def triton() -> dict:
         triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
                                      backend=config.triton_backend, precision=config.precision)
-        return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": write_repository(triton_config)}
+        report = write_repository(triton_config)  # before listing its files: they are the outputs
+        return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": report}
 
     from resrank_export import __version__
 

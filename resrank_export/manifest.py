@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -73,9 +74,7 @@ class StageRunner:
             self.stages[name] = {**entry, "status": "skipped"}
             return self.stages[name]
         if entry:
-            # Unlink, never overwrite: the folder may hard-link files of the previous build.
-            for rel in entry.get("outputs", {}):
-                (self.folder / rel).unlink(missing_ok=True)
+            self._remove_outputs(entry)
         log.info("stage %s: running", name)
         start = time.perf_counter()
         result = fn()
@@ -91,6 +90,28 @@ class StageRunner:
         }
         log.info("stage %s: done in %.1fs", name, self.stages[name]["seconds"])
         return self.stages[name]
+
+    def _remove_outputs(self, entry: dict) -> None:
+        """Unlink, never overwrite: the folder may hard-link files of the previous build. Folders
+        left without files go too (an ensemble's empty version folder included), so a stage that
+        writes a whole folder (the model repository) finds none rather than a stripped one it
+        would refuse as foreign."""
+        folders = set()
+        for rel in entry.get("outputs", {}):
+            path = self.folder / rel
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            for root, _, _ in os.walk(folder, topdown=False):  # nothing to walk once removed
+                if not any(Path(root).iterdir()):
+                    Path(root).rmdir()
+            for parent in (folder, *folder.parents):
+                if parent == self.folder or self.folder not in parent.parents:
+                    break
+                if parent.exists():
+                    if any(parent.iterdir()):
+                        break
+                    parent.rmdir()
 
     def output_hashes(self, name: str) -> dict[str, str]:
         return self.stages[name]["outputs"]

@@ -50,6 +50,22 @@ def test_rerun_with_same_inputs_skips_every_stage(int8_build):
     assert again["stages"]["precision_int8"]["outputs"] == first["stages"]["precision_int8"]["outputs"]
 
 
+def test_changed_int8_setting_reruns_precision_and_later_stages(int8_build):
+    """Turning SmoothQuant off is a different graph: precision and fidelity rerun, export does not."""
+    import dataclasses
+
+    from resrank_export.precision import PrecisionConfig
+
+    _, config, first = int8_build
+    assert first["stages"]["precision_int8"]["report"]["encoder"]["smoothquant"]["gemms"] > 0
+    plain = dataclasses.replace(config, precision_graphs=PrecisionConfig(int8_smoothquant_alpha=None))
+    again = run_build(plain)["stages"]
+    assert again["export"]["status"] == "skipped" and again["calibration"]["status"] == "skipped"
+    assert again["precision_int8"]["status"] == "ran" and again["fidelity_int8"]["status"] == "ran"
+    assert again["precision_int8"]["report"]["encoder"]["smoothquant"] is None
+    run_build(config)  # back to the fixture's build for the tests after this one
+
+
 def test_given_calibration_with_wrong_dims_is_rejected(int8_build, tmp_path):
     checkpoint, config, _ = int8_build
     bad = tmp_path / "calib"
