@@ -105,6 +105,8 @@ def _fidelity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, con
         graphs = {p: {spec.name: work / "onnx" / p / spec.filename for spec in graph_specs(checkpoint)}
                   for p in ("fp32", precision)}
         report = measure_fidelity(checkpoint, graphs, config.fidelity)
+        report["conversions"] = {f"{precision}/{name}": conversion
+                                 for name, conversion in runner.stages[f"precision_{precision}"]["report"].items()}
         for name in (FIDELITY_JSON, FIDELITY_MD):
             (work / name).unlink(missing_ok=True)
         (work / FIDELITY_JSON).write_text(json.dumps(report, indent=2) + "\n")

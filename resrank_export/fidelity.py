@@ -168,4 +168,21 @@ def render_markdown(report: dict, title: str = "Precision fidelity vs FP32 (ONNX
     for precision, r in rr["precisions"].items():
         lines.append(f"| {precision} | {r['kendall_tau']:.4f} | {r['top10_overlap']:.3f} | {r['top10_identical']:.3f} "
                      f"| {r['score_mae']:.2e} | {r['score_max_abs_diff']:.2e} |")
+    if report.get("conversions"):
+        lines += ["", "## What each conversion kept in FP32", ""]
+        lines += [f"- {name}: {_conversion_summary(c)}" for name, c in report["conversions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _conversion_summary(conversion: dict) -> str:
+    """One line from a convert_fp16 / quantize_int8 report."""
+    if "nodes" in conversion:  # FP16
+        kept = ", ".join(f"{op} {n}" for op, n in conversion["nodes"]["fp32"].items()) or "nothing"
+        return f"{sum(conversion['nodes']['fp16'].values())} nodes FP16; FP32 kept: {kept}"
+    smooth = conversion.get("smoothquant")
+    smooth_text = (f"SmoothQuant α {smooth['alpha']} on {smooth['gemms']} GEMMs ({smooth['inputs']} inputs)"
+                   if smooth else "no SmoothQuant")
+    return (f"{conversion['quantize_nodes']} Q/DQ pairs ({conversion['method']}, {conversion['samples']} samples); "
+            f"{smooth_text}; FFN down-projections FP32: {len(conversion['ffn_output_gemms_kept_fp32'])}; "
+            f"attention GEMMs {'INT8' if conversion['attention_qdq'] else 'FP32'}; exclusions: "
+            f"{', '.join(conversion['exclude_ops'] + conversion['exclude_nodes']) or 'none'}")

@@ -40,7 +40,10 @@ def test_int8_build_records_stages_and_graphs_run(int8_build):
     assert np.abs(fp32 - int8).max() > 0
     fidelity = stages["fidelity_int8"]["report"]["reranker"]["precisions"]
     assert fidelity["fp32"]["score_mae"] == 0.0 and fidelity["int8"]["score_mae"] > 0
-    assert (config.out / "fidelity.md").read_text().count("| int8 |") == 2
+    markdown = (config.out / "fidelity.md").read_text()
+    assert markdown.count("| int8 |") == 2
+    quantized = stages["precision_int8"]["report"]["reranker"]["quantize_nodes"]
+    assert f"- int8/reranker: {quantized} Q/DQ pairs" in markdown
 
 
 def test_rerun_with_same_inputs_skips_every_stage(int8_build):

@@ -51,3 +51,10 @@ def test_report_compares_against_fp32_itself(report):
     fp32 = report["reranker"]["precisions"]["fp32"]
     assert fp32["kendall_tau"] == 1.0 and fp32["score_mae"] == 0.0
     assert report["reranker"]["precisions"]["int8"]["score_mae"] > 0
+
+
+def test_markdown_lists_what_each_conversion_kept_fp32(report):
+    markdown = render_markdown(report)
+    kept = report["conversions"]["fp16/reranker"]["nodes"]["fp32"]
+    assert kept.get("Softmax") and f"Softmax {kept['Softmax']}" in markdown.split("- fp16/reranker:")[1].splitlines()[0]
+    assert "- int8/encoder:" in markdown and "SmoothQuant α 0.5" in markdown
