@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    from resrank_export.build_precision import compare_precisions
     from resrank_export.calibration import CalibrationConfig
     from resrank_export.checkpoint import load_checkpoint
     from resrank_export.demo import build_demo_checkpoint, cache_dir, default_checkpoint
     from resrank_export.export import export_onnx
-    from resrank_export.fidelity import FidelityConfig, compare_precisions, render_markdown
+    from resrank_export.fidelity import FidelityConfig, render_markdown
     from resrank_export.precision import PrecisionConfig
 
     if args.checkpoint is not None:

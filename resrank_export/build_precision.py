@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resrank_export.calibration import CARD_FILE, build_calibration_set, load_calibration
+from resrank_export.calibration import CARD_FILE, CalibrationConfig, build_calibration_set, load_calibration
 from resrank_export.checkpoint import Checkpoint
 from resrank_export.export import graph_specs
-from resrank_export.fidelity import measure_fidelity, render_markdown
+from resrank_export.fidelity import FidelityConfig, measure_fidelity, render_markdown
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import StageRunner
-from resrank_export.precision import check_int8_config, convert_fp16, quantize_int8
+from resrank_export.precision import PrecisionConfig, check_int8_config, convert_fp16, quantize_int8
 
 if TYPE_CHECKING:
     from resrank_export.build import BuildConfig
@@ -40,6 +40,30 @@ def check_precision_inputs(checkpoint: Checkpoint, config: "BuildConfig") -> Non
     if config.precision != "fp32" and config.calibration is not None:
         for spec in graph_specs(checkpoint):
             load_calibration(config.calibration, spec)
+
+
+def make_precision_graphs(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], calibration_dir: Path,
+                          precision: str, out: Path, config: PrecisionConfig) -> dict[str, dict]:
+    """Each graph of `fp32_graphs` converted to `precision` as out/<graph file>; {graph: conversion report}."""
+    make = convert_fp16 if precision == "fp16" else quantize_int8
+    return {spec.name: make(fp32_graphs[spec.name], out / spec.filename, load_calibration(calibration_dir, spec), config)
+            for spec in graph_specs(checkpoint)}
+
+
+def compare_precisions(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], work: Path,
+                       calibration: CalibrationConfig, precision_config: PrecisionConfig, config: FidelityConfig,
+                       precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
+    """Makes each precision's graphs in `work` (one calibration set for all) and measures them in one
+    report, FP32 embeddings computed once: the full-corpus study and the CI gates, where a build
+    compares one precision per folder."""
+    card = build_calibration_set(checkpoint, Path(work) / CALIBRATION_DIR, calibration)
+    graphs, conversions = {"fp32": dict(fp32_graphs)}, {}
+    for precision in precisions:
+        made = make_precision_graphs(checkpoint, fp32_graphs, Path(work) / CALIBRATION_DIR, precision,
+                                     Path(work) / precision, precision_config)
+        graphs[precision] = {spec.name: Path(work) / precision / spec.filename for spec in graph_specs(checkpoint)}
+        conversions.update({f"{precision}/{name}": report for name, report in made.items()})
+    return {**measure_fidelity(checkpoint, graphs, config), "calibration": card, "conversions": conversions}
 
 
 def run_precision_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: "BuildConfig") -> None:
@@ -81,14 +105,11 @@ def _precision_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, co
     precision = config.precision
 
     def convert() -> dict:
-        report, outputs = {}, []
-        for spec in graph_specs(checkpoint):
-            calibration = load_calibration(work / CALIBRATION_DIR, spec)
-            src, dst = work / "onnx" / "fp32" / spec.filename, work / "onnx" / precision / spec.filename
-            make = convert_fp16 if precision == "fp16" else quantize_int8
-            report[spec.name] = make(src, dst, calibration, config.precision_graphs)
-            outputs.append(dst)
-        return {"outputs": outputs, "report": report}
+        fp32 = {spec.name: work / "onnx" / "fp32" / spec.filename for spec in graph_specs(checkpoint)}
+        report = make_precision_graphs(checkpoint, fp32, work / CALIBRATION_DIR, precision, work / "onnx" / precision,
+                                       config.precision_graphs)
+        return {"outputs": [work / "onnx" / precision / spec.filename for spec in graph_specs(checkpoint)],
+                "report": report}
 
     settings = vars(config.precision_graphs) if precision == "int8" else \
         {"fp16_keep_fp32_ops": config.precision_graphs.fp16_keep_fp32_ops,

@@ -130,29 +130,6 @@ def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]],
     }
 
 
-def compare_precisions(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], work: Path, calibration,
-                       precision_config, config: FidelityConfig, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
-    """Makes each precision's graphs in `work` (one calibration set for all) and measures them in one
-    report, FP32 embeddings computed once: the full-corpus study and the CI gates, where a build
-    compares one precision per folder."""
-    from resrank_export.calibration import build_calibration_set, load_calibration
-    from resrank_export.export import graph_specs
-    from resrank_export.precision import convert_fp16, quantize_int8
-
-    card = build_calibration_set(checkpoint, Path(work) / "calibration", calibration)
-    graphs = {"fp32": dict(fp32_graphs)}
-    reports = {}
-    for precision in precisions:
-        make = {"fp16": convert_fp16, "int8": quantize_int8}[precision]
-        graphs[precision] = {}
-        for spec in graph_specs(checkpoint):
-            graphs[precision][spec.name] = Path(work) / precision / spec.filename
-            reports[f"{precision}/{spec.name}"] = make(fp32_graphs[spec.name], graphs[precision][spec.name],
-                                                       load_calibration(Path(work) / "calibration", spec),
-                                                       precision_config)
-    return {**measure_fidelity(checkpoint, graphs, config), "calibration": card, "conversions": reports}
-
-
 def render_markdown(report: dict, title: str = "Precision fidelity vs FP32 (ONNX Runtime CPU)") -> str:
     enc, rr = report["encoder"], report["reranker"]
     lines = [f"# {title}", "", f"## Encoder\n\nData: {enc['data']} ({enc['texts']} texts embedded).", "",

@@ -101,17 +101,15 @@ class StageRunner:
             path = self.folder / rel
             path.unlink(missing_ok=True)
             folders.add(path.parent)
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        inside = [f for f in folders if self.folder in f.parents]  # never prune the build folder itself
+        for folder in sorted(inside, key=lambda p: len(p.parts), reverse=True):
             for root, _, _ in os.walk(folder, topdown=False):  # nothing to walk once removed
                 if not any(Path(root).iterdir()):
                     Path(root).rmdir()
-            for parent in (folder, *folder.parents):
-                if parent == self.folder or self.folder not in parent.parents:
-                    break
-                if parent.exists():
-                    if any(parent.iterdir()):
-                        break
-                    parent.rmdir()
+            parent = folder.parent
+            while self.folder in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
 
     def output_hashes(self, name: str) -> dict[str, str]:
         return self.stages[name]["outputs"]

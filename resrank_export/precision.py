@@ -157,8 +157,6 @@ def ffn_output_gemms(model, depth: int = 4) -> list[str]:
 
 def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) -> set[str]:
     """The GEMMs ModelOpt will quantize under `config` (same regex rule as ModelOpt: re.match)."""
-    if set(INT8_QUANTIZE_OPS) <= set(config.int8_exclude_ops):
-        return set()
     patterns = [re.compile(p) for p in config.int8_exclude_nodes]
     return {n.name for n in model.graph.node
             if n.op_type in INT8_QUANTIZE_OPS and n.op_type not in config.int8_exclude_ops
@@ -168,12 +166,11 @@ def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) 
 def _smooth_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float) -> dict:
     onnx = require("onnx", "INT8 quantization")
     model = onnx.load(str(path))
-    external = any(init.data_location == onnx.TensorProto.EXTERNAL
-                   for init in onnx.load(str(path), load_external_data=False).graph.initializer)
+    side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
     report = smooth_gemm_inputs(model, gemms, calibration, alpha, CALIBRATION_BATCH)
-    for side_file in path.parent.glob(f"{path.name}.*"):
+    for side_file in side_files:
         side_file.unlink()
-    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+    onnx.save(model, str(path), save_as_external_data=bool(side_files), location=f"{path.name}.data")
     return report
 
 
@@ -209,14 +206,15 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
                              f"of {CALIBRATION_BATCH} (or fewer than {CALIBRATION_BATCH})")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     fp32_graph = onnx.load(str(src), load_external_data=False)
-    kept_fp32 = ffn_output_gemms(fp32_graph) if config.int8_keep_ffn_output_fp32 else []
+    down_projections = ffn_output_gemms(fp32_graph)
+    kept_fp32 = down_projections if config.int8_keep_ffn_output_fp32 else []
     exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
     smoothing = None
     with _private_copy(src) as copy:
         if config.int8_smoothquant_alpha is not None:
             # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
             # and quantizing them drops the min embedding cosine to 0.83
-            gemms = _quantized_gemm_names(fp32_graph, config, ffn_output_gemms(fp32_graph))
+            gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
             smoothing = _smooth_copy(copy, gemms, calibration, config.int8_smoothquant_alpha)
         quantization.quantize(
             onnx_path=str(copy), quantize_mode="int8", calibration_data=calibration,

@@ -13,6 +13,7 @@ would change the model.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import tempfile
@@ -26,19 +27,11 @@ from resrank_export.runtime import ort_session, run_session
 log = logging.getLogger(__name__)
 
 
-def _weight_users(model) -> dict[str, int]:
-    users: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    return users
-
-
 def smoothable_groups(model, gemm_names: set[str]) -> dict[str, list]:
     """{activation tensor: [MatMul nodes]} for the named MatMuls whose weight is a 2-D initializer
     used by no other node (a tied weight cannot take two different row scalings)."""
     weights = {init.name: init for init in model.graph.initializer}
-    users = _weight_users(model)
+    users = collections.Counter(name for node in model.graph.node for name in node.input)
     groups: dict[str, list] = {}
     for node in model.graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from resrank_export.build_precision import compare_precisions
 from resrank_export.calibration import CalibrationConfig
-from resrank_export.fidelity import FidelityConfig, compare_precisions, render_markdown
+from resrank_export.fidelity import FidelityConfig, render_markdown
 from resrank_export.precision import PrecisionConfig
 
 pytestmark = pytest.mark.slow
