@@ -1,11 +1,13 @@
 """`build`: checkpoint -> ONNX graphs -> parity report (later: precision, index, Triton), each a
 stage recorded in the folder's manifest. The folder is replaced atomically: a failed build
-leaves the previous one (or nothing) in place."""
+leaves the previous one (or nothing) in place; an interrupted one (SIGTERM, Ctrl-C) also keeps
+its finished stages in `.<out>.partial`, which the next build resumes from."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +18,11 @@ from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.export import ExportConfig, export_onnx
 from resrank_export.fidelity import FidelityConfig
-from resrank_export.fs import atomic_dir, refuse_foreign_folder, sha256_file, sha256_tree
-from resrank_export.manifest import MANIFEST_FILE, StageRunner, library_versions, read_manifest
+from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
+                               sha256_tree, stale_temps)
+from resrank_export.interrupt import INTERRUPTIONS, note_kept
+from resrank_export.manifest import (MANIFEST_FILE, StageRunner, describe_unfinished, key_of, library_versions,
+                                     read_manifest, unfinished_stage)
 from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.precision import PrecisionConfig
 
@@ -66,31 +71,90 @@ def run_build(config: BuildConfig) -> dict:
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
     runtime = _engine_runtime(config)
     out = Path(config.out)
-    refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
-    if config.checkpoint is None:
-        from resrank_export.demo import default_checkpoint
-
-        log.info("no --checkpoint given: using the demo checkpoint")
-        checkpoint_dir = default_checkpoint()
-    else:
-        checkpoint_dir = Path(config.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_dir)
-    check_precision_inputs(checkpoint, config)
-    inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
-              "precision": config.precision}
-
-    with atomic_dir(out, seed_from_target=True) as work:
-        runner = StageRunner(work, read_manifest(work), force=config.force)
-        _export_stage(runner, work, checkpoint, inputs, config)
-        _parity_stage(runner, work, checkpoint, config)
-        if config.precision != "fp32":
-            run_precision_stages(runner, work, checkpoint, config)
-        _engine_stages(runner, work, config, runtime)
-        if config.corpus is not None or config.checkpoint is None:
-            _index_stage(runner, work, config)
-        _triton_stage(runner, work, config)
-        manifest = runner.write(inputs)
+    resume = out.absolute().parent / f".{out.name}.partial"  # finished stages of an interrupted build
+    with output_lock(out):  # a second build into the same --out is refused here, before any work
+        refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
+        _report_killed_builds(out)
+        checkpoint = load_checkpoint(_checkpoint_dir(config))
+        check_precision_inputs(checkpoint, config)
+        inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
+                  "precision": config.precision}
+        seed = resume if resume.is_dir() else out
+        if seed == resume:
+            log.info("resuming the interrupted build kept in %s", resume)
+        _check_free_space(out, checkpoint, inputs, config, read_manifest(seed))
+        with atomic_dir(out, seed_from=seed, keep_on_interrupt=resume) as work:
+            runner = StageRunner(work, read_manifest(work), force=config.force, inputs=inputs)
+            try:
+                _run_stages(runner, work, checkpoint, inputs, config, runtime)
+            except INTERRUPTIONS as exc:
+                kept = runner.keep_finished()
+                if kept:
+                    note_kept(exc, f"finished stages ({', '.join(kept)}) in {resume}")
+                raise
+            manifest = runner.write()
+        shutil.rmtree(resume, ignore_errors=True)
     return manifest
+
+
+def _checkpoint_dir(config: BuildConfig) -> Path:
+    if config.checkpoint is not None:
+        return Path(config.checkpoint)
+    from resrank_export.demo import default_checkpoint
+
+    log.info("no --checkpoint given: using the demo checkpoint")
+    return default_checkpoint()
+
+
+def _run_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs: dict, config: BuildConfig,
+                runtime) -> None:
+    _export_stage(runner, work, checkpoint, inputs, config)
+    _parity_stage(runner, work, checkpoint, config)
+    if config.precision != "fp32":
+        run_precision_stages(runner, work, checkpoint, config)
+    _engine_stages(runner, work, config, runtime)
+    if config.corpus is not None or config.checkpoint is None:
+        _index_stage(runner, work, config)
+    _triton_stage(runner, work, config)
+
+
+def _report_killed_builds(out: Path) -> None:
+    """A temp folder whose process is gone was a build killed mid-stage (SIGKILL, OOM): say which
+    stage and how much memory it had reached, before atomic_dir removes the folder."""
+    for folder in stale_temps(out):
+        unfinished = unfinished_stage(folder)
+        if unfinished is not None:
+            log.warning("the build killed in %s: %s", folder.name, describe_unfinished(*unfinished))
+
+
+def _check_free_space(out: Path, checkpoint: Checkpoint, inputs: dict, config: BuildConfig,
+                      previous: dict | None) -> None:
+    """Refuse before writing graphs that will not fit: the weights of every graph a stage that
+    will run writes (the plan's ModelShape at the graph's dtype); a rerun whose export stage is
+    unchanged counts only stages the previous build lacks. Hard-linked files take no space."""
+    from resrank_export.plan import graph_weight_bytes
+
+    stages = (previous or {}).get("stages", {})
+    fresh = config.force or stages.get("export", {}).get("key") != key_of(_export_inputs(inputs, config))
+    needed = {}
+    graph_stages = {"export": "fp32"}
+    if config.precision != "fp32":
+        graph_stages[f"precision_{config.precision}"] = config.precision
+    if config.backend == "tensorrt":
+        graph_stages["engines"] = config.precision
+    for stage, precision in graph_stages.items():
+        if fresh or stage not in stages:
+            for graph, size in graph_weight_bytes(checkpoint, precision).items():
+                needed[f"{stage} {graph} ({precision})"] = size
+    if needed:
+        require_free_space(out.absolute().parent, needed, "the build")
+
+
+def _export_inputs(inputs: dict, config: BuildConfig) -> dict:
+    return {"checkpoint": inputs["checkpoint"]["sha256"], "opset": config.export.opset,
+            "external_data": config.export.external_data,
+            "versions": {k: v for k, v in library_versions().items()
+                         if k in ("torch", "transformers", "onnx", "onnxscript")}}
 
 
 def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs: dict, config: BuildConfig) -> None:
@@ -98,10 +162,7 @@ def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, input
         export_onnx(checkpoint, work, config.export)
         return {"outputs": _files_under(work, "onnx/fp32", "tokenizer", "resrank.json")}
 
-    runner.run("export", {"checkpoint": inputs["checkpoint"]["sha256"], "opset": config.export.opset,
-                          "external_data": config.export.external_data,
-                          "versions": {k: v for k, v in library_versions().items()
-                                       if k in ("torch", "transformers", "onnx", "onnxscript")}}, export)
+    runner.run("export", _export_inputs(inputs, config), export)
 
 
 def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.interrupt import Interrupted, stop_on_signals
 from resrank_export.index import KINDS, VECTOR_DTYPES  # light: numpy only
 
 log = logging.getLogger("resrank_export")
@@ -35,13 +36,18 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Group(click.Group):
-    """Turns our typed errors into one line on stderr and their exit code."""
+    """Turns our typed errors into one line on stderr and their exit code; SIGTERM and Ctrl-C
+    stop a command cleanly (resrank_export/interrupt.py) with one line saying what was kept."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with stop_on_signals():
+                return super().invoke(ctx)
         except ResRankExportError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except Interrupted as exc:
+            click.echo(exc.summary(), err=True)
             sys.exit(exc.exit_code)
 
 

@@ -40,3 +40,11 @@ class NotAvailableError(ResRankExportError):
 
 class EngineError(ResRankExportError):
     """A TensorRT engine cannot be built, or a plan does not fit this GPU / TensorRT version."""
+
+
+class OutputInUseError(ResRankExportError):
+    """Another live process is writing the same output folder."""
+
+
+class DiskSpaceError(ResRankExportError):
+    """The file system has less free space than the output needs."""

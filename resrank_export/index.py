@@ -25,6 +25,7 @@ from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.data import Passage, iter_passages
 from resrank_export.errors import IndexFormatError, InputDataError, ResRankExportError
 from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder, sha256_file
+from resrank_export.interrupt import note_kept
 from resrank_export.lazy import require
 from resrank_export.runtime import encode_texts, ort_session
 from resrank_export.text import PassageTokenizer
@@ -121,9 +122,11 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
         chunks, encoded = _encode_chunks(_passages(config.corpus), encoder, work, config, on_chunk)
         if not chunks:
             raise InputDataError(f"{config.corpus}: the corpus holds no passages")
-    except BaseException:
+    except BaseException as exc:
         if not any(work.glob("*.npy")):  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            note_kept(exc, f"{len(list(work.glob('[0-9]*[0-9].npy')))} encoded chunks in {work}")
         raise
     timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
     with atomic_dir(config.out) as tmp:

@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import platform
+import resource
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from resrank_export.fs import sha256_file
+from resrank_export.fs import OWNER_FILE, format_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
@@ -48,16 +51,53 @@ def read_manifest(folder: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("format_version") == FORMAT_VERSION else None
 
 
+RUNNING = "running"
+SAMPLE_SECONDS = 2.0  # how often a running stage's peak RSS is written to the manifest
+
+
+class PeakRss:
+    """Peak resident memory of this process since `reset`: Linux resets the kernel's high-water
+    mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak."""
+
+    def __init__(self):
+        self._resettable = Path("/proc/self/clear_refs").exists()
+
+    def reset(self) -> None:
+        if self._resettable:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self._resettable = False
+
+    def bytes(self) -> int:
+        if self._resettable:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class StageRunner:
     """Runs named stages inside a build folder, skipping those whose recorded inputs and
     output hashes still match. A stage function returns its outputs (paths relative to the
-    folder) and optionally a report."""
+    folder) and optionally a report. The manifest is rewritten when a stage starts and, while
+    it runs, with its peak RSS, so a process killed mid-stage (OOM) leaves a record of it."""
 
-    def __init__(self, folder: Path, previous: dict | None, force: bool = False):
+    def __init__(self, folder: Path, previous: dict | None, force: bool = False, inputs: dict | None = None):
         self.folder = Path(folder)
         self.previous = (previous or {}).get("stages", {})
         self.force = force
+        self.inputs = inputs or {}
         self.stages: dict[str, dict] = {}
+        self.running: str | None = None
+        self._rss = PeakRss()
+        self._write_lock = threading.Lock()
 
     def _still_valid(self, entry: dict, key: str) -> bool:
         if entry.get("key") != key:
@@ -77,7 +117,9 @@ class StageRunner:
             self._remove_outputs(entry)
         log.info("stage %s: running", name)
         start = time.perf_counter()
-        result = fn()
+        started = _now()
+        self._rss.reset()
+        result = self._run_recorded(name, started, fn)
         outputs = {str(Path(p).relative_to(self.folder)) if Path(p).is_absolute() else str(p): None
                    for p in result.get("outputs", [])}
         self.stages[name] = {
@@ -86,10 +128,57 @@ class StageRunner:
             "inputs": inputs,
             "outputs": {rel: sha256_file(self.folder / rel) for rel in outputs},
             "seconds": round(time.perf_counter() - start, 3),
+            "started": started,
+            "peak_rss_bytes": self._rss.bytes(),
             **({"report": result["report"]} if "report" in result else {}),
         }
-        log.info("stage %s: done in %.1fs", name, self.stages[name]["seconds"])
+        log.info("stage %s: done in %.1fs, peak RSS %s", name, self.stages[name]["seconds"],
+                 format_bytes(self.stages[name]["peak_rss_bytes"]))
         return self.stages[name]
+
+    def _run_recorded(self, name: str, started: str, fn: Callable[[], dict]) -> dict:
+        """Run `fn` with a `running` entry in the manifest whose peak RSS a thread refreshes."""
+        self.running = name
+        done = threading.Event()
+
+        def record() -> None:
+            entry = {"status": RUNNING, "started": started, "peak_rss_bytes": self._rss.bytes()}
+            self._write({**self.stages, name: entry})
+
+        def sample() -> None:
+            while not done.wait(SAMPLE_SECONDS):
+                record()
+
+        record()
+        sampler = threading.Thread(target=sample, name=f"rss-{name}", daemon=True)
+        sampler.start()
+        try:
+            return fn()
+        finally:
+            done.set()
+            sampler.join()
+            self.running = None
+
+    def keep_finished(self) -> list[str]:
+        """After an interruption: leave only finished stages in the folder (this run's, and the
+        previous build's not reached yet) and a manifest listing them, so a rerun seeded from it
+        skips them; the interrupted stage's partial files go (all files, when no stage finished).
+        Returns the stages kept."""
+        kept = {name: entry for name, entry in self.previous.items()
+                if name not in self.stages and name != self.running}
+        kept.update(self.stages)
+        keep = {self.folder / MANIFEST_FILE} | {self.folder / rel for entry in kept.values()
+                                                for rel in entry.get("outputs", {})}
+        for path in sorted(self.folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_file() and path not in keep and path.name != OWNER_FILE:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if kept:
+            self._write(kept)
+        else:
+            (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
+        return list(kept)
 
     def _remove_outputs(self, entry: dict) -> None:
         """Unlink, never overwrite: the folder may hard-link files of the previous build. Folders
@@ -114,12 +203,30 @@ class StageRunner:
     def output_hashes(self, name: str) -> dict[str, str]:
         return self.stages[name]["outputs"]
 
-    def manifest(self, inputs: dict[str, Any]) -> dict:
-        return {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "inputs": inputs, "versions": library_versions(), "stages": self.stages}
+    def manifest(self, stages: dict[str, dict] | None = None) -> dict:
+        return {"format_version": FORMAT_VERSION, "created": _now(), "inputs": self.inputs,
+                "versions": library_versions(), "stages": self.stages if stages is None else stages}
 
-    def write(self, inputs: dict[str, Any]) -> dict:
-        manifest = self.manifest(inputs)
-        (self.folder / MANIFEST_FILE).unlink(missing_ok=True)  # may be a hard link to the old build
-        (self.folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    def write(self) -> dict:
+        return self._write(self.stages)
+
+    def _write(self, stages: dict[str, dict]) -> dict:
+        """Write to a side file and rename: never through a hard link to the old build's
+        manifest, and never half-written when the process is killed."""
+        manifest = self.manifest(stages)
+        side = self.folder / f".{MANIFEST_FILE}.{threading.get_ident()}"
+        with self._write_lock:
+            side.write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(side, self.folder / MANIFEST_FILE)
         return manifest
+
+
+def unfinished_stage(folder: Path) -> tuple[str, dict] | None:
+    """The stage a killed build was running (name, its last `running` entry), if any."""
+    stages = (read_manifest(folder) or {}).get("stages", {})
+    return next(((name, entry) for name, entry in stages.items() if entry.get("status") == RUNNING), None)
+
+
+def describe_unfinished(name: str, entry: dict) -> str:
+    return (f"stage {name} (started {entry.get('started', '?')}) did not finish; its last recorded peak RSS was "
+            f"{format_bytes(entry.get('peak_rss_bytes', 0))}: if the process was killed for memory, give it more")

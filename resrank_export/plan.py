@@ -166,6 +166,17 @@ def plan_memory(checkpoint: Checkpoint, config: PlanConfig) -> MemoryPlan:
     return MemoryPlan(config.gpu_memory, engine.max_batch, k_max, encoder.parameters, reranker.parameters, plans)
 
 
+def graph_weight_bytes(checkpoint: Checkpoint, precision: str) -> dict[str, int]:
+    """Bytes of the weights the encoder and reranker graphs store at `precision` (the build's
+    disk-space check; the projector is part of the reranker graph)."""
+    projector = 0
+    if checkpoint.projector_path is not None:
+        projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
+    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).weight_bytes(precision),
+            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).weight_bytes(precision)
+            + projector * _WEIGHT_BYTES[precision][1]}
+
+
 def _largest(fits, upper: int) -> int:
     """Largest n in 1..upper with fits(n) (fits is monotone: more rows never need less memory); 0 if none."""
     low, high = 0, upper
