@@ -105,32 +105,37 @@ def read_owner(folder: Path) -> dict | None:
     return owner if isinstance(owner, dict) and "pid" in owner and "host" in owner else None
 
 
-def stale_temps(target: Path) -> list[Path]:
-    """Temp folders of `target` whose owner process is gone (this host only)."""
+def _temps_of(target: Path) -> list[tuple[Path, dict | None]]:
+    """(temp folder, owner record or None) of every temp folder named after `target`."""
     target = Path(target).absolute()
     found = []
     for folder in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.tmp")):
-        owner = read_owner(folder) if folder.is_dir() else None
-        if owner is None or owner.get("target") != str(target):
-            if folder.is_dir() and not (folder / OWNER_FILE).exists():
-                log.warning("%s: left alone, it has no owner record (an older resrank-export's?), %s; remove it "
-                            "by hand if no build is writing it", folder, format_bytes(tree_bytes(folder)))
-            continue
-        if owner_alive(owner) is False:
-            found.append(folder)
+        if folder.is_dir():
+            owner = read_owner(folder)
+            if owner is None or owner.get("target") == str(target):  # not another output's of a similar name
+                found.append((folder, owner))
     return found
 
 
+def stale_temps(target: Path) -> list[Path]:
+    """Temp folders of `target` whose owner process is gone (this host only)."""
+    return [folder for folder, owner in _temps_of(target) if owner is not None and owner_alive(owner) is False]
+
+
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Remove the temp folders of dead processes for `target`, one log line each."""
+    """Remove the temp folders of dead processes for `target`, one log line each; report those
+    without an owner record, which cannot be told from a live older version's."""
     removed = []
-    for folder in stale_temps(target):
-        owner = read_owner(folder) or {}
-        size = tree_bytes(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        log.warning("removed %s, %s, left by process %s on %s that is gone (killed or out of memory)",
-                    folder, format_bytes(size), owner.get("pid"), owner.get("host"))
-        removed.append(folder)
+    for folder, owner in _temps_of(target):
+        if owner is None:
+            log.warning("%s: left alone, it has no owner record (an older resrank-export's?), %s; remove it "
+                        "by hand if no build is writing it", folder, format_bytes(tree_bytes(folder)))
+        elif owner_alive(owner) is False:
+            size = tree_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("removed %s, %s, left by process %s on %s that is gone (killed or out of memory)",
+                        folder, format_bytes(size), owner.get("pid"), owner.get("host"))
+            removed.append(folder)
     return removed
 
 

@@ -141,9 +141,13 @@ class StageRunner:
         self.running = name
         done = threading.Event()
 
+        recorded = [-1]
+
         def record() -> None:
-            entry = {"status": RUNNING, "started": started, "peak_rss_bytes": self._rss.bytes()}
-            self._write({**self.stages, name: entry})
+            peak = self._rss.bytes()
+            if peak != recorded[0]:
+                recorded[0] = peak
+                self._write({**self.stages, name: {"status": RUNNING, "started": started, "peak_rss_bytes": peak}})
 
         def sample() -> None:
             while not done.wait(SAMPLE_SECONDS):

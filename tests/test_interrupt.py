@@ -239,3 +239,15 @@ def test_each_stage_records_its_own_peak_rss(tmp_path):
     big = runner.run("big", {}, allocate)["peak_rss_bytes"]
     small = runner.run("small", {}, lambda: {"outputs": []})["peak_rss_bytes"]
     assert big - small >= size * 0.9  # the second stage's peak does not carry the first one's
+
+
+def test_temp_folder_without_owner_record_is_only_reported(tmp_path, caplog):
+    """A folder from before owner records (or another tool) cannot be told from a live build's."""
+    old = tmp_path / ".out.k2j4abcd.tmp"
+    old.mkdir()
+    (old / "encoder.onnx").write_bytes(b"x" * (3 << 20))
+    with caplog.at_level(logging.WARNING, logger="resrank_export"):
+        with atomic_dir(tmp_path / "out"):
+            pass
+    assert f"{old}: left alone, it has no owner record" in caplog.text and "3.0 MiB" in caplog.text
+    assert (old / "encoder.onnx").stat().st_size == 3 << 20
