@@ -167,6 +167,7 @@ def output_lock(target: Path) -> Iterator[None]:
         finally:
             _held_locks[path] = (fd, _held_locks[path][1] - 1)
         return
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, target)
     _held_locks[path] = (fd, 1)
@@ -176,6 +177,9 @@ def output_lock(target: Path) -> Iterator[None]:
         del _held_locks[path]
         path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
         os.close(fd)
+        for folder in created:  # a run that wrote nothing leaves no empty parents behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _acquire(path: Path, target: Path) -> int:
