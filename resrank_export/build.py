@@ -1,5 +1,6 @@
-"""`build`: checkpoint -> ONNX graphs -> parity report (later: precision, index, Triton), each a
-stage recorded in the folder's manifest. The folder is replaced atomically: a failed build
+"""`build`: checkpoint -> ONNX graphs -> parity report -> precision graphs -> engine scripts ->
+index -> Triton repository, each a stage recorded in the folder's manifest; the stage configs
+live beside their stages and `BuildConfig` composes them. The folder is replaced atomically: a failed build
 leaves the previous one (or nothing) in place."""
 
 from __future__ import annotations
@@ -9,17 +10,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.build_precision import check_precision_inputs, run_precision_stages
-from resrank_export.calibration import CalibrationConfig
-from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
-from resrank_export.export import ExportConfig, export_onnx
-from resrank_export.fidelity import FidelityConfig
+from resrank_export.export.onnx import ExportConfig, export_onnx
+from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.fs import atomic_dir, refuse_foreign_folder, sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE, StageRunner, library_versions, read_manifest
-from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
-from resrank_export.precision import PrecisionConfig
+from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
+from resrank_export.precision.calibration import CalibrationConfig
+from resrank_export.precision.fidelity import FidelityConfig
+from resrank_export.precision.graphs import PrecisionConfig
+from resrank_export.precision.stages import PrecisionStagesConfig, check_precision_inputs, run_precision_stages
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -45,6 +46,11 @@ class BuildConfig:
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
 
+    @property
+    def precision_stages(self) -> PrecisionStagesConfig:
+        return PrecisionStagesConfig(self.precision, self.calibration, self.calibration_set, self.precision_graphs,
+                                     self.fidelity)
+
 
 def _files_under(folder: Path, *parts: str) -> list[Path]:
     return sorted(p for part in parts for p in (folder / part).rglob("*") if p.is_file()) \
@@ -68,14 +74,14 @@ def run_build(config: BuildConfig) -> dict:
     out = Path(config.out)
     refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
     if config.checkpoint is None:
-        from resrank_export.demo import default_checkpoint
+        from resrank_export.model.demo import default_checkpoint
 
         log.info("no --checkpoint given: using the demo checkpoint")
         checkpoint_dir = default_checkpoint()
     else:
         checkpoint_dir = Path(config.checkpoint)
     checkpoint = load_checkpoint(checkpoint_dir)
-    check_precision_inputs(checkpoint, config)
+    check_precision_inputs(checkpoint, config.precision_stages)
     inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
               "precision": config.precision}
 
@@ -84,7 +90,7 @@ def run_build(config: BuildConfig) -> dict:
         _export_stage(runner, work, checkpoint, inputs, config)
         _parity_stage(runner, work, checkpoint, config)
         if config.precision != "fp32":
-            run_precision_stages(runner, work, checkpoint, config)
+            run_precision_stages(runner, work, checkpoint, config.precision_stages)
         _engine_stages(runner, work, config, runtime)
         if config.corpus is not None or config.checkpoint is None:
             _index_stage(runner, work, config)
@@ -106,7 +112,7 @@ def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, input
 
 def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
     def parity() -> dict:
-        from resrank_export.model import ResRankReference
+        from resrank_export.model.reference import ResRankReference
 
         graphs = {name: work / "onnx" / "fp32" / f"{name}.onnx" for name in ("encoder", "reranker")}
         report = check_parity(ResRankReference(checkpoint), graphs, config.parity)
@@ -132,8 +138,6 @@ def _engine_runtime(config: BuildConfig):
 
 def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime) -> None:
     """build_engines.sh for every build (the on-target path); plans only with --backend tensorrt."""
-    from dataclasses import asdict
-
     from resrank_export.engine.manifest import MANIFEST_NAME, read_engine_manifest
     from resrank_export.engine.stage import GRAPHS, engines_dir, ensure_engines, source_hash, write_engine_script
 
@@ -150,11 +154,14 @@ def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime
         return {"outputs": [*plans, folder / MANIFEST_NAME], "report": asdict(runtime)}
 
     runner.run("engines", {**key, "runtime": asdict(runtime)}, engines)
-# --- index stage (resrank_export/index.py) ---------------------------------------------------
+# --- index stage (resrank_export/index/stage.py) ---------------------------------------------------
 def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
     beside the build folder, so an interrupted build resumes encoding where it stopped."""
-    from resrank_export.index import REPORT_JSON, IndexConfig, build_index, corpus_identity
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.encode import corpus_identity
+    from resrank_export.index.report import REPORT_JSON
+    from resrank_export.index.stage import build_index
 
     out = Path(config.out)
 
