@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from resrank_export.build_precision import compare_precisions
-    from resrank_export.calibration import CalibrationConfig
-    from resrank_export.checkpoint import load_checkpoint
-    from resrank_export.demo import build_demo_checkpoint, cache_dir, default_checkpoint
-    from resrank_export.export import export_onnx
-    from resrank_export.fidelity import FidelityConfig, render_markdown
-    from resrank_export.precision import PrecisionConfig
+    from resrank_export.export.onnx import export_onnx
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import build_demo_checkpoint, cache_dir, default_checkpoint
+    from resrank_export.precision.calibration import CalibrationConfig
+    from resrank_export.precision.fidelity import FidelityConfig, render_markdown
+    from resrank_export.precision.graphs import PrecisionConfig
+    from resrank_export.precision.stages import compare_precisions
 
     if args.checkpoint is not None:
         path = args.checkpoint

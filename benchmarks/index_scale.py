@@ -29,7 +29,7 @@ log = logging.getLogger("index_scale")
 
 def write_corpus(path: Path, count: int, seed: int = 0) -> int:
     """`count` passages of 30-80 words drawn from the standard-library docstring vocabulary."""
-    from resrank_export.default_corpus import stdlib_passages
+    from resrank_export.data.default_corpus import stdlib_passages
 
     vocabulary = sorted({w for p in stdlib_passages(limit=2000) for w in p.text.split() if w.isalpha()})
     rng = random.Random(seed)
@@ -41,9 +41,9 @@ def write_corpus(path: Path, count: int, seed: int = 0) -> int:
 
 
 def export_tiny_build(folder: Path) -> Path:
-    from resrank_export.checkpoint import load_checkpoint
-    from resrank_export.demo import build_tiny_checkpoint
-    from resrank_export.export import export_onnx
+    from resrank_export.export.onnx import export_onnx
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import build_tiny_checkpoint
 
     export_onnx(load_checkpoint(build_tiny_checkpoint(folder / "checkpoint")), folder / "build")
     return folder / "build"
@@ -60,7 +60,9 @@ def _memory_mib(field: str) -> float:
 def index_in_this_process(build: Path, corpus: Path, out: Path, kind: str) -> dict:
     """Child side: RSS after imports and a warm-up encode, then the peak while indexing (the
     peak counter is reset after the warm-up, so start-up spikes do not hide the growth)."""
-    from resrank_export.index import IndexConfig, OnnxEncoder, build_index
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.encode import OnnxEncoder
+    from resrank_export.index.stage import build_index
 
     OnnxEncoder(build).encode(["warm up the session and the imports"])
     startup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

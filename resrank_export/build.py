@@ -1,7 +1,8 @@
-"""`build`: checkpoint -> ONNX graphs -> parity report (later: precision, index, Triton), each a
-stage recorded in the folder's manifest. The folder is replaced atomically: a failed build
-leaves the previous one (or nothing) in place; an interrupted one (SIGTERM, Ctrl-C) also keeps
-its finished stages in `.<out>.partial`, which the next build resumes from."""
+"""`build`: checkpoint -> ONNX graphs -> parity report -> precision graphs -> engine scripts ->
+index -> Triton repository, each a stage recorded in the folder's manifest; the stage configs
+live beside their stages and `BuildConfig` composes them. The folder is replaced atomically: a
+failed build leaves the previous one (or nothing) in place; an interrupted one (SIGTERM,
+Ctrl-C) also keeps its finished stages in `.<out>.partial`, which the next build resumes from."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.build_precision import check_precision_inputs, run_precision_stages
-from resrank_export.calibration import CalibrationConfig
-from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
-from resrank_export.export import ExportConfig, export_onnx
-from resrank_export.fidelity import FidelityConfig
+from resrank_export.export.onnx import ExportConfig, export_onnx
+from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
 from resrank_export.interrupt import INTERRUPTIONS, note_kept
 from resrank_export.manifest import (MANIFEST_FILE, StageRunner, describe_unfinished, key_of, library_versions,
                                      read_manifest, unfinished_stage)
-from resrank_export.parity import RUN_FILE, ParityConfig, check_parity
-from resrank_export.precision import PrecisionConfig
+from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
+from resrank_export.precision.calibration import CalibrationConfig
+from resrank_export.precision.fidelity import FidelityConfig
+from resrank_export.precision.graphs import PrecisionConfig
+from resrank_export.precision.stages import PrecisionStagesConfig, check_precision_inputs, run_precision_stages
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -49,6 +50,11 @@ class BuildConfig:
     corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
+
+    @property
+    def precision_stages(self) -> PrecisionStagesConfig:
+        return PrecisionStagesConfig(self.precision, self.calibration, self.calibration_set, self.precision_graphs,
+                                     self.fidelity)
 
 
 def _files_under(folder: Path, *parts: str) -> list[Path]:
@@ -76,7 +82,7 @@ def run_build(config: BuildConfig) -> dict:
         refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
         _report_killed_builds(out)
         checkpoint = load_checkpoint(_checkpoint_dir(config))
-        check_precision_inputs(checkpoint, config)
+        check_precision_inputs(checkpoint, config.precision_stages)
         inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
                   "precision": config.precision}
         seed = resume if resume.is_dir() else out
@@ -100,7 +106,7 @@ def run_build(config: BuildConfig) -> dict:
 def _checkpoint_dir(config: BuildConfig) -> Path:
     if config.checkpoint is not None:
         return Path(config.checkpoint)
-    from resrank_export.demo import default_checkpoint
+    from resrank_export.model.demo import default_checkpoint
 
     log.info("no --checkpoint given: using the demo checkpoint")
     return default_checkpoint()
@@ -111,7 +117,7 @@ def _run_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs:
     _export_stage(runner, work, checkpoint, inputs, config)
     _parity_stage(runner, work, checkpoint, config)
     if config.precision != "fp32":
-        run_precision_stages(runner, work, checkpoint, config)
+        run_precision_stages(runner, work, checkpoint, config.precision_stages)
     _engine_stages(runner, work, config, runtime)
     if config.corpus is not None or config.checkpoint is None:
         _index_stage(runner, work, config)
@@ -132,7 +138,7 @@ def _check_free_space(out: Path, checkpoint: Checkpoint, inputs: dict, config: B
     """Refuse before writing graphs that will not fit: the weights of every graph a stage that
     will run writes (the plan's ModelShape at the graph's dtype); a rerun whose export stage is
     unchanged counts only stages the previous build lacks. Hard-linked files take no space."""
-    from resrank_export.plan import graph_weight_bytes
+    from resrank_export.engine.plan import graph_weight_bytes
 
     stages = (previous or {}).get("stages", {})
     fresh = config.force or stages.get("export", {}).get("key") != key_of(_export_inputs(inputs, config))
@@ -167,7 +173,7 @@ def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, input
 
 def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
     def parity() -> dict:
-        from resrank_export.model import ResRankReference
+        from resrank_export.model.reference import ResRankReference
 
         graphs = {name: work / "onnx" / "fp32" / f"{name}.onnx" for name in ("encoder", "reranker")}
         report = check_parity(ResRankReference(checkpoint), graphs, config.parity)
@@ -193,8 +199,6 @@ def _engine_runtime(config: BuildConfig):
 
 def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime) -> None:
     """build_engines.sh for every build (the on-target path); plans only with --backend tensorrt."""
-    from dataclasses import asdict
-
     from resrank_export.engine.manifest import MANIFEST_NAME, read_engine_manifest
     from resrank_export.engine.stage import GRAPHS, engines_dir, ensure_engines, source_hash, write_engine_script
 
@@ -211,11 +215,14 @@ def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime
         return {"outputs": [*plans, folder / MANIFEST_NAME], "report": asdict(runtime)}
 
     runner.run("engines", {**key, "runtime": asdict(runtime)}, engines)
-# --- index stage (resrank_export/index.py) ---------------------------------------------------
+# --- index stage (resrank_export/index/stage.py) ---------------------------------------------------
 def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
     beside the build folder, so an interrupted build resumes encoding where it stopped."""
-    from resrank_export.index import REPORT_JSON, IndexConfig, build_index, corpus_identity
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.encode import corpus_identity
+    from resrank_export.index.report import REPORT_JSON
+    from resrank_export.index.stage import build_index
 
     out = Path(config.out)
 

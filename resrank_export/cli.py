@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
-from resrank_export.index import KINDS, VECTOR_DTYPES  # light: numpy only
 
 log = logging.getLogger("resrank_export")
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
@@ -114,13 +114,13 @@ def build(checkpoint, precision, out, parity_data, parity_queries, opset, extern
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
     from resrank_export.build import BuildConfig, run_build
-    from resrank_export.calibration import CalibrationConfig
+    from resrank_export.engine.plan import parse_size
     from resrank_export.engine.profiles import EngineConfig
-    from resrank_export.export import ExportConfig
-    from resrank_export.fidelity import FidelityConfig
-    from resrank_export.parity import ParityConfig
-    from resrank_export.plan import parse_size
-    from resrank_export.precision import PrecisionConfig
+    from resrank_export.export.onnx import ExportConfig
+    from resrank_export.export.parity import ParityConfig
+    from resrank_export.precision.calibration import CalibrationConfig
+    from resrank_export.precision.fidelity import FidelityConfig
+    from resrank_export.precision.graphs import PrecisionConfig
 
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
@@ -155,7 +155,7 @@ def build(checkpoint, precision, out, parity_data, parity_queries, opset, extern
 def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
     """Write a checkpoint from the bundled all-MiniLM-L6-v2 encoder and an untrained reranker
     (no download). Its rankings are not meaningful; its graphs and shapes are."""
-    from resrank_export.demo import build_demo_checkpoint
+    from resrank_export.model.demo import build_demo_checkpoint
 
     if out.exists():
         raise ResRankExportError(f"{out}: already exists; choose a new folder")
@@ -173,8 +173,8 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(gpu_memory, checkpoint, max_batch, workspace, as_json) -> None:
     """Estimate GPU memory (weights + activations + workspace) per precision and the largest batch / k that fit."""
+    from resrank_export.engine.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
     from resrank_export.engine.profiles import EngineConfig
-    from resrank_export.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
 
     result = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
         max_batch=max_batch, workspace_bytes=parse_size(workspace))))
@@ -205,10 +205,10 @@ def engines() -> None:
 def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_run, tensorrt_version,
                    compute_capability, gpu_name) -> None:
     """Build the plans this GPU lacks (missing, other TensorRT release or architecture, changed graph)."""
+    from resrank_export.engine.manifest import GpuRuntime
+    from resrank_export.engine.plan import parse_size
     from resrank_export.engine.profiles import EngineConfig
     from resrank_export.engine.stage import EnsureConfig, run_ensure
-    from resrank_export.engine.manifest import GpuRuntime
-    from resrank_export.plan import parse_size
 
     if bool(tensorrt_version) != bool(compute_capability):
         raise click.UsageError("--tensorrt-version and --compute-capability go together")
@@ -238,7 +238,7 @@ def engines_check(builds, report) -> None:
         raise SystemExit(1)
 
 
-# --- index and search (resrank_export/index.py) ---------------------------------------------
+# --- index and search (resrank_export/index/stage.py) ---------------------------------------------
 
 
 @main.command("index")
@@ -266,7 +266,8 @@ def engines_check(builds, report) -> None:
 def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
                   chunk_size, batch_size, from_index) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
-    from resrank_export.index import IndexConfig, build_index
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.stage import build_index
 
     info = build_index(IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
                                    store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
@@ -290,7 +291,7 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
     """Retrieve the top-k passages of each query."""
     import json
 
-    from resrank_export.index import SearchConfig, run_search
+    from resrank_export.index.retriever import SearchConfig, run_search
 
     config = SearchConfig(index=index_dir, query=query, queries_file=queries_file, top_k=top_k, build=build_dir)
     for hits in run_search(config):
@@ -358,7 +359,8 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
 @click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
 def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
     """Run tritonserver (from the nvidia-pytriton wheel) on the repository until Ctrl-C."""
-    from resrank_export.triton.server import ServerConfig, docker_command, serve as run_server
+    from resrank_export.triton.server import ServerConfig, docker_command
+    from resrank_export.triton.server import serve as run_server
 
     config = ServerConfig(repository=repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port)
@@ -436,7 +438,7 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats) -> No
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")
 def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed) -> None:
     """Write INT8 calibration sets for both graphs from real text."""
-    from resrank_export.calibration import CalibrationConfig, calibrate_checkpoint
+    from resrank_export.precision.calibration import CalibrationConfig, calibrate_checkpoint
 
     card = calibrate_checkpoint(checkpoint, out, CalibrationConfig(
         corpus=corpus, encoder_samples=encoder_samples, reranker_queries=reranker_queries,

@@ -33,8 +33,8 @@ def scifact_dir() -> Path:
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(pooling=..., projector=..., reranker=...) -> validated Checkpoint,
     cached per variant for the session."""
-    from resrank_export.checkpoint import load_checkpoint
-    from resrank_export.demo import build_tiny_checkpoint
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import build_tiny_checkpoint
 
     cache: dict = {}
 
@@ -51,7 +51,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint, tmp_path_factory):
     """Factory: tiny_export(**variant) -> (Checkpoint, {"encoder": path, "reranker": path})."""
-    from resrank_export.export import export_onnx
+    from resrank_export.export.onnx import export_onnx
 
     cache: dict = {}
 
@@ -68,8 +68,8 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory):
     """The real demo checkpoint (MiniLM encoder + seeded Qwen3 reranker), built once."""
-    from resrank_export.checkpoint import load_checkpoint
-    from resrank_export.demo import build_demo_checkpoint
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import build_demo_checkpoint
 
     cache = Path(os.environ.get("RESRANK_EXPORT_CACHE", tmp_path_factory.mktemp("cache")))
     path = cache / "test-demo-checkpoint"
@@ -81,6 +81,6 @@ def demo_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_export(demo_checkpoint, tmp_path_factory):
     """(Checkpoint, graphs) of the demo checkpoint exported at FP32, once per session."""
-    from resrank_export.export import export_onnx
+    from resrank_export.export.onnx import export_onnx
 
     return demo_checkpoint, export_onnx(demo_checkpoint, tmp_path_factory.mktemp("demo-export"))

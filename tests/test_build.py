@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from resrank_export.build import BuildConfig, run_build
-from resrank_export.checkpoint import CONFIG_FILE
 from resrank_export.errors import CheckpointError, ParityError, ResRankExportError
+from resrank_export.export.parity import ParityConfig
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import MANIFEST_FILE
-from resrank_export.parity import ParityConfig
+from resrank_export.model.checkpoint import CONFIG_FILE
 
 LAYOUT = ["resrank.json", "onnx/fp32/encoder.onnx", "onnx/fp32/reranker.onnx",
           "tokenizer/encoder/tokenizer.json", "tokenizer/reranker/tokenizer.json"]

@@ -15,9 +15,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from resrank_export.checkpoint import CONFIG_FILE
 from resrank_export.cli import main
 from resrank_export.manifest import MANIFEST_FILE
+from resrank_export.model.checkpoint import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

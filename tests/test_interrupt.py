@@ -115,8 +115,8 @@ def test_killed_builds_clean_up_and_resume(tiny_checkpoint, tmp_path, caplog):
     assert sorted(p.name for p in out.parent.iterdir()) == ["build"]
 
     # The free-space estimate the build checks is within 15% of the graphs it wrote.
-    from resrank_export.checkpoint import load_checkpoint
-    from resrank_export.plan import graph_weight_bytes
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.engine.plan import graph_weight_bytes
 
     estimate = graph_weight_bytes(load_checkpoint(checkpoint), "fp32")
     for graph, size in estimate.items():

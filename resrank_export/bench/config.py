@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.checkpoint import Checkpoint
-from resrank_export.data import iter_passages, read_queries, read_trec_run
+from resrank_export.data.readers import iter_passages, read_queries, read_trec_run
 from resrank_export.errors import InputDataError, ResRankExportError
+from resrank_export.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 BENCHMARKS = ("encoder", "reranker", "served", "flops")
@@ -102,7 +102,7 @@ def load_bench_data(data_dir: Path | None, passages: int, queries: int, k: int) 
         return BenchData(f"{data_dir.name} ({data_dir}): first {passages} corpus passages; {queries} queries "
                          f"with BM25 top-{k}", corpus, [texts_of_query[q] for q in qids],
                          [[texts[d] for d in run[q][:k]] for q in qids])
-    from resrank_export.default_corpus import SAMPLE_QUERIES, stdlib_passages
+    from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages
 
     log.warning("bench: no --data folder; using the embedded standard-library corpus (not DL19)")
     pool = [p.text for p in stdlib_passages()]

@@ -50,7 +50,7 @@ def _batched(encode_batch: Callable[[list[str]], np.ndarray], batch_size: int) -
 def _pytorch_encoder(context: BenchContext, batch_size: int) -> Encode:
     import torch
 
-    from resrank_export.model import load_encoder, passage_tokenizer
+    from resrank_export.model.reference import load_encoder, passage_tokenizer
 
     model, tokenizer = load_encoder(context.checkpoint), passage_tokenizer(context.checkpoint)
 
@@ -63,7 +63,7 @@ def _pytorch_encoder(context: BenchContext, batch_size: int) -> Encode:
 
 
 def onnx_encoder(graph: Path, context: BenchContext, batch_size: int) -> Encode:
-    from resrank_export.model import passage_tokenizer
+    from resrank_export.model.reference import passage_tokenizer
     from resrank_export.runtime import ort_session, run_session
 
     session, tokenizer = ort_session(graph, threads=context.threads), passage_tokenizer(context.checkpoint)

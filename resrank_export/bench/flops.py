@@ -75,7 +75,7 @@ def _achieved(flops: float, seconds: float, peak: float) -> dict:
 def bench_flops(config: BenchConfig, context: BenchContext, results: dict[str, dict]) -> dict:
     """FLOPs per request and achieved GFLOP/s of the rows in `results` (this run's encoder and
     reranker benchmarks); returns the result dict."""
-    from resrank_export.model import passage_tokenizer
+    from resrank_export.model.reference import passage_tokenizer
 
     ck = context.checkpoint
     encoder_shape = transformer_shape(ck.encoder_dir / "config.json")

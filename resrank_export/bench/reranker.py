@@ -14,7 +14,7 @@ import numpy as np
 from resrank_export.bench.config import BenchConfig, BenchContext, graph_file
 from resrank_export.bench.encoder import onnx_encoder
 from resrank_export.bench.timing import Timing, measure
-from resrank_export.text import PASSAGES_MARKER, QUERY_MARKER
+from resrank_export.model.text import PASSAGES_MARKER, QUERY_MARKER
 
 log = logging.getLogger(__name__)
 BASELINE = "fulltext-pytorch"
@@ -42,7 +42,7 @@ class FullTextPrompts:
     the position of each passage's last token (its representation for scoring)."""
 
     def __init__(self, context: BenchContext):
-        from resrank_export.model import prompt_builder
+        from resrank_export.model.reference import prompt_builder
 
         self.builder = prompt_builder(context.checkpoint)
         self.tokenizer = self.builder.tokenizer
@@ -69,7 +69,7 @@ class FullTextPrompts:
 def _fulltext_scorer(backbone) -> Score:
     import torch
 
-    from resrank_export.model import _backbone_kwargs
+    from resrank_export.model.reference import _backbone_kwargs
 
     @torch.inference_mode()
     def score(inputs: dict) -> np.ndarray:
@@ -85,7 +85,7 @@ def _fulltext_scorer(backbone) -> Score:
 def _resrank_pytorch_scorer(context: BenchContext) -> Score:
     import torch
 
-    from resrank_export.model import load_reranker
+    from resrank_export.model.reference import load_reranker
 
     model = load_reranker(context.checkpoint)
     model.backbone = load_torch_backbone(context.checkpoint.reranker_dir)
@@ -119,7 +119,7 @@ class Requests:
     graph) and full-text prompts."""
 
     def __init__(self, config: BenchConfig, context: BenchContext):
-        from resrank_export.model import prompt_builder
+        from resrank_export.model.reference import prompt_builder
 
         self.encode = onnx_encoder(graph_file(context.build, "fp32", "encoder")[0], context,
                                    config.encoder_batch)

@@ -12,10 +12,10 @@ from pathlib import Path
 from resrank_export.bench.config import BenchConfig, BenchContext, graph_file, load_bench_data
 from resrank_export.bench.report import SUMMARY_FILE, write_results
 from resrank_export.bench.timing import apply_threads, machine_info
-from resrank_export.checkpoint import Checkpoint, load_checkpoint
 from resrank_export.errors import ResRankExportError
 from resrank_export.fs import atomic_dir, refuse_foreign_folder
 from resrank_export.manifest import MANIFEST_FILE
+from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 BENCH_BUILD = "bench-build"
@@ -27,7 +27,7 @@ def resolve_build(config: BenchConfig) -> Path:
         build = Path(config.build)
     else:
         from resrank_export.build import BuildConfig, run_build
-        from resrank_export.demo import cache_dir
+        from resrank_export.model.demo import cache_dir
 
         build = cache_dir() / BENCH_BUILD
         log.info("no --build given: using the demo checkpoint's build at %s", build)
@@ -48,7 +48,7 @@ def resolve_checkpoint(config: BenchConfig, build: Path) -> Checkpoint:
         recorded = json.loads(manifest.read_text()).get("inputs", {}).get("checkpoint", {}).get("path")
         if recorded and Path(recorded).is_dir():
             return load_checkpoint(recorded)
-    from resrank_export.demo import default_checkpoint
+    from resrank_export.model.demo import default_checkpoint
 
     log.warning("bench: no checkpoint recorded for %s; using the demo checkpoint for the PyTorch baselines", build)
     return load_checkpoint(default_checkpoint())

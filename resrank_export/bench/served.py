@@ -4,7 +4,7 @@ tritonclient from a separate process at each concurrency; against the same pipel
 in-process on the same graphs and index. Reports latency p50/p95/p99, throughput, the serving
 overhead at concurrency 1 and the dynamic-batching gain (same load, Triton max_batch_size N vs 1).
 
-Uses resrank_export.triton, resrank_export.pipeline and resrank_export.index when they are
+Uses resrank_export.triton, resrank_export.index.pipeline and resrank_export.index.stage when they are
 installed; otherwise the result says which piece is missing."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ ENSEMBLES = ("search", "rerank")  # ResRankClient / ResRankPipeline method per e
 _NEEDED = {"resrank_export.triton.server": "the Triton server launcher (branch triton)",
            "resrank_export.triton.client": "the Triton client helpers (branch triton)",
            "resrank_export.triton.repository": "the model repository writer (branch triton)",
-           "resrank_export.pipeline": "the in-process pipeline (branch triton)",
-           "resrank_export.index": "the FAISS index (branch index)",
+           "resrank_export.index.pipeline": "the in-process pipeline (branch triton)",
+           "resrank_export.index.stage": "the FAISS index (branch index)",
            "tritonclient.http": "tritonclient (pip install 'resrank-export[triton]')",
            "pytriton": "tritonserver from nvidia-pytriton (pip install 'resrank-export[triton]')",
            "faiss": "faiss (pip install 'resrank-export[index]')"}
@@ -103,7 +103,7 @@ def drive_load(url: str, ensemble: str, payloads: list[tuple], concurrency: int,
 
 
 def _in_process(build: Path, index: Path, payloads: dict[str, list[tuple]], warmup: int) -> dict:
-    from resrank_export.pipeline import ResRankPipeline
+    from resrank_export.index.pipeline import ResRankPipeline
 
     pipeline = ResRankPipeline(build, index)
     result = {}
@@ -157,7 +157,8 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
     if missing:
         log.info("served: not available (%s)", "; ".join(missing))
         return {**result, "status": "not available", "reason": "; ".join(missing)}
-    from resrank_export.index import IndexConfig, build_index
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.stage import build_index
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
 

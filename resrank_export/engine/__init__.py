@@ -1,3 +1,4 @@
-"""TensorRT engine stage: optimisation profiles from the build's maxima, plan builds with the
-TensorRT Python API, an engine manifest that says where a plan may run, and the equivalent
-`trtexec` script for building by hand on the target. Only `tensorrt.py` imports TensorRT."""
+"""Stage 3: TensorRT engines. Optimisation profiles from the build's maxima, plan builds with the
+TensorRT Python API, an engine manifest that says where a plan may run, the equivalent `trtexec`
+script for building by hand on the target, and the GPU memory planner (`plan`). Only
+`tensorrt.py` imports TensorRT."""

@@ -88,9 +88,9 @@ def _top10_identical(ref: np.ndarray, new: np.ndarray) -> float:
 def check_build(build: Path, precision: str, queries: int = 3) -> list[GraphCheck]:
     """Compare this GPU's plans of one build folder with ONNX Runtime on the same graphs."""
     from resrank_export.engine.profiles import BuildGraphs
-    from resrank_export.parity import ParityConfig, load_parity_data
+    from resrank_export.export.parity import ParityConfig, load_parity_data
+    from resrank_export.model.text import PassageTokenizer
     from resrank_export.runtime import ort_session, run_session
-    from resrank_export.text import PassageTokenizer
 
     runtime = detect_runtime()
     graphs = BuildGraphs.from_build(build, graphs_dir(build, precision))
@@ -137,7 +137,7 @@ def check_builds(builds: list[tuple[Path, str]], report: Path | None = None) -> 
 
 
 def render_checks(results: list[GraphCheck]) -> str:
-    from resrank_export.plan import render_table
+    from resrank_export.engine.plan import render_table
 
     return render_table([("precision", "graph", "max |diff|", "top-10 same", "TensorRT ms", "ORT CPU ms", "gate")]
                         + [(r.precision, r.graph, f"{r.max_abs_diff:.2e}", f"{r.top10_identical:.2f}",

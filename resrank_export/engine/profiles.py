@@ -8,10 +8,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.errors import EngineError
-from resrank_export.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
-from resrank_export.text import QUERY_MARKER, PromptBuilder
+from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
+from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
+from resrank_export.model.text import QUERY_MARKER, PromptBuilder
 
 LEVELS = ("min", "opt", "max")
 # A query's tokens can merge with the template text around it (BPE), so its token count inside

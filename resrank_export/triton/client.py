@@ -71,12 +71,12 @@ class QueryConfig:
     url: str = "127.0.0.1:8000"
     protocol: str = "http"
     top_k: int = 10
-    passages: Path | None = None  # rerank these (corpus file formats of resrank_export.data) instead
+    passages: Path | None = None  # rerank these (corpus file formats of resrank_export.data.readers) instead
 
 
 def run_query(config: QueryConfig) -> list[tuple[str, float]]:
     """`resrank-export query`: (passage id, reranker score) pairs, best first."""
-    from resrank_export.data import iter_passages
+    from resrank_export.data.readers import iter_passages
 
     passages = list(iter_passages(config.passages)) if config.passages is not None else None
     utils = require("tritonclient.utils", "querying Triton")

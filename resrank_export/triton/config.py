@@ -1,5 +1,5 @@
 """Triton `config.pbtxt` builders. Every tensor name, dtype and dim comes from a GraphSpec
-(resrank_export.specs for the exported graphs, `model_specs` below for the python models and
+(resrank_export.model.specs for the exported graphs, `model_specs` below for the python models and
 ensembles), so the configs cannot drift from the graphs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
-from resrank_export.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
+from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds resrank_export/

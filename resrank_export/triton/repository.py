@@ -10,14 +10,25 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
-from resrank_export.index import read_index_info
-from resrank_export.specs import GraphSpec
+from resrank_export.index.layout import read_index_info
+from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
+from resrank_export.model.specs import GraphSpec
 from resrank_export.triton.config import (
-    RERANK_ENSEMBLE, RERANK_OUTPUTS, RERANK_STEPS, RETRIEVE_ENSEMBLE, RETRIEVE_OUTPUTS, RETRIEVE_STEPS,
-    TritonConfig, ensemble_config, graph_model_config, model_specs, python_model_config, to_text)
+    RERANK_ENSEMBLE,
+    RERANK_OUTPUTS,
+    RERANK_STEPS,
+    RETRIEVE_ENSEMBLE,
+    RETRIEVE_OUTPUTS,
+    RETRIEVE_STEPS,
+    TritonConfig,
+    ensemble_config,
+    graph_model_config,
+    model_specs,
+    python_model_config,
+    to_text,
+)
 
 log = logging.getLogger(__name__)
 MARKER_FILE = "resrank_repository.json"  # Triton ignores files at the repository root

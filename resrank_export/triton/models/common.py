@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from resrank_export.checkpoint import CONFIG_FILE, ResRankConfig
-from resrank_export.pipeline import read_resrank_config
+from resrank_export.index.pipeline import read_resrank_config
+from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
 
 log = logging.getLogger(__name__)
 MAX_QUERY_BYTES = 65536  # longer queries are refused; shorter ones are truncated to max_query_tokens

@@ -24,7 +24,7 @@ def top_k(request, max_top_k: int) -> int:
 
 class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
-        from resrank_export.index import Retriever
+        from resrank_export.index.retriever import Retriever
 
         self.retriever = Retriever.load(version_dir(args) / "index")
         self.max_top_k = int(params["MAX_TOP_K"])

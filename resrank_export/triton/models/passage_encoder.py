@@ -7,9 +7,17 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from resrank_export.text import PassageTokenizer
+from resrank_export.model.text import PassageTokenizer
 from resrank_export.triton.models.common import (
-    RequestError, decode_texts, input_array, resrank_config, respond, string_array, tensors, version_dir)
+    RequestError,
+    decode_texts,
+    input_array,
+    respond,
+    resrank_config,
+    string_array,
+    tensors,
+    version_dir,
+)
 
 
 class Model:

@@ -3,8 +3,8 @@ slot positions. Queries longer than max_query_tokens are truncated by PromptBuil
 
 from __future__ import annotations
 
-from resrank_export.pipeline import load_prompt_builder
-from resrank_export.triton.models.common import input_array, queries, resrank_config, respond, version_dir
+from resrank_export.index.pipeline import load_prompt_builder
+from resrank_export.triton.models.common import input_array, queries, respond, resrank_config, version_dir
 
 
 class Model:

@@ -3,8 +3,8 @@ used for the corpus."""
 
 from __future__ import annotations
 
-from resrank_export.text import PassageTokenizer
-from resrank_export.triton.models.common import queries, resrank_config, respond, version_dir
+from resrank_export.model.text import PassageTokenizer
+from resrank_export.triton.models.common import queries, respond, resrank_config, version_dir
 
 
 class Model:

@@ -1,0 +1,221 @@
+"""Memory planner: how much GPU memory the encoder and reranker engines need at each precision
+(weights + activations + workspace), from the checkpoint's configs and safetensors headers
+alone, and the largest batch / candidate count that fit a given GPU. An estimate for sizing
+before any engine is built; TensorRT reports the exact figure of a built plan."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from resrank_export.engine.profiles import GIB, BuildGraphs, EngineConfig, prompt_length
+from resrank_export.errors import CheckpointError, InputDataError
+from resrank_export.model.checkpoint import Checkpoint
+
+PRECISIONS = ("fp32", "fp16", "int8")
+# Bytes per weight: INT8 Q/DQ graphs hold the 2-D matmul weights of the transformer layers in
+# INT8 and everything else (embeddings, norms, biases) in FP16.
+_WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "int8": (1, 2)}  # (layer matmuls, rest)
+_ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '24GB', '1.5 GiB', '8000000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise InputDataError(f"--gpu-memory {text!r}: expected a size such as 16GiB, 24GB or 80GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _header_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from one safetensors header (no weights are loaded)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+
+
+def _safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors file; the planner reads parameter counts from them")
+    return {name: shape for path in files for name, shape in _header_shapes(path).items()}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of one Hugging Face backbone."""
+
+    parameters: int  # all stored tensors the graph uses (a causal LM's lm_head excluded)
+    layer_matmul_parameters: int  # 2-D weights inside the transformer layers (INT8 in Q/DQ graphs)
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "ModelShape":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        shapes = {n: s for n, s in _safetensors_shapes(model_dir).items() if not n.startswith("lm_head.")}
+        numel = {name: _product(shape) for name, shape in shapes.items()}
+        layer = sum(n for name, n in numel.items() if len(shapes[name]) == 2 and _LAYER_MATMUL.search(name))
+        hidden = config["hidden_size"]
+        return cls(parameters=sum(numel.values()), layer_matmul_parameters=layer, hidden=hidden,
+                   intermediate=config.get("intermediate_size", 4 * hidden),
+                   heads=config["num_attention_heads"], layers=config["num_hidden_layers"])
+
+    def weight_bytes(self, precision: str) -> int:
+        matmul, rest = _WEIGHT_BYTES[precision]
+        return self.layer_matmul_parameters * matmul + (self.parameters - self.layer_matmul_parameters) * rest
+
+    def activation_bytes(self, batch: int, length: int, precision: str) -> int:
+        """Peak activations of one forward pass: TensorRT reuses memory across layers, so about
+        one layer's worth is live: the residual stream and its projections (4 x hidden), the
+        MLP expansion (2 x intermediate) and the attention scores and softmax, which eager
+        attention materialises (2 x heads x length^2 per row)."""
+        per_token = 4 * self.hidden + 2 * self.intermediate
+        scores = 2 * self.heads * length * length
+        return _ACTIVATION_BYTES[precision] * batch * (length * per_token + scores)
+
+
+def _product(shape: list[int]) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    precision: str
+    weights: int
+    activations: int
+    workspace: int
+    reserve: int
+    total: int
+    fits: bool
+    largest_batch_at_max_k: int  # 0: not even batch 1 fits
+    largest_k_at_batch_1: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gpu_memory: int
+    max_batch: int
+    max_candidates: int
+    encoder_parameters: int
+    reranker_parameters: int
+    precisions: list[PrecisionPlan] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    gpu_memory: int
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # CUDA context, Triton server and python backends on the same GPU.
+    reserve_bytes: int = GIB
+
+
+def _footprint(encoder: ModelShape, reranker: ModelShape, projector_parameters: int, passage_tokens: int,
+               prompt_tokens: int, precision: str, batch: int, k: int) -> tuple[int, int]:
+    """(weights, activations) with both engines resident, at batch `batch` and k candidates
+    (the encoder sees up to max(batch, k) texts: rerank-only requests encode their k passages)."""
+    weights = encoder.weight_bytes(precision) + reranker.weight_bytes(precision) \
+        + projector_parameters * _WEIGHT_BYTES[precision][1]
+    return weights, encoder.activation_bytes(max(batch, k), passage_tokens, precision) \
+        + reranker.activation_bytes(batch, prompt_tokens, precision)
+
+
+def plan_memory(checkpoint: Checkpoint, config: PlanConfig) -> MemoryPlan:
+    """Estimate GPU memory per precision and the largest batch / k that fit `config.gpu_memory`."""
+    encoder = ModelShape.from_dir(checkpoint.encoder_dir)
+    reranker = ModelShape.from_dir(checkpoint.reranker_dir)
+    projector = 0
+    if checkpoint.projector_path is not None:
+        projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
+    graphs = BuildGraphs(checkpoint.config, checkpoint.reranker_dir / "tokenizer.json", checkpoint.encoder_dim)
+    builder = graphs.prompt_builder()
+    ck, engine = checkpoint.config, config.engine
+    k_max = engine.max_candidates or ck.max_candidates
+    fixed = engine.workspace_bytes + config.reserve_bytes
+
+    def total(precision: str, batch: int, k: int) -> int:
+        prompt = prompt_length(builder, ck.max_query_tokens, k)
+        return sum(_footprint(encoder, reranker, projector, ck.max_passage_tokens, prompt, precision, batch, k)) + fixed
+
+    plans = []
+    for precision in PRECISIONS:
+        weights, activations = _footprint(encoder, reranker, projector, ck.max_passage_tokens,
+                                          prompt_length(builder, ck.max_query_tokens, k_max), precision,
+                                          engine.max_batch, k_max)
+        needed = weights + activations + fixed
+        plans.append(PrecisionPlan(
+            precision=precision, weights=weights, activations=activations,
+            workspace=engine.workspace_bytes, reserve=config.reserve_bytes, total=needed,
+            fits=needed <= config.gpu_memory,
+            largest_batch_at_max_k=_largest(lambda b, p=precision: total(p, b, k_max) <= config.gpu_memory, 4096),
+            largest_k_at_batch_1=_largest(lambda k, p=precision: total(p, 1, k) <= config.gpu_memory, ck.max_candidates)))
+    return MemoryPlan(config.gpu_memory, engine.max_batch, k_max, encoder.parameters, reranker.parameters, plans)
+
+
+def graph_weight_bytes(checkpoint: Checkpoint, precision: str) -> dict[str, int]:
+    """Bytes of the weights the encoder and reranker graphs store at `precision` (the build's
+    disk-space check; the projector is part of the reranker graph)."""
+    projector = 0
+    if checkpoint.projector_path is not None:
+        projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
+    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).weight_bytes(precision),
+            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).weight_bytes(precision)
+            + projector * _WEIGHT_BYTES[precision][1]}
+
+
+def _largest(fits, upper: int) -> int:
+    """Largest n in 1..upper with fits(n) (fits is monotone: more rows never need less memory); 0 if none."""
+    low, high = 0, upper
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+
+def plan_checkpoint(checkpoint_dir: Path | None, config: PlanConfig) -> MemoryPlan:
+    """`resrank-export plan`: the memory plan of a checkpoint folder (default: the demo checkpoint)."""
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import default_checkpoint
+
+    return plan_memory(load_checkpoint(checkpoint_dir or default_checkpoint()), config)
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.2f}"
+
+
+def render_plan(plan: MemoryPlan) -> str:
+    """A small text table of the plan (the JSON form is `MemoryPlan.to_json`)."""
+    head = (f"GPU memory {_gib(plan.gpu_memory)} GiB; encoder {plan.encoder_parameters:,} and reranker "
+            f"{plan.reranker_parameters:,} parameters; planned for batch {plan.max_batch}, k {plan.max_candidates}")
+    rows = [("precision", "weights GiB", "activations GiB", "workspace GiB", "reserve GiB", "total GiB", "fits",
+             "max batch @k", "max k @batch 1")]
+    rows += [(p.precision, _gib(p.weights), _gib(p.activations), _gib(p.workspace), _gib(p.reserve), _gib(p.total),
+              "yes" if p.fits else "no", str(p.largest_batch_at_max_k), str(p.largest_k_at_batch_1))
+             for p in plan.precisions]
+    note = "estimate: one layer of activations live, eager attention scores materialised; 0 = does not fit"
+    return "\n".join([head, render_table(rows), note])
+
+
+def render_table(rows: list[tuple[str, ...]]) -> str:
+    """Right-aligned plain-text columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)

@@ -1,0 +1,98 @@
+"""ONNX export of the encoder and reranker graphs with `torch.onnx.export` (dynamo exporter),
+dynamic batch / sequence / candidate axes, and the tokenizer files next to the graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint
+from resrank_export.model.reference import load_encoder, load_reranker, passage_tokenizer, prompt_builder
+from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
+
+log = logging.getLogger(__name__)
+
+# Protobuf caps a single ONNX file at 2 GiB; past this many parameter bytes weights go to a
+# side file (`<graph>.onnx.data`).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    external_data: bool | None = None  # None: decide from the model size
+
+
+def graph_specs(checkpoint: Checkpoint) -> tuple[GraphSpec, GraphSpec]:
+    return encoder_spec(checkpoint.encoder_dim), reranker_spec(checkpoint.encoder_dim)
+
+
+def _sample_texts() -> list[str]:
+    return [
+        "The quick brown fox jumps over the lazy dog near the river bank.",
+        "Transformers encode passages into dense vectors for retrieval.",
+        "A short one.",
+    ]
+
+
+def _dynamic_shapes(spec: GraphSpec) -> dict:
+    dims = {BATCH: torch.export.Dim("batch"), SEQUENCE: torch.export.Dim("sequence"),
+            CANDIDATES: torch.export.Dim("candidates")}
+    return {t.name: {i: dims[d] for i, d in enumerate(t.dims) if isinstance(d, str)} for t in spec.inputs}
+
+
+def _export(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, np.ndarray], path: Path,
+            config: ExportConfig) -> None:
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = config.external_data if config.external_data is not None else params > EXTERNAL_DATA_THRESHOLD
+    args = tuple(torch.from_numpy(inputs[name]) for name in spec.input_names)
+    captured = io.StringIO()
+    # The exporter prints progress lines; keep them for --verbose instead of the terminal.
+    with contextlib.redirect_stdout(captured), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=config.opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=_dynamic_shapes(spec), optimize=True,
+        )
+    log.debug(captured.getvalue())
+    program.save(str(path), external_data=external)
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = ExportConfig()) -> dict[str, Path]:
+    """Write encoder.onnx, reranker.onnx, tokenizers and resrank.json under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    enc_spec, rer_spec = graph_specs(checkpoint)
+    texts = _sample_texts()
+    enc_inputs = passage_tokenizer(checkpoint)(texts)
+    # Distinct, non-1 sizes for every dynamic axis so the exporter keeps them symbolic.
+    k = 3
+    rer_inputs = prompt_builder(checkpoint).batch(texts[:2], k)
+    rng = np.random.default_rng(0)
+    rer_inputs["passage_embeddings"] = rng.standard_normal((2, k, checkpoint.encoder_dim)).astype(np.float32)
+
+    graphs = out / "onnx" / "fp32"
+    graphs.mkdir(parents=True, exist_ok=True)
+    _export(load_encoder(checkpoint), enc_spec, enc_inputs, graphs / enc_spec.filename, config)
+    log.info("exported %s", graphs / enc_spec.filename)
+    _export(load_reranker(checkpoint), rer_spec, rer_inputs, graphs / rer_spec.filename, config)
+    log.info("exported %s", graphs / rer_spec.filename)
+
+    for role, source in (("encoder", checkpoint.encoder_dir), ("reranker", checkpoint.reranker_dir)):
+        target = out / "tokenizer" / role
+        target.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+    shutil.copy2(checkpoint.root / CONFIG_FILE, out / CONFIG_FILE)
+    return {"encoder": graphs / enc_spec.filename, "reranker": graphs / rer_spec.filename}

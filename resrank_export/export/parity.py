@@ -1,0 +1,148 @@
+"""Parity of the exported graphs against the PyTorch reference, on real text: DL19 queries and
+their BM25 candidates when a BEIR folder with a run file is given, else the embedded
+standard-library corpus. The report is data (JSON); the gate raises ParityError."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resrank_export.data.readers import iter_passages, read_queries, read_trec_run
+from resrank_export.errors import InputDataError, ParityError
+from resrank_export.model.reference import ResRankReference
+from resrank_export.runtime import ort_session, run_session
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.bm25.trec"
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    data_dir: Path | None = None  # BEIR folder with queries.jsonl, corpus.jsonl and a TREC run
+    queries: int = 3
+    atol: float = 1e-4
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ParityData:
+    source: str
+    queries: list[str]
+    candidates: list[list[str]]  # passage texts per query, best first
+
+
+def load_parity_data(config: ParityConfig, k: int) -> ParityData:
+    """Queries with k candidate texts each, from the BEIR folder or the embedded corpus."""
+    data_dir = config.data_dir
+    if data_dir is not None and not data_dir.is_dir():  # a mistyped path must not pass silently
+        raise InputDataError(f"{data_dir}: parity data folder not found")
+    if data_dir is not None and (data_dir / RUN_FILE).is_file():
+        run = read_trec_run(data_dir / RUN_FILE)
+        queries = read_queries(data_dir)
+        qids = [q for q in sorted(run) if q in queries and len(run[q]) >= k][: config.queries]
+        if not qids:
+            raise InputDataError(f"{data_dir / RUN_FILE}: no query with {k} candidates")
+        wanted = {doc for q in qids for doc in run[q][:k]}
+        texts = {p.id: p.text for p in iter_passages(data_dir) if p.id in wanted}
+        missing = wanted - set(texts)
+        if missing:
+            raise InputDataError(f"{data_dir / 'corpus.jsonl'}: {len(missing)} run passages missing, e.g. {sorted(missing)[0]}")
+        return ParityData(f"BEIR folder {data_dir} ({len(qids)} queries, BM25 top-{k})",
+                          [queries[q] for q in qids], [[texts[d] for d in run[q][:k]] for q in qids])
+    from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages
+
+    reason = "no parity data folder given" if data_dir is None else f"{data_dir / RUN_FILE} not found"
+    log.warning("parity: %s; using the embedded standard-library corpus instead", reason)
+    n = min(config.queries, len(SAMPLE_QUERIES))
+    passages = [p.text for p in stdlib_passages(limit=n * k)]
+    if len(passages) < n * k:
+        raise InputDataError(f"embedded corpus has {len(passages)} passages, parity needs {n * k}")
+    return ParityData(f"embedded standard-library corpus ({reason})", list(SAMPLE_QUERIES[:n]),
+                      [passages[i * k:(i + 1) * k] for i in range(n)])
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _top10(ref_scores: np.ndarray, new_scores: np.ndarray) -> tuple[float, float]:
+    """(fraction of rows whose top-10 order is identical, mean top-10 overlap)."""
+    identical, overlap = [], []
+    for ref, new in zip(ref_scores, new_scores):
+        a = np.argsort(-ref, kind="stable")[:10]
+        b = np.argsort(-new, kind="stable")[:10]
+        identical.append(bool(np.array_equal(a, b)))
+        overlap.append(len(set(a) & set(b)) / len(a))
+    return float(np.mean(identical)), float(np.mean(overlap))
+
+
+def _compare(name: str, ref: np.ndarray, new: np.ndarray, **extra) -> dict:
+    return {"name": name, **extra, "max_abs_diff": float(np.abs(ref - new).max()),
+            "mean_cosine": float(_row_cosine(ref, new).mean())}
+
+
+def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: ParityConfig,
+                 gate: bool = True) -> dict:
+    """Compare encoder and reranker graphs with the reference; returns the JSON report."""
+    ck = reference.checkpoint.config
+    k_max = ck.max_candidates
+    data = load_parity_data(config, k_max)
+    encoder = ort_session(graphs["encoder"])
+    reranker = ort_session(graphs["reranker"])
+
+    # Encoder: every candidate passage and every query.
+    texts = [t for cands in data.candidates for t in cands] + data.queries
+    ref_emb = reference.encode(texts, config.batch_size)
+    new_emb = np.concatenate([
+        run_session(encoder, reference.passage_tokenizer(texts[i:i + config.batch_size]))[0]
+        for i in range(0, len(texts), config.batch_size)])
+    n_q = len(data.queries)
+    ref_q, new_q = ref_emb[-n_q:], new_emb[-n_q:]
+    ref_p = ref_emb[:-n_q].reshape(n_q, k_max, -1)
+    new_p = new_emb[:-n_q].reshape(n_q, k_max, -1)
+    identical, overlap = _top10(np.einsum("qd,qkd->qk", ref_q, ref_p), np.einsum("qd,qkd->qk", new_q, new_p))
+    cos = _row_cosine(ref_emb, new_emb)
+    enc_report = {"texts": len(texts), "max_abs_diff": float(np.abs(ref_emb - new_emb).max()),
+                  "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+                  "top10_identical": identical, "top10_overlap": overlap}
+
+    # Reranker: several shapes, slot vectors from the reference encoder.
+    k_mid = min(10, k_max)
+    long_query = " ".join([data.queries[0]] * 40)
+    cases = [
+        ("k=1", data.queries[:1], ref_p[:1, :1]),
+        (f"k=max ({k_max}), batch {n_q}", data.queries, ref_p),
+        (f"long query, k={k_mid}", [long_query], ref_p[:1, :k_mid]),
+        (f"batch {min(2, n_q)}, k={k_mid}", data.queries[-2:], ref_p[-2:, :k_mid]),
+    ]
+    case_reports = []
+    for name, queries, slots in cases:
+        inputs = reference.prompt_builder.batch(queries, slots.shape[1])
+        inputs["passage_embeddings"] = np.ascontiguousarray(slots, dtype=np.float32)
+        new_scores = run_session(reranker, inputs)[0]
+        ref_scores = reference.score(queries, slots)
+        identical, overlap = _top10(ref_scores, new_scores)
+        case_reports.append(_compare(name, ref_scores, new_scores, batch=len(queries), k=int(slots.shape[1]),
+                                     prompt_tokens=int(inputs["input_ids"].shape[1]),
+                                     top10_identical=identical, top10_overlap=overlap))
+    max_diff = max(c["max_abs_diff"] for c in case_reports)
+    all_identical = all(c["top10_identical"] == 1.0 for c in case_reports)
+    report = {
+        "source": data.source,
+        "atol": config.atol,
+        "encoder": enc_report,
+        "reranker": {"cases": case_reports, "max_abs_diff": max_diff, "top10_identical": all_identical},
+        "passed": bool(max_diff <= config.atol and all_identical
+                       and enc_report["max_abs_diff"] <= config.atol and enc_report["top10_identical"] == 1.0),
+    }
+    if gate and not report["passed"]:
+        raise ParityError(
+            f"ONNX parity failed (gate: max |diff| <= {config.atol}, identical top-10): reranker "
+            f"max |diff| {max_diff:.2e}, top-10 identical {all_identical}; encoder max |diff| "
+            f"{enc_report['max_abs_diff']:.2e}, top-10 identical {enc_report['top10_identical']:.2f}")
+    return report

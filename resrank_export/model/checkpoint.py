@@ -1,0 +1,231 @@
+"""The ResRank checkpoint: `resrank.json` + `encoder/` + `reranker/` (+ `projector.safetensors`).
+
+Everything that the paper leaves open is a field of `resrank.json`; `load_checkpoint` validates
+the whole folder before any stage writes output, so a bad checkpoint never leaves partial files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resrank_export.errors import CheckpointError
+from resrank_export.model.text import PASSAGES_MARKER, QUERY_MARKER
+
+CONFIG_FILE = "resrank.json"
+PROJECTOR_FILE = "projector.safetensors"
+POOLINGS = ("last", "mean", "cls")
+PROJECTORS = ("none", "linear", "mlp2x_gelu")
+
+
+@dataclass(frozen=True)
+class ResRankConfig:
+    """Fields of `resrank.json`; defaults follow the design note."""
+
+    pooling: str = "last"
+    normalize: bool = True
+    projector: str = "none"
+    placeholder_token: str = "<|passage|>"
+    prompt_template: str = (
+        "Query: {query}\nPassages: {passages}\nRank the passages for the query: {query}"
+    )
+    residual_alpha: float = 1.0
+    max_passage_tokens: int = 512
+    max_query_tokens: int = 64
+    max_candidates: int = 100
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path) -> "ResRankConfig":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise CheckpointError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; expected only {', '.join(known)}"
+            )
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            expected = {"normalize": bool, "residual_alpha": (int, float)}.get(name)
+            if expected is None:
+                default = known[name].default
+                expected = type(default)
+            if isinstance(value, bool) and expected is not bool:
+                raise CheckpointError(f"{source}: field '{name}' must be a number, got {value!r}")
+            if not isinstance(value, expected):
+                raise CheckpointError(
+                    f"{source}: field '{name}' must be of type "
+                    f"{getattr(expected, '__name__', 'number')}, got {value!r}"
+                )
+            values[name] = value
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: Path) -> None:
+        if self.pooling not in POOLINGS:
+            raise CheckpointError(
+                f"{source}: field 'pooling' is {self.pooling!r}; expected one of {', '.join(POOLINGS)}"
+            )
+        if self.projector not in PROJECTORS:
+            raise CheckpointError(
+                f"{source}: field 'projector' is {self.projector!r}; "
+                f"expected one of {', '.join(PROJECTORS)}"
+            )
+        for marker in (QUERY_MARKER, PASSAGES_MARKER):
+            if marker not in self.prompt_template:
+                raise CheckpointError(
+                    f"{source}: field 'prompt_template' has no {marker} marker; "
+                    f"expected a template containing {QUERY_MARKER} and {PASSAGES_MARKER}"
+                )
+        if self.prompt_template.count(PASSAGES_MARKER) != 1:
+            raise CheckpointError(
+                f"{source}: field 'prompt_template' must contain {PASSAGES_MARKER} exactly once"
+            )
+        if not self.placeholder_token.strip():
+            raise CheckpointError(f"{source}: field 'placeholder_token' must not be empty")
+        if self.placeholder_token in self.prompt_template:
+            raise CheckpointError(
+                f"{source}: field 'prompt_template' contains the placeholder token "
+                f"{self.placeholder_token!r}; slots are placed only by {PASSAGES_MARKER}"
+            )
+        for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
+            if getattr(self, name) <= 0:
+                raise CheckpointError(
+                    f"{source}: field '{name}' is {getattr(self, name)}; expected an integer > 0"
+                )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint folder."""
+
+    root: Path
+    config: ResRankConfig
+    encoder_dim: int
+    reranker_hidden: int
+    placeholder_id: int
+
+    @property
+    def encoder_dir(self) -> Path:
+        return self.root / "encoder"
+
+    @property
+    def reranker_dir(self) -> Path:
+        return self.root / "reranker"
+
+    @property
+    def projector_path(self) -> Path | None:
+        return None if self.config.projector == "none" else self.root / PROJECTOR_FILE
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
+
+
+def _hidden_size(model_dir: Path, role: str) -> int:
+    config_path = model_dir / "config.json"
+    config = _read_json(config_path)
+    size = config.get("hidden_size") if isinstance(config, dict) else None
+    if not isinstance(size, int) or size <= 0:
+        raise CheckpointError(f"{config_path}: {role} config has no positive integer 'hidden_size'")
+    weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
+    if not weights:
+        raise CheckpointError(
+            f"{model_dir}: no {role} weights found; expected model.safetensors (or sharded *.safetensors)"
+        )
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{model_dir / 'tokenizer.json'}: file not found; the {role} needs a fast tokenizer file"
+        )
+    return size
+
+
+def _placeholder_id(reranker_dir: Path, token: str) -> int:
+    from tokenizers import Tokenizer
+
+    path = reranker_dir / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise CheckpointError(f"{path}: cannot be read as a tokenizer ({exc})") from None
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise CheckpointError(
+            f"{path}: placeholder token {token!r} (field 'placeholder_token' of {CONFIG_FILE}) "
+            "is not in the reranker tokenizer; add it as a special token"
+        )
+    ids = tokenizer.encode(f"a {token} b", add_special_tokens=False).ids
+    if ids.count(token_id) != 1:
+        raise CheckpointError(
+            f"{path}: placeholder token {token!r} does not encode to one token inside text; "
+            "add it as a special (non-normalized) added token"
+        )
+    return token_id
+
+
+def _check_projector(path: Path, kind: str, in_dim: int, out_dim: int) -> None:
+    """Every tensor of the projector weights has the shape `build_projector(kind, in_dim,
+    out_dim)` loads, so a wrong file fails here and not inside the export."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; projector '{kind}' needs its weights")
+    expected = {
+        "linear": {"weight": [out_dim, in_dim], "bias": [out_dim]},
+        "mlp2x_gelu": {"0.weight": [out_dim, in_dim], "0.bias": [out_dim],
+                       "2.weight": [out_dim, out_dim], "2.bias": [out_dim]},
+    }[kind]
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
+    if sorted(shapes) != sorted(expected):
+        raise CheckpointError(
+            f"{path}: projector '{kind}' expects tensors {sorted(expected)}, found {sorted(shapes)}"
+        )
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise CheckpointError(
+                f"{path}: projector '{kind}' tensor '{name}' has shape {shapes[name]}; expected {shape} "
+                f"(encoder dim {in_dim}, reranker hidden size {out_dim})"
+            )
+
+
+def load_checkpoint(root: str | Path) -> Checkpoint:
+    """Validate a checkpoint folder and return its description; raises CheckpointError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder not found")
+    config_path = root / CONFIG_FILE
+    config = ResRankConfig.from_json(_read_json(config_path), config_path)
+    for role in ("encoder", "reranker"):
+        if not (root / role).is_dir():
+            raise CheckpointError(f"{root / role}: folder not found; a checkpoint needs {role}/")
+    encoder_dim = _hidden_size(root / "encoder", "encoder")
+    reranker_hidden = _hidden_size(root / "reranker", "reranker")
+    if config.projector == "none":
+        if encoder_dim != reranker_hidden:
+            raise CheckpointError(
+                f"{config_path}: field 'projector' is 'none' but the encoder dim ({encoder_dim}) "
+                f"differs from the reranker hidden size ({reranker_hidden}); "
+                "use projector 'linear' or 'mlp2x_gelu'"
+            )
+    else:
+        _check_projector(root / PROJECTOR_FILE, config.projector, encoder_dim, reranker_hidden)
+    placeholder_id = _placeholder_id(root / "reranker", config.placeholder_token)
+    return Checkpoint(root, config, encoder_dim, reranker_hidden, placeholder_id)

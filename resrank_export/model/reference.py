@@ -1,0 +1,184 @@
+"""Reference PyTorch ResRank: the modules that are exported to ONNX, and a small pipeline
+(`ResRankReference`) that encodes and ranks with them. The exported graphs are checked
+against this reference."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from resrank_export.errors import CheckpointError
+from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.text import PassageTokenizer, PromptBuilder
+
+
+def load_backbone(model_dir) -> nn.Module:
+    """Any Hugging Face model that takes inputs_embeds + attention_mask and returns
+    last_hidden_state. Eager attention: it exports to plain ONNX ops that every runtime and
+    ModelOpt handle, and it is what the parity reference runs too."""
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    except Exception as exc:  # corrupt weights, unknown model_type, ...: a user error, one line
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{model_dir}: cannot be loaded as a Hugging Face model "
+                              f"({type(exc).__name__}: {reason})") from None
+    return model.eval()
+
+
+def _backbone_kwargs(backbone: nn.Module) -> dict:
+    # Decoder backbones would build a KV cache that a one-pass ranker never reads.
+    return {"use_cache": False} if "use_cache" in inspect.signature(backbone.forward).parameters else {}
+
+
+def _gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden [B, L, H], positions [B, k] -> [B, k, H]."""
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, index)
+
+
+def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1] index of the last real token of right-padded rows."""
+    return (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+
+
+class EncoderOnnxWrapper(nn.Module):
+    """input_ids, attention_mask -> one pooled (optionally L2-normalised) vector per text."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, normalize: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, **_backbone_kwargs(self.backbone)
+        ).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = _gather_rows(hidden, _last_token_index(attention_mask)).squeeze(1)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    raise ValueError(f"unknown projector {kind!r}")
+
+
+class RerankerOnnxWrapper(nn.Module):
+    """One forward pass: fill the placeholder slots with projected passage vectors, run the
+    backbone, score each slot by cos(last-token state, alpha * e_i + h_i)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, residual_alpha: float):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.residual_alpha = residual_alpha
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        passage_embeddings: torch.Tensor,
+        slot_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        slot_vectors = self.projector(passage_embeddings).to(embeds.dtype)
+        index = slot_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        embeds = embeds.scatter(1, index, slot_vectors)
+        hidden = self.backbone(
+            inputs_embeds=embeds, attention_mask=attention_mask, **_backbone_kwargs(self.backbone)
+        ).last_hidden_state
+        passages = self.residual_alpha * slot_vectors + _gather_rows(hidden, slot_positions)
+        query = _gather_rows(hidden, _last_token_index(attention_mask))
+        return nn.functional.cosine_similarity(query, passages, dim=-1)
+
+
+def load_encoder(checkpoint: Checkpoint) -> EncoderOnnxWrapper:
+    config = checkpoint.config
+    return EncoderOnnxWrapper(load_backbone(checkpoint.encoder_dir), config.pooling, config.normalize).eval()
+
+
+def load_reranker(checkpoint: Checkpoint) -> RerankerOnnxWrapper:
+    config = checkpoint.config
+    projector = build_projector(config.projector, checkpoint.encoder_dim, checkpoint.reranker_hidden)
+    if checkpoint.projector_path is not None:
+        from safetensors.torch import load_file
+
+        projector.load_state_dict(load_file(str(checkpoint.projector_path)))
+    backbone = load_backbone(checkpoint.reranker_dir)
+    return RerankerOnnxWrapper(backbone, projector, config.residual_alpha).eval()
+
+
+def passage_tokenizer(checkpoint: Checkpoint) -> PassageTokenizer:
+    return PassageTokenizer(checkpoint.encoder_dir / "tokenizer.json", checkpoint.config.max_passage_tokens)
+
+
+def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
+    config = checkpoint.config
+    return PromptBuilder(
+        checkpoint.reranker_dir / "tokenizer.json",
+        config.prompt_template,
+        config.placeholder_token,
+        config.max_query_tokens,
+        config.max_candidates,
+    )
+
+
+@dataclass(frozen=True)
+class Ranking:
+    order: np.ndarray  # candidate indices, best first
+    scores: np.ndarray  # score of each candidate, in input order
+
+
+class ResRankReference:
+    """The whole model in PyTorch: encode texts, score candidates, rank."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.encoder = load_encoder(checkpoint)
+        self.reranker = load_reranker(checkpoint)
+        self.passage_tokenizer = passage_tokenizer(checkpoint)
+        self.prompt_builder = prompt_builder(checkpoint)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.passage_tokenizer(texts[start : start + batch_size])
+            chunks.append(self.encoder(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask"))))
+        if not chunks:
+            return np.zeros((0, self.checkpoint.encoder_dim), dtype=np.float32)
+        return torch.cat(chunks).numpy()
+
+    @torch.inference_mode()
+    def score(self, queries: list[str], passage_embeddings: np.ndarray) -> np.ndarray:
+        """queries [B], passage_embeddings [B, k, De] -> scores [B, k]."""
+        inputs = self.prompt_builder.batch(queries, passage_embeddings.shape[1])
+        return self.reranker(
+            torch.from_numpy(inputs["input_ids"]),
+            torch.from_numpy(inputs["attention_mask"]),
+            torch.from_numpy(np.ascontiguousarray(passage_embeddings, dtype=np.float32)),
+            torch.from_numpy(inputs["slot_positions"]),
+        ).numpy()
+
+    def rank(self, query: str, passages: list[str]) -> Ranking:
+        scores = self.score([query], self.encode(passages)[None])[0]
+        return Ranking(order=np.argsort(-scores, kind="stable"), scores=scores)

@@ -1,0 +1,165 @@
+"""How much FP16/INT8 graphs change what the model returns, measured against the FP32 graphs on
+ONNX Runtime CPU with real text: embedding cosines and exact-search nDCG@10 for the encoder
+(a BEIR folder with qrels, e.g. SciFact), Kendall tau / top-10 overlap / score error for the
+reranker on BM25 candidate lists (a BEIR folder with a TREC run, e.g. DL19)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resrank_export.data.evaluation import ndcg_at_10
+from resrank_export.data.readers import iter_passages, read_qrels, read_queries
+from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load_parity_data
+from resrank_export.lazy import require
+from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.reference import passage_tokenizer, prompt_builder
+from resrank_export.runtime import encode_texts, ort_session, run_session
+
+log = logging.getLogger(__name__)
+RETRIEVAL_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    retrieval_data: Path | None = None  # BEIR folder with qrels/test.tsv (SciFact)
+    rerank_data: Path | None = None  # BEIR folder with run.bm25.trec (DL19)
+    retrieval_other_docs: int | None = None  # None: full corpus; N: judged docs + N seeded others
+    retrieval_queries: int | None = None  # None: every judged query
+    rerank_queries: int | None = None  # None: every query of the run
+    rerank_candidates: int = 100
+    seed: int = 0
+    batch_size: int = 32
+
+
+def _retrieval_data(config: FidelityConfig) -> tuple[dict, dict[str, str], list[str], list[str], str]:
+    """(qrels, queries, doc ids, doc texts, description): the BEIR folder, subsampled if asked."""
+    folder = Path(config.retrieval_data)
+    qrels = read_qrels(folder)
+    queries = {q: t for q, t in read_queries(folder).items() if q in qrels}
+    rng = np.random.default_rng(config.seed)
+    if config.retrieval_queries is not None and config.retrieval_queries < len(queries):
+        keep = sorted(rng.choice(sorted(queries), size=config.retrieval_queries, replace=False))
+        queries = {q: queries[q] for q in keep}
+    qrels = {q: qrels[q] for q in queries}
+    corpus = {p.id: p.text for p in iter_passages(folder)}
+    ids = sorted(corpus)
+    description = f"{folder.name}: {len(queries)} judged queries, full corpus ({len(ids)} passages)"
+    if config.retrieval_other_docs is not None:
+        judged = {d for docs in qrels.values() for d in docs if d in corpus}
+        others = sorted(set(ids) - judged)
+        picked = rng.choice(others, size=min(config.retrieval_other_docs, len(others)), replace=False)
+        ids = sorted(judged | set(picked.tolist()))
+        description = (f"{folder.name}: {len(queries)} judged queries, subsample of {len(ids)} passages "
+                       f"(every judged passage + {len(picked)} others, seed {config.seed})")
+    return qrels, queries, ids, [corpus[i] for i in ids], description
+
+
+def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config: FidelityConfig) -> dict:
+    tokenizer = passage_tokenizer(checkpoint)
+    if config.retrieval_data is None:
+        from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages
+
+        qrels, queries, ids = None, {f"q{i}": q for i, q in enumerate(SAMPLE_QUERIES)}, []
+        texts = [p.text for p in stdlib_passages(limit=500)]
+        description = "embedded standard-library corpus (no retrieval data: cosines only)"
+    else:
+        qrels, queries, ids, texts, description = _retrieval_data(config)
+    vectors = {}
+    for precision, path in encoders.items():
+        log.info("fidelity: encoding %d texts with the %s encoder", len(texts) + len(queries), precision)
+        vectors[precision] = encode_texts(ort_session(path), tokenizer, texts + list(queries.values()), config.batch_size)
+    report = {"data": description, "texts": len(texts) + len(queries), "precisions": {}}
+    for precision, emb in vectors.items():
+        cosine = _row_cosine(vectors["fp32"], emb)
+        entry = {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
+        if qrels is not None:
+            docs, qv = emb[: len(texts)], emb[len(texts):]
+            scores = qv @ docs.T
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :RETRIEVAL_DEPTH]
+            run = {q: {ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(queries)}
+            entry["ndcg@10"] = ndcg_at_10(qrels, run)
+        report["precisions"][precision] = entry
+    for entry in report["precisions"].values():
+        if "ndcg@10" in entry:
+            entry["ndcg@10_delta"] = entry["ndcg@10"] - report["precisions"]["fp32"]["ndcg@10"]
+    return report
+
+
+def _kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    stats = require("scipy.stats", "Kendall tau in the fidelity report")
+    return float(stats.kendalltau(a, b).statistic)
+
+
+def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]], config: FidelityConfig) -> dict:
+    k = min(config.rerank_candidates, checkpoint.config.max_candidates)
+    data = load_parity_data(ParityConfig(data_dir=config.rerank_data, queries=config.rerank_queries or 10**9), k)
+    encoder = ort_session(graphs["fp32"]["encoder"])
+    texts = [t for cands in data.candidates for t in cands]
+    slots = encode_texts(encoder, passage_tokenizer(checkpoint), texts, config.batch_size).reshape(len(data.queries), k, -1)
+    builder = prompt_builder(checkpoint)
+    scores = {}
+    for precision, paths in graphs.items():
+        log.info("fidelity: reranking %d queries x %d candidates with the %s reranker", len(data.queries), k, precision)
+        session = ort_session(paths["reranker"])
+        rows = []
+        for i, query in enumerate(data.queries):
+            inputs = builder.batch([query], k)
+            inputs["passage_embeddings"] = slots[i:i + 1]
+            rows.append(run_session(session, inputs)[0][0])
+        scores[precision] = np.stack(rows)
+    report = {"data": data.source, "queries": len(data.queries), "candidates": k, "precisions": {}}
+    for precision, got in scores.items():
+        ref = scores["fp32"]
+        identical, overlap = _top10(ref, got)
+        report["precisions"][precision] = {
+            "kendall_tau": float(np.mean([_kendall_tau(r, g) for r, g in zip(ref, got)])),
+            "top10_overlap": overlap, "top10_identical": identical,
+            "score_mae": float(np.abs(ref - got).mean()), "score_max_abs_diff": float(np.abs(ref - got).max())}
+    return report
+
+
+def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]], config: FidelityConfig) -> dict:
+    """`graphs`: {precision: {"encoder": path, "reranker": path}}, "fp32" included."""
+    return {
+        "encoder": _encoder_fidelity(checkpoint, {p: g["encoder"] for p, g in graphs.items()}, config),
+        "reranker": _reranker_fidelity(checkpoint, graphs, config),
+    }
+
+
+def render_markdown(report: dict, title: str = "Precision fidelity vs FP32 (ONNX Runtime CPU)") -> str:
+    enc, rr = report["encoder"], report["reranker"]
+    lines = [f"# {title}", "", f"## Encoder\n\nData: {enc['data']} ({enc['texts']} texts embedded).", "",
+             "| precision | nDCG@10 | Δ vs FP32 | mean cosine | min cosine |", "|---|---|---|---|---|"]
+    for precision, e in enc["precisions"].items():
+        ndcg = f"{e['ndcg@10']:.4f}" if "ndcg@10" in e else "–"
+        delta = f"{e['ndcg@10_delta']:+.4f}" if "ndcg@10_delta" in e else "–"
+        lines.append(f"| {precision} | {ndcg} | {delta} | {e['mean_cosine']:.6f} | {e['min_cosine']:.6f} |")
+    lines += ["", f"## Reranker\n\nData: {rr['data']}; {rr['queries']} queries x {rr['candidates']} candidates "
+              "(slot vectors from the FP32 encoder).", "",
+              "| precision | Kendall τ | top-10 overlap | top-10 identical | score MAE | max abs diff |",
+              "|---|---|---|---|---|---|"]
+    for precision, r in rr["precisions"].items():
+        lines.append(f"| {precision} | {r['kendall_tau']:.4f} | {r['top10_overlap']:.3f} | {r['top10_identical']:.3f} "
+                     f"| {r['score_mae']:.2e} | {r['score_max_abs_diff']:.2e} |")
+    if report.get("conversions"):
+        lines += ["", "## What each conversion kept in FP32", ""]
+        lines += [f"- {name}: {_conversion_summary(c)}" for name, c in report["conversions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _conversion_summary(conversion: dict) -> str:
+    """One line from a convert_fp16 / quantize_int8 report."""
+    if "nodes" in conversion:  # FP16
+        kept = ", ".join(f"{op} {n}" for op, n in conversion["nodes"]["fp32"].items()) or "nothing"
+        return f"{sum(conversion['nodes']['fp16'].values())} nodes FP16; FP32 kept: {kept}"
+    smooth = conversion.get("smoothquant")
+    smooth_text = (f"SmoothQuant α {smooth['alpha']} on {smooth['gemms']} GEMMs ({smooth['inputs']} inputs)"
+                   if smooth else "no SmoothQuant")
+    return (f"{conversion['quantize_nodes']} Q/DQ pairs ({conversion['method']}, {conversion['samples']} samples); "
+            f"{smooth_text}; FFN down-projections FP32: {len(conversion['ffn_output_gemms_kept_fp32'])}; "
+            f"attention GEMMs {'INT8' if conversion['attention_qdq'] else 'FP32'}; exclusions: "
+            f"{', '.join(conversion['exclude_ops'] + conversion['exclude_nodes']) or 'none'}")

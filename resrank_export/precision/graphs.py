@@ -1,0 +1,236 @@
+"""FP16 and INT8 graphs made on the CPU with NVIDIA ModelOpt. TensorRT 10 deprecated (and 11
+removed) its builder precision flags and implicit INT8 calibrators, so the precision lives in
+the ONNX graph: FP16 by AutoCast (mixed precision, I/O types kept), INT8 by explicit Q/DQ
+nodes whose scales come from a calibration set run through ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from resrank_export.errors import InputDataError, ResRankExportError
+from resrank_export.lazy import require
+from resrank_export.precision.smoothquant import smooth_gemm_inputs
+
+log = logging.getLogger(__name__)
+
+# Op types AutoCast leaves in FP32: reductions and normalisations overflow or lose precision in
+# FP16 (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization;
+# the final L2-normalise/cosine as ReduceL2/ReduceSum/Sqrt/Div/Clip), and softmax over long
+# prompts. Measured on the demo graphs: leaving these in FP32 keeps SciFact nDCG@10 within 0.002.
+FP16_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
+                      "Sqrt", "Reciprocal", "ReduceL2", "ReduceSum", "Div", "Clip")
+# ModelOpt's INT8 calibration methods ("percentile" is not offered for INT8 by ModelOpt 0.4x).
+INT8_METHODS = ("entropy", "max")
+CALIBRATION_BATCH = 8  # samples per ONNX Runtime run during calibration
+# Only the GEMMs are quantized (where TensorRT's INT8 speed-up is); elementwise Adds carry the
+# attention mask's -inf and the residual stream, whose per-tensor ranges INT8 cannot hold.
+INT8_QUANTIZE_OPS = ("MatMul", "Gemm")
+# Activations whose output feeds the FFN down-projection: measured on all-MiniLM-L6-v2, that
+# GEMM's input (GELU output, heavy-tailed) costs most of INT8's embedding error (mean cosine
+# 0.983 -> 0.992 when it stays FP32).
+FFN_ACTIVATION_OPS = ("Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    calibration_method: str = "entropy"
+    fp16_keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32_OPS
+    int8_exclude_ops: tuple[str, ...] = ()  # op types left unquantized, e.g. ("Gather",)
+    int8_exclude_nodes: tuple[str, ...] = ()  # node-name regexes left unquantized
+    int8_keep_ffn_output_fp32: bool = True  # leave GEMMs fed by the FFN activation unquantized
+    int8_attention_qdq: bool = False  # quantize the attention score/value GEMMs too
+    int8_smoothquant_alpha: float | None = 0.5  # SmoothQuant migration strength; None: no smoothing
+    autocast_samples: int = 8  # calibration samples AutoCast's range check runs
+
+
+def check_int8_config(config: PrecisionConfig) -> None:
+    if config.calibration_method not in INT8_METHODS:
+        raise ResRankExportError(f"calibration method {config.calibration_method!r}: expected one of "
+                                 f"{', '.join(INT8_METHODS)} (ModelOpt INT8 offers no percentile method)")
+    alpha = config.int8_smoothquant_alpha
+    if alpha is not None and not 0 < alpha <= 1:
+        raise ResRankExportError(f"SmoothQuant alpha {alpha}: expected a number in (0, 1] (0.5 is the usual choice)")
+
+
+def _float_types(model) -> dict[str, int]:
+    onnx = require("onnx", "precision conversion")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    return types
+
+
+def precision_by_op(model) -> dict[str, dict[str, int]]:
+    """{"fp32": {op type: count}, "fp16": {...}} of the non-Cast float nodes, by output type:
+    the record of what a mixed-precision graph really kept in FP32."""
+    onnx = require("onnx", "precision conversion")
+    types = _float_types(model)
+    counts: dict[str, collections.Counter] = {"fp32": collections.Counter(), "fp16": collections.Counter()}
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            continue
+        out_types = {types.get(o) for o in node.output}
+        if onnx.TensorProto.FLOAT16 in out_types:
+            counts["fp16"][node.op_type] += 1
+        elif onnx.TensorProto.FLOAT in out_types:
+            counts["fp32"][node.op_type] += 1
+    return {k: dict(sorted(v.items())) for k, v in counts.items()}
+
+
+def _drop_placeholder_dims(model) -> None:
+    """AutoCast (ModelOpt 0.47) renames every value_info dim to one symbol "unk"; dims that shape
+    inference cannot re-derive (GQA's reshaped q vs k/v) keep it, and ONNX Runtime then treats
+    them as equal and fails ("Shape mismatch attempting to re-use buffer"). Unknown is correct."""
+    for value in [*model.graph.value_info, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "unk":
+                dim.Clear()
+
+
+@contextlib.contextmanager
+def _private_copy(src: Path) -> Iterator[Path]:
+    """ModelOpt rewrites the graph it is given in place (it names unnamed nodes): hand it a copy
+    (with any external-data side file) so the FP32 graph, and its recorded hash, stay as built."""
+    src = Path(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in src.parent.glob(f"{src.name}*"):
+            shutil.copyfile(path, Path(tmp) / path.name)
+        yield Path(tmp) / src.name
+
+
+def _first_samples(calibration: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {name: array[:n] for name, array in calibration.items()}
+
+
+def convert_fp16(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
+    """Mixed FP16 graph with FP32 inputs/outputs; nodes of `fp16_keep_fp32_ops`, and any node
+    whose values on real calibration inputs exceed FP16's safe range, stay FP32."""
+    autocast = require("modelopt.onnx.autocast", "FP16 conversion")
+    onnx = require("onnx", "FP16 conversion")
+    with _private_copy(src) as copy:
+        sample = copy.parent / "autocast.npz"
+        np.savez(sample, **_first_samples(calibration, config.autocast_samples))
+        model = autocast.convert_to_mixed_precision(
+            onnx_path=str(copy), low_precision_type="fp16", keep_io_types=True,
+            op_types_to_exclude=list(config.fp16_keep_fp32_ops), calibration_data=str(sample),
+            providers=["cpu"])
+    _drop_placeholder_dims(model)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    report = {"keep_fp32_op_types": list(config.fp16_keep_fp32_ops), "nodes": precision_by_op(model)}
+    log.info("fp16 %s: %d fp16 nodes, fp32 kept: %s", Path(dst).name, sum(report["nodes"]["fp16"].values()),
+             report["nodes"]["fp32"])
+    return report
+
+
+def _calibration_shapes(calibration: dict[str, np.ndarray]) -> str:
+    samples = next(iter(calibration.values())).shape[0]
+    batch = min(CALIBRATION_BATCH, samples)
+    return ",".join(f"{name}:{'x'.join(str(d) for d in (batch, *array.shape[1:]))}"
+                    for name, array in calibration.items())
+
+
+def ffn_output_gemms(model, depth: int = 4) -> list[str]:
+    """Names of MatMul/Gemm nodes whose input comes (within `depth` producers) from an FFN
+    activation: the down-projections."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def fed_by_activation(tensor: str, left: int) -> bool:
+        node = producer.get(tensor)
+        if node is None or left == 0:
+            return False
+        return node.op_type in FFN_ACTIVATION_OPS or any(fed_by_activation(i, left - 1) for i in node.input)
+
+    return [n.name for n in model.graph.node if n.op_type in INT8_QUANTIZE_OPS and fed_by_activation(n.input[0], depth)]
+
+
+def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) -> set[str]:
+    """The GEMMs ModelOpt will quantize under `config` (same regex rule as ModelOpt: re.match)."""
+    patterns = [re.compile(p) for p in config.int8_exclude_nodes]
+    return {n.name for n in model.graph.node
+            if n.op_type in INT8_QUANTIZE_OPS and n.op_type not in config.int8_exclude_ops
+            and n.name not in kept_fp32 and not any(p.match(n.name) for p in patterns)}
+
+
+def _smooth_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float) -> dict:
+    onnx = require("onnx", "INT8 quantization")
+    model = onnx.load(str(path))
+    side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
+    report = smooth_gemm_inputs(model, gemms, calibration, alpha, CALIBRATION_BATCH)
+    for side_file in side_files:
+        side_file.unlink()
+    onnx.save(model, str(path), save_as_external_data=bool(side_files), location=f"{path.name}.data")
+    return report
+
+
+def unshare_dequantized_activations(model) -> int:
+    """ModelOpt (through ONNX Runtime's quantize_static) puts one Q/DQ pair on a tensor and points
+    every consumer at the DQ output, quantized or not. In post-LN BERT the LayerNorm output feeding
+    the QKV GEMMs is also the residual stream, so the residual Add would carry INT8 rounding (step
+    0.22 on all-MiniLM-L6-v2; min embedding cosine 0.979 instead of 0.989). Unquantized consumers
+    read the FP32 tensor again; returns how many inputs were rewired."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in (*INT8_QUANTIZE_OPS, "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                rewired += 1
+    return rewired
+
+
+def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
+    """INT8 Q/DQ graph (TensorRT's explicit quantization); scales calibrated on the CPU with
+    ONNX Runtime; unquantized ops stay FP32."""
+    check_int8_config(config)
+    quantization = require("modelopt.onnx.quantization", "INT8 quantization")
+    onnx = require("onnx", "INT8 quantization")
+    samples = next(iter(calibration.values())).shape[0]
+    if samples % min(CALIBRATION_BATCH, samples):
+        raise InputDataError(f"calibration set has {samples} samples; INT8 calibration needs a multiple "
+                             f"of {CALIBRATION_BATCH} (or fewer than {CALIBRATION_BATCH})")
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    fp32_graph = onnx.load(str(src), load_external_data=False)
+    down_projections = ffn_output_gemms(fp32_graph)
+    kept_fp32 = down_projections if config.int8_keep_ffn_output_fp32 else []
+    exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
+    smoothing = None
+    with _private_copy(src) as copy:
+        if config.int8_smoothquant_alpha is not None:
+            # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
+            # and quantizing them drops the min embedding cosine to 0.83
+            gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
+            smoothing = _smooth_copy(copy, gemms, calibration, config.int8_smoothquant_alpha)
+        quantization.quantize(
+            onnx_path=str(copy), quantize_mode="int8", calibration_data=calibration,
+            calibration_method=config.calibration_method, calibration_shapes=_calibration_shapes(calibration),
+            calibration_eps=["cpu"], op_types_to_quantize=list(INT8_QUANTIZE_OPS),
+            op_types_to_exclude=list(config.int8_exclude_ops) or None, nodes_to_exclude=exclude_nodes or None,
+            disable_mha_qdq=not config.int8_attention_qdq, high_precision_dtype="fp32",
+            use_external_data_format=False, output_path=str(dst), log_level="WARNING")
+    model = onnx.load(str(dst))
+    rewired = unshare_dequantized_activations(model)
+    onnx.save(model, str(dst))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    report = {"method": config.calibration_method, "samples": int(samples),
+              "exclude_ops": list(config.int8_exclude_ops), "exclude_nodes": list(config.int8_exclude_nodes),
+              "ffn_output_gemms_kept_fp32": kept_fp32, "attention_qdq": config.int8_attention_qdq,
+              "smoothquant": smoothing, "fp32_consumers_rewired": rewired,
+              "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"]}
+    log.info("int8 %s: %d Q/DQ pairs (%s)", Path(dst).name, ops["QuantizeLinear"], config.calibration_method)
+    return report

@@ -1,0 +1,202 @@
+"""Benchmarks in their smoke preset: structure, and every ratio/throughput consistent with the
+timings recorded beside it. Speed is never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from resrank_export.bench.config import BenchConfig, BenchContext, load_bench_data
+from resrank_export.bench.timing import apply_threads, machine_info, measure, percentile
+
+SMOKE = BenchConfig.smoke()
+
+
+def _close(a: float, b: float) -> bool:
+    return a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def context(demo_export):
+    checkpoint, graphs = demo_export
+    k = max(*SMOKE.reranker_ks, SMOKE.served_top_k)
+    data = load_bench_data(None, max(SMOKE.encoder_passages, SMOKE.served_passages), SMOKE.reranker_queries, k)
+    return BenchContext(graphs["encoder"].parents[2], checkpoint, data, machine_info(apply_threads(0)))
+
+
+def _check_timing(row: dict, repeats: int) -> None:
+    assert len(row["time"]["times_s"]) == repeats
+    assert _close(row["time"]["median_s"], statistics.median(row["time"]["times_s"]))
+
+
+def test_measure_runs_warmup_then_repeats_and_returns_last_result():
+    calls = []
+    timing, result = measure(lambda: calls.append(len(calls)) or len(calls), warmup=2, repeats=3)
+    assert len(calls) == 5 and result == 5
+    assert len(timing.times_s) == 3 and timing.median_s == statistics.median(timing.times_s)
+
+
+def test_percentile_matches_numpy():
+    values = list(np.random.default_rng(0).exponential(size=37))
+    for q in (0, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_dl19_data_follows_the_run_file(dl19_dir):
+    from resrank_export.data.readers import iter_passages, read_queries, read_trec_run
+
+    data = load_bench_data(dl19_dir, passages=5, queries=2, k=3)
+    run, queries = read_trec_run(dl19_dir / "run.bm25.trec"), read_queries(dl19_dir)
+    texts = {p.id: p.text for p in iter_passages(dl19_dir)}
+    qids = sorted(q for q in run if q in queries)[:2]
+    assert data.queries == [queries[q] for q in qids]
+    assert data.candidates == [[texts[d] for d in run[q][:3]] for q in qids]
+    assert data.passages == list(texts.values())[:5]
+
+
+def test_encoder_benchmark_smoke(context):
+    from resrank_export.bench.encoder import BASELINE, LABELS, bench_encoder
+
+    result = bench_encoder(SMOKE, context)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == list(LABELS)
+    baseline = rows[BASELINE]
+    for row in rows.values():
+        if row["status"] != "ok":
+            assert row["reason"]
+            continue
+        _check_timing(row, SMOKE.repeats)
+        assert _close(row["throughput_pps"], result["passages"] / row["time"]["median_s"])
+        assert _close(row["ratio_vs_baseline"], baseline["time"]["median_s"] / row["time"]["median_s"])
+    # The FP32 graph and sentence-transformers compute the reference model's vectors.
+    assert rows["onnx-fp32"]["mean_cosine_vs_pytorch"] > 0.99999
+    assert rows[BASELINE]["mean_cosine_vs_pytorch"] > 0.99999
+    has_optimum = importlib.util.find_spec("optimum") is not None
+    assert (rows["sentence-transformers-onnx"]["status"] == "ok") == has_optimum
+    for precision in ("fp16", "int8"):
+        present = (context.build / "onnx" / precision / "encoder.onnx").is_file()
+        assert (rows[f"onnx-{precision}"]["status"] == "ok") == present
+
+
+def test_fulltext_prompt_holds_each_truncated_passage(context):
+    from resrank_export.bench.reranker import FullTextPrompts
+
+    prompts = FullTextPrompts(context)
+    passages = ["alpha beta gamma", "delta " * 400 + "omega"]
+    inputs = prompts.build("which letter", passages)
+    ids, ends = inputs["input_ids"][0].tolist(), inputs["passage_ends"][0].tolist()
+    tokenizer = prompts.tokenizer
+    assert tokenizer.decode([ids[ends[0]]]) == "gamma"
+    second = ids[ends[0] + 1:ends[1] + 1]
+    # "[2]" marker, then the passage cut at max_passage_tokens tokens: "omega" is gone.
+    assert second.count(tokenizer.token_to_id("delta")) == prompts.max_tokens
+    assert tokenizer.token_to_id("omega") not in ids
+
+
+def test_reranker_benchmark_smoke(context):
+    from resrank_export.bench.reranker import BASELINE, bench_reranker
+    from resrank_export.model.reference import prompt_builder
+
+    result = bench_reranker(SMOKE, context)
+    assert result["ks"] == list(SMOKE.reranker_ks)
+    builder = prompt_builder(context.checkpoint)
+    for k in result["ks"]:
+        rows = {r["name"]: r for r in result["rows"] if r["k"] == k}
+        baseline, pytorch = rows[BASELINE], rows["resrank-pytorch"]
+        expected_tokens = np.mean([len(builder.build(q, k).ids) for q in context.data.queries[:SMOKE.reranker_queries]])
+        assert pytorch["tokens"] == expected_tokens
+        assert baseline["tokens"] > pytorch["tokens"]
+        for row in rows.values():
+            if row["status"] != "ok":
+                continue
+            _check_timing(row, SMOKE.repeats * result["queries"])
+            assert _close(row["latency_ratio_vs_fulltext"], baseline["time"]["median_s"] / row["time"]["median_s"])
+            assert _close(row["latency_ratio_vs_pytorch"], pytorch["time"]["median_s"] / row["time"]["median_s"])
+            assert _close(row["token_ratio_vs_fulltext"], baseline["tokens"] / row["tokens"])
+        assert rows["resrank-onnx-fp32"]["max_abs_score_diff_vs_pytorch"] < 1e-4
+
+
+def test_flop_formula_counts_the_models_matmul_weights(context):
+    """The per-layer count from config.json equals the Linear weights inside the layers."""
+    import torch
+    from transformers import AutoModel
+
+    from resrank_export.bench.flops import matmul_params_per_layer, transformer_shape
+
+    for model_dir in (context.checkpoint.encoder_dir, context.checkpoint.reranker_dir):
+        shape = transformer_shape(model_dir / "config.json")
+        model = AutoModel.from_pretrained(model_dir)
+        weights = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layer" in f".{name}")
+        assert matmul_params_per_layer(shape) * shape["layers"] == weights
+
+
+def test_flops_benchmark_uses_this_runs_timings(context):
+    from resrank_export.bench.flops import bench_flops, forward_flops
+
+    timing = {"median_s": 0.5, "times_s": [0.5]}
+    results = {"encoder": {"passages": 10, "rows": [{"name": "onnx-fp32", "status": "ok", "time": timing}]},
+               "reranker": {"rows": [{"name": "resrank-onnx-fp32", "status": "ok", "k": 4, "tokens": 40.0,
+                                      "time": timing}]}}
+    result = bench_flops(SMOKE, context, results)
+    peak = result["peak"]["peak_gflops"]
+    assert peak == max(result["peak"]["numpy_gflops"], result["peak"]["torch_gflops"])
+    encoder_row = result["encoder"]["rows"][0]
+    per_passage = result["encoder"]["flops_per_passage"]["total"]
+    assert _close(encoder_row["achieved_gflops"], per_passage / (0.5 / 10) / 1e9)
+    reranker_row = result["reranker"]["rows"][0]
+    assert reranker_row["flops_per_request"] == forward_flops(result["reranker"]["shape"], 40.0)
+    assert _close(reranker_row["fraction_of_peak"], reranker_row["achieved_gflops"] / peak)
+
+
+@pytest.mark.slow
+def test_served_benchmark_smoke(context):
+    from resrank_export.bench.served import ENSEMBLES, bench_served, missing_pieces
+
+    result = bench_served(SMOKE, context)
+    missing = missing_pieces()
+    if missing:
+        assert result["status"] == "not available" and result["reason"] == "; ".join(missing)
+        return
+    assert result["status"] == "ok", result.get("reason")
+    first = str(SMOKE.served_batch_sizes[0])
+    for ensemble in ENSEMBLES:
+        for batch in map(str, SMOKE.served_batch_sizes):
+            for concurrency in map(str, SMOKE.served_concurrency):
+                stats = result["served"][batch][ensemble][concurrency]
+                assert stats["requests"] == SMOKE.served_requests
+                assert stats["p50_s"] <= stats["p95_s"] <= stats["p99_s"]
+                assert _close(stats["throughput_rps"], stats["requests"] / stats["wall_s"])
+        assert _close(result["overhead_at_concurrency_1"][ensemble],
+                      result["served"][first][ensemble]["1"]["p50_s"] / result["in_process"][ensemble]["p50_s"] - 1)
+
+
+def test_run_bench_writes_what_it_returns(context, tmp_path):
+    from resrank_export.bench.run import run_bench
+
+    out = tmp_path / "results"
+    config = BenchConfig.smoke(out=out, build=context.build, checkpoint=context.checkpoint.root, only=("flops",))
+    results = run_bench(config)
+    written = json.loads((out / "flops.json").read_text())
+    assert written.pop("machine") == json.loads((out / "machine.json").read_text())
+    assert written == json.loads(json.dumps(results["flops"]))
+    summary = (out / "summary.md").read_text()
+    assert f"{results['flops']['peak']['peak_gflops']:.1f} GFLOP/s" in summary
+
+
+def test_bench_refuses_a_folder_it_did_not_write(tmp_path):
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["bench", "--smoke", "--out", str(tmp_path), "--only", "flops"])
+    assert result.exit_code == 1
+    assert "is not a benchmark results folder" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    result = CliRunner().invoke(main, ["bench", "--smoke", "--out", str(tmp_path / "x"), "--only", "flops,speed"])
+    assert result.exit_code == 1 and "--only speed" in result.output

@@ -1,0 +1,83 @@
+"""Memory planner: parameter counts from safetensors headers against the real models, bytes per
+precision, the fit decision at its boundary, size parsing and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resrank_export.engine.plan import ModelShape, PlanConfig, parse_size, plan_memory
+from resrank_export.engine.profiles import GIB, EngineConfig
+from resrank_export.errors import InputDataError
+from resrank_export.model.reference import load_backbone
+
+
+def _layer_linear_parameters(model: torch.nn.Module) -> int:
+    """Reference for the INT8 share: weights of the Linear layers inside the transformer blocks."""
+    return sum(module.weight.numel() for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and (".layer." in f".{name}" or "layers." in name))
+
+
+@pytest.mark.parametrize("reranker", ["qwen3", "bert"])
+def test_parameter_count_matches_the_real_model(tiny_checkpoint, reranker):
+    checkpoint = tiny_checkpoint(reranker=reranker)
+    for model_dir in (checkpoint.encoder_dir, checkpoint.reranker_dir):
+        model = load_backbone(model_dir)
+        shape = ModelShape.from_dir(model_dir)
+        real = sum(p.numel() for p in model.parameters())
+        assert shape.parameters == real
+        assert shape.layer_matmul_parameters == _layer_linear_parameters(model) > 0
+        assert shape.weight_bytes("fp32") == 4 * real
+        assert shape.weight_bytes("fp16") == 2 * real
+        assert shape.weight_bytes("int8") == 2 * real - shape.layer_matmul_parameters
+        assert (shape.hidden, shape.layers) == (model.config.hidden_size, model.config.num_hidden_layers)
+
+
+def test_fit_decision_at_its_boundary(tiny_checkpoint):
+    checkpoint = tiny_checkpoint(projector="linear")
+    engine = EngineConfig(max_batch=4, workspace_bytes=GIB // 4)
+    probe = plan_memory(checkpoint, PlanConfig(gpu_memory=64 * GIB, engine=engine))
+    fp16 = {p.precision: p for p in probe.precisions}["fp16"]
+    assert fp16.total == fp16.weights + fp16.activations + fp16.workspace + fp16.reserve
+    exact = {p.precision: p for p in plan_memory(checkpoint, PlanConfig(fp16.total, engine)).precisions}
+    assert exact["fp16"].fits and exact["fp16"].largest_batch_at_max_k >= 4
+    assert not exact["fp32"].fits and exact["fp32"].largest_batch_at_max_k < 4
+    short = {p.precision: p for p in plan_memory(checkpoint, PlanConfig(fp16.total - 1, engine)).precisions}
+    assert not short["fp16"].fits and short["fp16"].largest_batch_at_max_k == 3
+    nothing = plan_memory(checkpoint, PlanConfig(GIB, engine)).precisions  # below workspace + reserve
+    assert all(p.largest_batch_at_max_k == 0 and p.largest_k_at_batch_1 == 0 for p in nothing)
+
+
+def test_precisions_order_their_totals(tiny_checkpoint):
+    plan = plan_memory(tiny_checkpoint(), PlanConfig(16 * GIB))
+    totals = [p.total for p in plan.precisions]
+    assert [p.precision for p in plan.precisions] == ["fp32", "fp16", "int8"]
+    assert totals[0] > totals[1] > totals[2]
+
+
+@pytest.mark.parametrize("text, expected", [("16GiB", 16 << 30), ("24GB", 24 * 10**9), ("1.5 GiB", 3 << 29),
+                                            ("512MiB", 512 << 20), ("1000", 1000)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "16 GiBs", "lots", "-1GiB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InputDataError, match="--gpu-memory"):
+        parse_size(text)
+
+
+def test_plan_command_prints_json(tiny_checkpoint):
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+
+    checkpoint = tiny_checkpoint()
+    result = CliRunner().invoke(main, ["plan", "--gpu-memory", "16GiB", "--checkpoint", str(checkpoint.root), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["gpu_memory"] == 16 << 30
+    assert data["encoder_parameters"] == ModelShape.from_dir(checkpoint.encoder_dir).parameters
+    assert [p["precision"] for p in data["precisions"]] == ["fp32", "fp16", "int8"]

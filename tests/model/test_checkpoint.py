@@ -1,0 +1,149 @@
+"""Checkpoint loading: a valid folder is described correctly, and each way of breaking one is a
+CheckpointError whose one-line message names the file, the field and the expected value."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from resrank_export.errors import CheckpointError
+from resrank_export.model.checkpoint import CONFIG_FILE, PROJECTOR_FILE, ResRankConfig, load_checkpoint
+
+
+def _edit_config(root: Path, **changes) -> None:
+    path = root / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _remove(rel: str):
+    def mutate(root: Path) -> None:
+        target = root / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return mutate
+
+
+def _write(rel: str, text: str):
+    def mutate(root: Path) -> None:
+        (root / rel).write_text(text)
+    return mutate
+
+
+def _config(**changes):
+    return lambda root: _edit_config(root, **changes)
+
+
+def _wrong_projector_dims(root: Path) -> None:
+    save_file({"weight": torch.zeros(48, 16), "bias": torch.zeros(48)}, str(root / PROJECTOR_FILE))
+
+
+def _wrong_mlp_inner_dim(root: Path) -> None:
+    save_file({"0.weight": torch.zeros(64, 32), "0.bias": torch.zeros(64),
+               "2.weight": torch.zeros(48, 64), "2.bias": torch.zeros(48)}, str(root / PROJECTOR_FILE))
+
+
+LINEAR = {"projector": "linear", "pooling": "last", "encoder": "qwen3"}
+MLP = {"pooling": "cls", "projector": "mlp2x_gelu"}
+
+# (id, checkpoint variant, mutation, file the message must name, words the message must contain)
+BROKEN = [
+    ("no-config", {}, _remove(CONFIG_FILE), CONFIG_FILE, ["file not found"]),
+    ("no-encoder-dir", {}, _remove("encoder"), "encoder", ["folder not found", "encoder/"]),
+    ("no-reranker-config", {}, _remove("reranker/config.json"), "reranker/config.json", ["file not found"]),
+    ("no-encoder-weights", {}, _remove("encoder/model.safetensors"), "encoder", ["model.safetensors"]),
+    ("no-reranker-tokenizer", {}, _remove("reranker/tokenizer.json"), "reranker/tokenizer.json",
+     ["file not found", "fast tokenizer"]),
+    ("malformed-config", {}, _write(CONFIG_FILE, '{"pooling": "mean",\n  oops}'), CONFIG_FILE,
+     ["malformed JSON", "line 2"]),
+    ("malformed-encoder-config", {}, _write("encoder/config.json", "{"), "encoder/config.json",
+     ["malformed JSON"]),
+    ("config-not-object", {}, _write(CONFIG_FILE, "[1, 2]"), CONFIG_FILE, ["JSON object", "list"]),
+    ("unknown-field", {}, _config(temperature=0.1), CONFIG_FILE, ["temperature", "pooling"]),
+    ("unknown-pooling", {}, _config(pooling="max"), CONFIG_FILE, ["'pooling'", "'max'", "last, mean, cls"]),
+    ("unknown-projector", {}, _config(projector="conv"), CONFIG_FILE,
+     ["'projector'", "'conv'", "none, linear, mlp2x_gelu"]),
+    ("dim-mismatch-without-projector", LINEAR, _config(projector="none"), CONFIG_FILE,
+     ["'projector'", "(32)", "(48)"]),
+    ("projector-weights-missing", LINEAR, _remove(PROJECTOR_FILE), PROJECTOR_FILE, ["file not found", "linear"]),
+    ("projector-kind-mismatch", LINEAR, _config(projector="mlp2x_gelu"), PROJECTOR_FILE,
+     ["mlp2x_gelu", "0.weight"]),
+    ("projector-dims", LINEAR, _wrong_projector_dims, PROJECTOR_FILE, ["'weight'", "[48, 16]", "[48, 32]", "encoder dim 32"]),
+    ("projector-inner-dims", MLP, _wrong_mlp_inner_dim, PROJECTOR_FILE, ["'0.weight'", "[64, 32]", "[48, 32]"]),
+    ("placeholder-missing", {}, _config(placeholder_token="<|slot|>"), "reranker/tokenizer.json",
+     ["'<|slot|>'", "placeholder_token"]),
+    ("template-without-query", {}, _config(prompt_template="Passages: {passages} rank them"), CONFIG_FILE,
+     ["'prompt_template'", "{query}"]),
+    ("template-without-passages", {}, _config(prompt_template="Query: {query} rank"), CONFIG_FILE,
+     ["'prompt_template'", "{passages}"]),
+    ("template-two-passages", {}, _config(prompt_template="{query} {passages} {passages}"), CONFIG_FILE,
+     ["'prompt_template'", "exactly once"]),
+    ("template-with-placeholder", {}, _config(prompt_template="{query} <|passage|> {passages}"), CONFIG_FILE,
+     ["'prompt_template'", "'<|passage|>'"]),
+    ("empty-placeholder", {}, _config(placeholder_token=" "), CONFIG_FILE, ["'placeholder_token'", "empty"]),
+    ("max-passage-tokens-zero", {}, _config(max_passage_tokens=0), CONFIG_FILE, ["'max_passage_tokens'", "> 0"]),
+    ("max-query-tokens-negative", {}, _config(max_query_tokens=-3), CONFIG_FILE, ["'max_query_tokens'", "> 0"]),
+    ("max-candidates-zero", {}, _config(max_candidates=0), CONFIG_FILE, ["'max_candidates'", "> 0"]),
+    ("max-candidates-string", {}, _config(max_candidates="10"), CONFIG_FILE, ["'max_candidates'", "int"]),
+    ("normalize-string", {}, _config(normalize="yes"), CONFIG_FILE, ["'normalize'", "bool"]),
+    ("alpha-bool", {}, _config(residual_alpha=True), CONFIG_FILE, ["'residual_alpha'", "number"]),
+]
+
+
+@pytest.fixture
+def broken_copy(tiny_checkpoint, tmp_path):
+    """Copy of a tiny checkpoint with one thing broken."""
+    def make(variant: dict, mutate) -> Path:
+        root = tmp_path / "checkpoint"
+        shutil.copytree(tiny_checkpoint(**variant).root, root)
+        mutate(root)
+        return root
+    return make
+
+
+@pytest.mark.parametrize("variant, mutate, names_file, words", [case[1:] for case in BROKEN],
+                         ids=[case[0] for case in BROKEN])
+def test_broken_checkpoint_is_one_line_typed_error(broken_copy, variant, mutate, names_file, words):
+    root = broken_copy(variant, mutate)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(root)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(root / names_file) in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("variant", [{}, LINEAR], ids=["none", "linear"])
+def test_valid_checkpoint_is_described_from_its_files(tiny_checkpoint, variant):
+    checkpoint = tiny_checkpoint(**variant)
+    root = checkpoint.root
+    stored = json.loads((root / CONFIG_FILE).read_text())
+    assert checkpoint.config.to_json() == stored
+    assert checkpoint.encoder_dim == json.loads((root / "encoder" / "config.json").read_text())["hidden_size"]
+    assert checkpoint.reranker_hidden == json.loads((root / "reranker" / "config.json").read_text())["hidden_size"]
+    tokenizer = Tokenizer.from_file(str(root / "reranker" / "tokenizer.json"))
+    assert checkpoint.placeholder_id == tokenizer.token_to_id(stored["placeholder_token"])
+    assert (checkpoint.projector_path is None) == (stored["projector"] == "none")
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = ResRankConfig(pooling="cls", normalize=False, projector="mlp2x_gelu", residual_alpha=0.5,
+                           max_candidates=7)
+    assert ResRankConfig.from_json(json.loads(json.dumps(config.to_json())), tmp_path / CONFIG_FILE) == config
+
+
+def test_integer_alpha_is_accepted(broken_copy):
+    checkpoint = load_checkpoint(broken_copy({}, _config(residual_alpha=2)))
+    assert checkpoint.config.residual_alpha == 2

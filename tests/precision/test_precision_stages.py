@@ -1,0 +1,92 @@
+"""`build --precision fp16|int8` on a tiny checkpoint: stages recorded, reruns skipped, bad
+calibration input rejected with a typed error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from resrank_export.build import BuildConfig, run_build
+from resrank_export.errors import InputDataError, ResRankExportError
+from resrank_export.export.onnx import graph_specs
+from resrank_export.precision.calibration import CalibrationConfig, load_calibration
+from resrank_export.runtime import ort_session, run_session
+
+SMALL = CalibrationConfig(encoder_samples=16, reranker_queries=8, retrieval_pool=100)
+
+
+@pytest.fixture(scope="module")
+def int8_build(tiny_checkpoint, tmp_path_factory):
+    checkpoint = tiny_checkpoint()
+    out = tmp_path_factory.mktemp("b") / "build"
+    config = BuildConfig(out=out, checkpoint=checkpoint.root, precision="int8", calibration_set=SMALL)
+    return checkpoint, config, run_build(config)
+
+
+def test_int8_build_records_stages_and_graphs_run(int8_build):
+    checkpoint, config, manifest = int8_build
+    stages = manifest["stages"]
+    assert [s for s in stages][:5] == ["export", "parity", "calibration", "precision_int8", "fidelity_int8"]
+    assert all(s["status"] == "ran" for s in stages.values())
+    if "triton" in stages:  # the repository serves the INT8 graphs, not the FP32 ones
+        for name in ("encoder", "reranker"):
+            served = config.out / "model_repository" / name / "1" / "model.onnx"
+            assert served.read_bytes() == (config.out / "onnx" / "int8" / f"{name}.onnx").read_bytes()
+    assert stages["precision_int8"]["report"]["encoder"]["quantize_nodes"] > 0
+    spec = graph_specs(checkpoint)[1]
+    calibration = load_calibration(config.out / "calibration", spec)
+    fp32 = run_session(ort_session(config.out / "onnx/fp32/reranker.onnx"), calibration)[0]
+    int8 = run_session(ort_session(config.out / "onnx/int8/reranker.onnx"), calibration)[0]
+    assert np.abs(fp32 - int8).max() > 0
+    fidelity = stages["fidelity_int8"]["report"]["reranker"]["precisions"]
+    assert fidelity["fp32"]["score_mae"] == 0.0 and fidelity["int8"]["score_mae"] > 0
+    markdown = (config.out / "fidelity.md").read_text()
+    assert markdown.count("| int8 |") == 2
+    quantized = stages["precision_int8"]["report"]["reranker"]["quantize_nodes"]
+    assert f"- int8/reranker: {quantized} Q/DQ pairs" in markdown
+
+
+def test_rerun_with_same_inputs_skips_every_stage(int8_build):
+    _, config, first = int8_build
+    again = run_build(config)
+    assert {k: v["status"] for k, v in again["stages"].items()} == {k: "skipped" for k in first["stages"]}
+    assert again["stages"]["precision_int8"]["outputs"] == first["stages"]["precision_int8"]["outputs"]
+
+
+def test_changed_int8_setting_reruns_precision_and_later_stages(int8_build):
+    """Turning SmoothQuant off is a different graph: precision and fidelity rerun, export does not."""
+    import dataclasses
+
+    from resrank_export.precision.graphs import PrecisionConfig
+
+    _, config, first = int8_build
+    assert first["stages"]["precision_int8"]["report"]["encoder"]["smoothquant"]["gemms"] > 0
+    plain = dataclasses.replace(config, precision_graphs=PrecisionConfig(int8_smoothquant_alpha=None))
+    again = run_build(plain)["stages"]
+    assert again["export"]["status"] == "skipped" and again["calibration"]["status"] == "skipped"
+    assert again["precision_int8"]["status"] == "ran" and again["fidelity_int8"]["status"] == "ran"
+    assert again["precision_int8"]["report"]["encoder"]["smoothquant"] is None
+    run_build(config)  # back to the fixture's build for the tests after this one
+
+
+def test_given_calibration_with_wrong_dims_is_rejected(int8_build, tmp_path):
+    checkpoint, config, _ = int8_build
+    bad = tmp_path / "calib"
+    bad.mkdir()
+    for spec in graph_specs(checkpoint):
+        arrays = load_calibration(config.out / "calibration", spec)
+        if "passage_embeddings" in arrays:
+            arrays["passage_embeddings"] = arrays["passage_embeddings"][..., :5]
+        np.savez(bad / f"{spec.name}.npz", **arrays)
+    with pytest.raises(InputDataError, match="'passage_embeddings' dim 2 is 5"):
+        run_build(BuildConfig(out=tmp_path / "b", checkpoint=checkpoint.root, precision="int8", calibration=bad))
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_method_fails_before_any_work(tiny_checkpoint, tmp_path):
+    from resrank_export.precision.graphs import PrecisionConfig
+
+    with pytest.raises(ResRankExportError, match="'percentile'"):
+        run_build(BuildConfig(out=tmp_path / "b", checkpoint=tiny_checkpoint().root, precision="int8",
+                              precision_graphs=PrecisionConfig(calibration_method="percentile")))
+    assert not (tmp_path / "b").exists()
