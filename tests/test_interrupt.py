@@ -28,12 +28,21 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds a subprocess build may take to reach a stage on a loaded CI machine
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "COLUMNS": "1000"}  # rich would wrap long log lines (and fold paths) at 80 columns
+
+
 def _build_process(checkpoint: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "COLUMNS": "1000"}  # rich would wrap long log lines (and fold paths) at 80 columns
     return subprocess.Popen([sys.executable, "-m", "resrank_export", "build", "--checkpoint", str(checkpoint),
                              "--out", str(out), "--triton-backend", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _index_process(build: Path, corpus: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "resrank_export", "index", "--build", str(build), "--corpus",
+                             str(corpus), "--out", str(out), "--chunk-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
 def _temps(out: Path) -> list[Path]:
@@ -72,7 +81,7 @@ def test_killed_builds_clean_up_and_resume(tiny_checkpoint, tmp_path, caplog):
     code, _, stderr = _stop(process, signal.SIGTERM)
     assert code == 143, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted by SIGTERM: temp folders removed, nothing to resume"
-    assert sorted(p.name for p in out.parent.iterdir()) == []
+    assert not out.parent.exists()  # not even the parent folder the run created
 
     # SIGKILL mid-export: the temp folder stays, owned by the dead pid; while it ran, a second
     # build into the same --out was refused.
@@ -113,6 +122,31 @@ def test_killed_builds_clean_up_and_resume(tiny_checkpoint, tmp_path, caplog):
     assert manifest["stages"]["export"]["outputs"] == kept["export"]["outputs"]
     assert manifest["stages"]["parity"]["status"] == "ran" and manifest["stages"]["parity"]["report"]["passed"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["build"]
+
+    # `index` stopped with SIGTERM between chunks keeps the finished chunks and says how many; the
+    # rerun resumes from them (no chunk encoded twice) and indexes every passage.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"passage {i} about topic {i % 17}\n" for i in range(3000)))
+    index_out = tmp_path / "idx"
+    partial = tmp_path / ".idx.partial"
+    process = _index_process(out, corpus, index_out)
+    deadline = time.monotonic() + TIMEOUT
+    while not (partial / "000002.npy").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    code, _, stderr = _stop(process, signal.SIGTERM)
+    assert code == 143, stderr
+    chunks = len(list(partial.glob("[0-9]*[0-9].npy")))
+    assert 3 <= chunks < 3000
+    assert stderr.strip().splitlines()[-1] == (f"interrupted by SIGTERM: temp folders removed; kept {chunks} encoded "
+                                               f"chunks in {partial}; rerun the same command to resume")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")) == [".idx.partial"]
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.stage import build_index
+
+    info = build_index(IndexConfig(build=out, corpus=corpus, out=index_out, chunk_size=1))
+    report = json.loads((index_out / "report.json").read_text())
+    assert info["count"] == 3000 and report["encoded_passages"] == 3000 - chunks and not partial.exists()
 
     # The free-space estimate the build checks is within 15% of the graphs it wrote.
     from resrank_export.model.checkpoint import load_checkpoint
