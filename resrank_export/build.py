@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from resrank_export.engine.profiles import EngineConfig
@@ -45,6 +45,10 @@ class BuildConfig:
     corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
+
+    def to_json(self) -> dict:
+        """Every setting, resolved (the manifest records it): paths as strings, tuples as lists."""
+        return json.loads(json.dumps(asdict(self), default=str))
 
     @property
     def precision_stages(self) -> PrecisionStagesConfig:
@@ -95,7 +99,7 @@ def run_build(config: BuildConfig) -> dict:
         if config.corpus is not None or config.checkpoint is None:
             _index_stage(runner, work, config)
         _triton_stage(runner, work, config)
-        manifest = runner.write(inputs)
+        manifest = runner.write(inputs, config.to_json())
     return manifest
 
 

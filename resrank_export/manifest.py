@@ -114,12 +114,14 @@ class StageRunner:
     def output_hashes(self, name: str) -> dict[str, str]:
         return self.stages[name]["outputs"]
 
-    def manifest(self, inputs: dict[str, Any]) -> dict:
+    def manifest(self, inputs: dict[str, Any], config: dict[str, Any] | None = None) -> dict:
+        """`config`: the resolved settings the build ran with (recorded, not compared)."""
         return {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "inputs": inputs, "versions": library_versions(), "stages": self.stages}
+                "inputs": inputs, **({"config": config} if config is not None else {}),
+                "versions": library_versions(), "stages": self.stages}
 
-    def write(self, inputs: dict[str, Any]) -> dict:
-        manifest = self.manifest(inputs)
+    def write(self, inputs: dict[str, Any], config: dict[str, Any] | None = None) -> dict:
+        manifest = self.manifest(inputs, config)
         (self.folder / MANIFEST_FILE).unlink(missing_ok=True)  # may be a hard link to the old build
-        (self.folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        (self.folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         return manifest
