@@ -51,6 +51,10 @@ class BuildConfig:
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
 
+    def to_json(self) -> dict:
+        """Every setting, resolved (the manifest records it): paths as strings, tuples as lists."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
     @property
     def precision_stages(self) -> PrecisionStagesConfig:
         return PrecisionStagesConfig(self.precision, self.calibration, self.calibration_set, self.precision_graphs,
@@ -90,7 +94,8 @@ def run_build(config: BuildConfig) -> dict:
             log.info("resuming the interrupted build kept in %s", resume)
         _check_free_space(out, checkpoint, inputs, config, read_manifest(seed))
         with atomic_dir(out, seed_from=seed, keep_on_interrupt=resume) as work:
-            runner = StageRunner(work, read_manifest(work), force=config.force, inputs=inputs)
+            runner = StageRunner(work, read_manifest(work), force=config.force, inputs=inputs,
+                                 config=config.to_json())
             try:
                 _run_stages(runner, work, checkpoint, inputs, config, runtime)
             except INTERRUPTIONS as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from resrank_export.config_file import load_config_callback, render_config
 from resrank_export.errors import ResRankExportError
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
@@ -61,6 +62,12 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+              callback=load_config_callback,
+              help="TOML file of build options (keys: option names without dashes, e.g. precision = \"fp16\"); "
+                   "options given on the command line override it. See --print-config.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved options (defaults, --config file, command line) as TOML and exit.")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="ResRank checkpoint folder (resrank.json, encoder/, reranker/). "
                    "Default: the demo checkpoint, built once and cached.")
@@ -106,13 +113,17 @@ def main(verbose: bool) -> None:
               help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
-def build(checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
+@click.pass_context
+def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
           fidelity_retrieval_data, fidelity_rerank_data) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
+    if print_config:
+        click.echo(render_config(ctx), nl=False)
+        return
     from resrank_export.build import BuildConfig, run_build
     from resrank_export.engine.plan import parse_size
     from resrank_export.engine.profiles import EngineConfig

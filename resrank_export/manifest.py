@@ -89,11 +89,13 @@ class StageRunner:
     folder) and optionally a report. The manifest is rewritten when a stage starts and, while
     it runs, with its peak RSS, so a process killed mid-stage (OOM) leaves a record of it."""
 
-    def __init__(self, folder: Path, previous: dict | None, force: bool = False, inputs: dict | None = None):
+    def __init__(self, folder: Path, previous: dict | None, force: bool = False, inputs: dict | None = None,
+                 config: dict | None = None):
         self.folder = Path(folder)
         self.previous = (previous or {}).get("stages", {})
         self.force = force
-        self.inputs = inputs or {}
+        self.inputs = inputs or {}  # what the stages were made from (hashes)
+        self.config = config  # the resolved settings the build ran with (recorded, not compared)
         self.stages: dict[str, dict] = {}
         self.running: str | None = None
         self._rss = PeakRss()
@@ -209,6 +211,7 @@ class StageRunner:
 
     def manifest(self, stages: dict[str, dict] | None = None) -> dict:
         return {"format_version": FORMAT_VERSION, "created": _now(), "inputs": self.inputs,
+                **({"config": self.config} if self.config is not None else {}),
                 "versions": library_versions(), "stages": self.stages if stages is None else stages}
 
     def write(self) -> dict:
@@ -220,7 +223,7 @@ class StageRunner:
         manifest = self.manifest(stages)
         side = self.folder / f".{MANIFEST_FILE}.{threading.get_ident()}"
         with self._write_lock:
-            side.write_text(json.dumps(manifest, indent=2) + "\n")
+            side.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
             os.replace(side, self.folder / MANIFEST_FILE)
         return manifest
 

@@ -23,7 +23,7 @@ LAYERS = (
     ("resrank_export.triton",),
     ("resrank_export.build",),
     ("resrank_export.bench",),
-    ("resrank_export.cli", "resrank_export.__main__"),
+    ("resrank_export.cli", "resrank_export.config_file", "resrank_export.__main__"),
 )
 
 
