@@ -140,9 +140,8 @@ class StageRunner:
 
     def _run_recorded(self, name: str, started: str, fn: Callable[[], dict]) -> dict:
         """Run `fn` with a `running` entry in the manifest whose peak RSS a thread refreshes."""
-        self.running = name
+        self.running = name  # stays set when fn raises: keep_finished must not keep this stage
         done = threading.Event()
-
         recorded = [-1]
 
         def record() -> None:
@@ -159,11 +158,12 @@ class StageRunner:
         sampler = threading.Thread(target=sample, name=f"rss-{name}", daemon=True)
         sampler.start()
         try:
-            return fn()
+            result = fn()
         finally:
             done.set()
             sampler.join()
-            self.running = None
+        self.running = None
+        return result
 
     def keep_finished(self) -> list[str]:
         """After an interruption: leave only finished stages in the folder (this run's, and the
@@ -171,7 +171,8 @@ class StageRunner:
         skips them; the interrupted stage's partial files go (all files, when no stage finished).
         Returns the stages kept."""
         kept = {name: entry for name, entry in self.previous.items()
-                if name not in self.stages and name != self.running}
+                if name not in self.stages and name != self.running
+                and all((self.folder / rel).is_file() for rel in entry.get("outputs", {}))}
         kept.update(self.stages)
         keep = {self.folder / MANIFEST_FILE} | {self.folder / rel for entry in kept.values()
                                                 for rel in entry.get("outputs", {})}

@@ -229,32 +229,43 @@ def test_output_lock_refuses_a_second_process(tmp_path):
 
 
 def test_interrupted_stages_keep_only_finished_outputs(tmp_path):
-    """StageRunner + atomic_dir without a build: the interrupted stage's partial file goes, the
-    finished stage and its manifest entry move to the resume folder, and a runner seeded from
-    it skips that stage."""
+    """StageRunner + atomic_dir without a build: a forced rerun of a finished two-stage build is
+    interrupted in its second stage; that stage's partial file and its previous entry go, the
+    rerun first stage and its manifest entry move to the resume folder, and a runner seeded
+    from it skips that stage."""
     target, resume = tmp_path / "out", tmp_path / ".out.partial"
+    interrupt = [False]
 
     def first() -> dict:
         (work / "a.txt").write_text("finished")
         return {"outputs": [work / "a.txt"]}
 
-    def interrupted() -> dict:
-        (work / "sub").mkdir()
-        (work / "sub" / "b.partial").write_text("half")
-        raise Interrupted(signal.SIGINT)
+    def second() -> dict:
+        (work / "sub").mkdir(exist_ok=True)
+        (work / "sub" / "b.txt").write_text("half" if interrupt[0] else "whole")
+        if interrupt[0]:
+            raise Interrupted(signal.SIGINT)
+        return {"outputs": [work / "sub" / "b.txt"]}
 
+    with atomic_dir(target) as work:
+        runner = StageRunner(work, None)
+        runner.run("first", {"v": 1}, first)
+        runner.run("second", {"v": 2}, second)
+        runner.write()
+    interrupt[0] = True
     with pytest.raises(Interrupted) as stop:
-        with atomic_dir(target, keep_on_interrupt=resume) as work:
-            runner = StageRunner(work, None, inputs={"x": 1})
+        with atomic_dir(target, seed_from=target, keep_on_interrupt=resume) as work:
+            runner = StageRunner(work, read_manifest(work), force=True)
             runner.run("first", {"v": 1}, first)
             try:
-                runner.run("second", {"v": 2}, interrupted)
+                runner.run("second", {"v": 2}, second)
             except Interrupted:
                 assert runner.keep_finished() == ["first"]
                 raise
     assert stop.value.exit_code == 130
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "out"]
     assert sorted(str(p.relative_to(resume)) for p in resume.rglob("*")) == ["a.txt", MANIFEST_FILE]
+    assert (target / "sub" / "b.txt").read_text() == "whole"  # the previous build is untouched
     with atomic_dir(target, seed_from=resume) as work:
         runner = StageRunner(work, read_manifest(work))
         assert runner.run("first", {"v": 1}, first)["status"] == "skipped"
