@@ -19,8 +19,6 @@ from resrank_export.errors import DiskSpaceError, OutputInUseError, ResRankExpor
 from resrank_export.interrupt import INTERRUPTIONS
 
 log = logging.getLogger(__name__)
-
-
 OWNER_FILE = ".resrank-owner.json"  # inside a temp folder: who writes it (removed before the rename)
 
 
@@ -31,12 +29,10 @@ def atomic_dir(target: Path, seed_from: Path | None = None, keep_on_interrupt: P
     starts as a hard-linked copy of that folder (stages that are skipped keep their files
     without copying bytes). With `keep_on_interrupt`, an interruption (SIGTERM, Ctrl-C) moves
     the temp folder there instead of removing it (unless empty): the caller left only
-    resumable work in it.
-    The output is locked while the temp folder exists, and temp folders of dead processes
-    (SIGKILL, OOM) for the same target are removed first."""
+    resumable work in it. The output is locked while the temp folder exists, and temp folders
+    of dead processes (SIGKILL, OOM) for the same target are removed first."""
     target = Path(target).absolute()  # stages join paths under the yielded folder; keep it absolute
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(target):
+    with output_lock(target):  # creates the parent folder
         remove_stale_temps(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         owner = {**_this_process(), "target": str(target)}
