@@ -34,10 +34,14 @@ def parse_size(text: str) -> int:
 
 def _header_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from one safetensors header (no weights are loaded)."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:  # truncated or not safetensors
+        raise CheckpointError(f"{path.parent}: cannot be loaded ({path.name}: no readable safetensors header, "
+                              f"{type(exc).__name__})") from None
 
 
 def _safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
