@@ -25,7 +25,8 @@ def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def encode_texts(session, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
-    """Encoder graph outputs [n, D] float32 in input order. Batches hold texts of similar length
+    """Encoder graph outputs [n, D] float32 in input order; `tokenizer(texts)` makes the inputs (a
+    PassageTokenizer, or its `queries` method for queries). Batches hold texts of similar length
     (sorted by characters, a cheap proxy for tokens) so little compute goes to padding."""
     texts = list(texts)
     dim = session.get_outputs()[0].shape[-1]  # symbolic in some converted graphs: then from a batch

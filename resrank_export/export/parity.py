@@ -95,11 +95,14 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     encoder = ort_session(graphs["encoder"])
     reranker = ort_session(graphs["reranker"])
 
-    # Encoder: every candidate passage and every query.
-    texts = [t for cands in data.candidates for t in cands] + data.queries
-    ref_emb = reference.encode(texts, config.batch_size)
+    # Encoder: every candidate passage and every query (each with its template).
+    passages = [t for cands in data.candidates for t in cands]
+    tokenizer = reference.passage_tokenizer
+    ref_emb = np.concatenate([reference.encode(passages, config.batch_size),
+                              reference.encode_queries(data.queries, config.batch_size)])
     new_emb = np.concatenate([
-        run_session(encoder, reference.passage_tokenizer(texts[i:i + config.batch_size]))[0]
+        run_session(encoder, tokenize(texts[i:i + config.batch_size]))[0]
+        for texts, tokenize in ((passages, tokenizer), (data.queries, tokenizer.queries))
         for i in range(0, len(texts), config.batch_size)])
     n_q = len(data.queries)
     ref_q, new_q = ref_emb[-n_q:], new_emb[-n_q:]
@@ -107,7 +110,7 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     new_p = new_emb[:-n_q].reshape(n_q, k_max, -1)
     identical, overlap = _top10(np.einsum("qd,qkd->qk", ref_q, ref_p), np.einsum("qd,qkd->qk", new_q, new_p))
     cos = _row_cosine(ref_emb, new_emb)
-    enc_report = {"texts": len(texts), "max_abs_diff": float(np.abs(ref_emb - new_emb).max()),
+    enc_report = {"texts": len(passages) + n_q, "max_abs_diff": float(np.abs(ref_emb - new_emb).max()),
                   "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                   "top10_identical": identical, "top10_overlap": overlap}
 

@@ -43,8 +43,10 @@ def _gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1] index of the last real token of right-padded rows."""
-    return (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    """[B, 1] index of the last real token, whatever the padding side (the model card of
+    Qwen3-Embedding pads on the left, our tokenizers on the right): the largest masked position."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return (positions * (attention_mask > 0)).amax(dim=1, keepdim=True)
 
 
 class EncoderOnnxWrapper(nn.Module):
@@ -128,7 +130,7 @@ def load_reranker(checkpoint: Checkpoint) -> RerankerOnnxWrapper:
 
 
 def passage_tokenizer(checkpoint: Checkpoint) -> PassageTokenizer:
-    return PassageTokenizer(checkpoint.encoder_dir / "tokenizer.json", checkpoint.config.max_passage_tokens)
+    return PassageTokenizer.for_config(checkpoint.encoder_dir / "tokenizer.json", checkpoint.config)
 
 
 def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
@@ -158,11 +160,19 @@ class ResRankReference:
         self.passage_tokenizer = passage_tokenizer(checkpoint)
         self.prompt_builder = prompt_builder(checkpoint)
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Passage vectors [n, De]."""
+        return self._encode(self.passage_tokenizer, texts, batch_size)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Query vectors [n, De] (the query template applied)."""
+        return self._encode(self.passage_tokenizer.queries, texts, batch_size)
+
+    @torch.inference_mode()
+    def _encode(self, tokenize, texts: list[str], batch_size: int) -> np.ndarray:
         chunks = []
         for start in range(0, len(texts), batch_size):
-            batch = self.passage_tokenizer(texts[start : start + batch_size])
+            batch = tokenize(texts[start : start + batch_size])
             chunks.append(self.encoder(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask"))))
         if not chunks:
             return np.zeros((0, self.checkpoint.encoder_dim), dtype=np.float32)
