@@ -204,7 +204,7 @@ def _qwen3_shaped(vocab_size: int, shape: Qwen3Shape, pad_token_id: int, seed: i
 
 
 def build_qwen3_checkpoint(out: str | Path, tokenizer_dir: str | Path, shape: str = "tiny", seed: int = 0,
-                           dtype: str = "bf16", max_candidates: int = 20) -> Path:
+                           dtype: str = "bf16", max_candidates: int = 100) -> Path:
     """A checkpoint of real Qwen3 shape (Qwen3-Embedding encoder + Qwen3 reranker of size `shape`)
     with the real Qwen3 tokenizer and seeded random weights, saved in `dtype` (the releases are
     BF16), following Qwen3-Embedding's conventions: last-token pooling, the instruction query

@@ -4,6 +4,8 @@ against this reference."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import inspect
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from torch import nn
 from resrank_export.errors import CheckpointError
 from resrank_export.model.checkpoint import Checkpoint
 from resrank_export.model.text import PassageTokenizer, PromptBuilder
+from resrank_export.progress import track
 
 
 def load_backbone(model_dir) -> nn.Module:
@@ -155,10 +158,24 @@ class ResRankReference:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.encoder = load_encoder(checkpoint)
-        self.reranker = load_reranker(checkpoint)
         self.passage_tokenizer = passage_tokenizer(checkpoint)
         self.prompt_builder = prompt_builder(checkpoint)
+
+    # Loaded on first use and freed by `release`: a stage that compares graphs with the reference
+    # keeps one model copy alive at a time (at 4B an FP32 copy is 16 GB).
+    @functools.cached_property
+    def encoder(self) -> EncoderOnnxWrapper:
+        return load_encoder(self.checkpoint)
+
+    @functools.cached_property
+    def reranker(self) -> RerankerOnnxWrapper:
+        return load_reranker(self.checkpoint)
+
+    def release(self) -> None:
+        """Free the loaded PyTorch modules (they load again if used)."""
+        for name in ("encoder", "reranker"):
+            self.__dict__.pop(name, None)
+        gc.collect()
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Passage vectors [n, De]."""
@@ -171,7 +188,8 @@ class ResRankReference:
     @torch.inference_mode()
     def _encode(self, tokenize, texts: list[str], batch_size: int) -> np.ndarray:
         chunks = []
-        for start in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        for start in track(starts, f"PyTorch reference encoder ({len(texts)} texts)"):
             batch = tokenize(texts[start : start + batch_size])
             chunks.append(self.encoder(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask"))))
         if not chunks:

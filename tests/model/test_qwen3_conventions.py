@@ -28,7 +28,7 @@ DOCUMENTS = ["The capital of China is Beijing.",
 def qwen3_checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
     """Tiny Qwen3-shaped encoder and reranker in FP32 (a strict comparison), real tokenizer."""
     return load_checkpoint(build_qwen3_checkpoint(tmp_path_factory.mktemp("qwen3") / "ck", qwen3_tokenizer_dir,
-                                                  shape="tiny", dtype="fp32"))
+                                                  shape="tiny", dtype="fp32", max_candidates=20))
 
 
 def _model_card_embeddings(encoder_dir, texts: list[str], max_length: int) -> np.ndarray:
