@@ -14,7 +14,7 @@ from resrank_export.data.readers import iter_passages, read_queries, read_trec_r
 from resrank_export.errors import InputDataError, ParityError
 from resrank_export.model.reference import ResRankReference
 from resrank_export.progress import track
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import encode_texts, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.bm25.trec"
@@ -102,12 +102,9 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     k_max = ck.max_candidates
     data = load_parity_data(config, k_max)
 
-    # Encoder inputs: every candidate passage and every query (each with its template).
+    # Encoder: every candidate passage and every query (each with its template).
     passages = [t for cands in data.candidates for t in cands]
     tokenizer = reference.passage_tokenizer
-    encoder_batches = [tokenize(texts[i:i + config.batch_size])
-                       for texts, tokenize in ((passages, tokenizer), (data.queries, tokenizer.queries))
-                       for i in range(0, len(texts), config.batch_size)]
     ref_emb = np.concatenate([reference.encode(passages, config.batch_size),
                               reference.encode_queries(data.queries, config.batch_size)])
     n_q = len(data.queries)
@@ -131,7 +128,11 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     ref_scores = [reference.score(queries, slots) for _, queries, slots in track(cases, "PyTorch reference reranker")]
     reference.release()
 
-    new_emb = np.concatenate(_graph_outputs(graphs["encoder"], encoder_batches, "ONNX Runtime encoder"))
+    log.info("parity: ONNX Runtime encoder on %d texts", len(passages) + n_q)
+    session = ort_session(graphs["encoder"])
+    new_emb = np.concatenate([encode_texts(session, tokenizer, passages, config.batch_size),
+                              encode_texts(session, tokenizer.queries, data.queries, config.batch_size)])
+    del session
     new_q, new_p = new_emb[-n_q:], new_emb[:-n_q].reshape(n_q, k_max, -1)
     identical, overlap = _top10(np.einsum("qd,qkd->qk", ref_q, ref_p), np.einsum("qd,qkd->qk", new_q, new_p))
     cos = _row_cosine(ref_emb, new_emb)

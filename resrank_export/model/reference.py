@@ -17,6 +17,7 @@ from resrank_export.errors import CheckpointError
 from resrank_export.model.checkpoint import Checkpoint
 from resrank_export.model.text import PassageTokenizer, PromptBuilder
 from resrank_export.progress import track
+from resrank_export.runtime import length_batches
 
 
 def load_backbone(model_dir) -> nn.Module:
@@ -187,14 +188,17 @@ class ResRankReference:
 
     @torch.inference_mode()
     def _encode(self, tokenize, texts: list[str], batch_size: int) -> np.ndarray:
-        chunks = []
-        starts = range(0, len(texts), batch_size)
-        for start in track(starts, f"PyTorch reference encoder ({len(texts)} texts)"):
-            batch = tokenize(texts[start : start + batch_size])
-            chunks.append(self.encoder(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask"))))
-        if not chunks:
-            return np.zeros((0, self.checkpoint.encoder_dim), dtype=np.float32)
-        return torch.cat(chunks).numpy()
+        """Batches as the graphs get them in `runtime.encode_texts`: by token length, token-bounded."""
+        vectors = np.zeros((len(texts), self.checkpoint.encoder_dim), dtype=np.float32)
+        if not texts:
+            return vectors
+        inputs = tokenize(list(texts))
+        lengths = inputs["attention_mask"].sum(1)
+        for rows in track(length_batches(lengths, batch_size), f"PyTorch reference encoder ({len(texts)} texts)"):
+            width = int(lengths[rows].max())
+            ids, mask = (torch.from_numpy(inputs[n][rows, :width]) for n in ("input_ids", "attention_mask"))
+            vectors[rows] = self.encoder(ids, mask).float().numpy()
+        return vectors
 
     @torch.inference_mode()
     def score(self, queries: list[str], passage_embeddings: np.ndarray) -> np.ndarray:
