@@ -174,6 +174,29 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
     click.echo(f"demo checkpoint written to {out}")
 
 
+@main.command("qwen3-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder with the Qwen3 tokenizer.json and tokenizer_config.json (e.g. ../shared/tokenizers/qwen3).")
+@click.option("--shape", type=click.Choice(["tiny", "0.6b", "1.7b", "4b", "8b"]), default="0.6b", show_default=True,
+              help="Released Qwen3 / Qwen3-Embedding size of both the encoder and the reranker.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="dtype of the saved weights (the releases are BF16).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def qwen3_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: str, seed: int) -> None:
+    """Write a checkpoint of real Qwen3 shape with the real tokenizer, Qwen3-Embedding's conventions
+    and seeded random weights: for measuring cost at real sizes (its rankings mean nothing)."""
+    from resrank_export.model.demo import build_qwen3_checkpoint
+
+    if out.exists():
+        raise ResRankExportError(f"{out}: already exists; choose a new folder")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ResRankExportError(f"{tokenizer_dir / 'tokenizer.json'}: file not found; --tokenizer must hold "
+                                 "the Qwen3 tokenizer.json")
+    build_qwen3_checkpoint(out, tokenizer_dir, shape=shape, seed=seed, dtype=dtype)
+    click.echo(f"Qwen3-{shape}-shape checkpoint ({dtype}) written to {out}")
+
+
 # --- TensorRT engines and memory planning ----------------------------------------------------
 
 @main.command("plan")

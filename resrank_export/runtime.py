@@ -24,17 +24,41 @@ def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, {name: inputs[name] for name in names})
 
 
-def encode_texts(session, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
-    """Encoder graph outputs [n, D] float32 in input order. Batches hold texts of similar length
-    (sorted by characters, a cheap proxy for tokens) so little compute goes to padding."""
+# Encoder batches are sized by tokens, not rows: rows x longest row stays under this (32 rows of
+# 512 tokens), so long texts of a large model cannot blow up activation memory.
+BATCH_TOKENS = 16384
+
+
+def length_batches(lengths, max_rows: int, max_tokens: int = BATCH_TOKENS) -> list[np.ndarray]:
+    """Row indices grouped shortest first: each group holds at most `max_rows` rows and its row count
+    times its longest length is at most `max_tokens` (a single longer row forms a group of its own)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    groups, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < max_rows and (end - start + 1) * lengths[order[end]] <= max_tokens:
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+def encode_texts(session, tokenizer, texts: list[str], batch_size: int, max_batch_tokens: int = BATCH_TOKENS) -> np.ndarray:
+    """Encoder graph outputs [n, D] float32 in input order; `tokenizer(texts)` makes the right-padded
+    inputs (a PassageTokenizer, or its `queries` method for queries). Batches hold texts of similar
+    token length (little compute goes to padding), at most `batch_size` rows and `max_batch_tokens`
+    tokens each."""
     texts = list(texts)
-    dim = session.get_outputs()[0].shape[-1]  # symbolic in some converted graphs: then from a batch
-    vectors = np.empty((len(texts), dim), dtype=np.float32) if isinstance(dim, int) else None
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
-        batch = run_session(session, tokenizer([texts[i] for i in rows]))[0]
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    inputs = tokenizer(texts)
+    lengths = inputs["attention_mask"].sum(1)
+    vectors = None
+    for rows in length_batches(lengths, batch_size, max_batch_tokens):
+        width = int(lengths[rows].max())  # right padding: the columns past it are padding only
+        batch = run_session(session, {name: array[rows, :width] for name, array in inputs.items()})[0]
         if vectors is None:
             vectors = np.empty((len(texts), batch.shape[1]), dtype=np.float32)
         vectors[rows] = batch
-    return vectors if vectors is not None else np.zeros((0, 0), dtype=np.float32)
+    return vectors

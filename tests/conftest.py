@@ -30,6 +30,15 @@ def scifact_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer (../shared/tokenizers/qwen3)."""
+    path = SHARED_DATA.parent / "tokenizers" / "qwen3"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"the Qwen3 tokenizer {path} not found (it sits in shared/tokenizers/qwen3 beside the data)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(pooling=..., projector=..., reranker=...) -> validated Checkpoint,
     cached per variant for the session."""

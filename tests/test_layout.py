@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "resrank_export"
 # Lowest first; a module may import its own layer and those below it.
 LAYERS = (
-    ("resrank_export", "resrank_export.errors", "resrank_export.lazy", "resrank_export.fs",
+    ("resrank_export", "resrank_export.errors", "resrank_export.lazy", "resrank_export.fs", "resrank_export.progress",
      "resrank_export.interrupt", "resrank_export.runtime", "resrank_export.manifest"),
     ("resrank_export.data",),
     ("resrank_export.model",),

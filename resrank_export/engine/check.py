@@ -101,7 +101,7 @@ def check_build(build: Path, precision: str, queries: int = 3) -> list[GraphChec
         entry = find_entry(entries, graph, runtime.compute_capability)
         runners[graph] = TrtRunner(load_engine(engines_dir(build, precision), entry, runtime))
     data = load_parity_data(ParityConfig(queries=queries), ck.max_candidates)
-    tokenizer = PassageTokenizer(build / "tokenizer" / "encoder" / "tokenizer.json", ck.max_passage_tokens)
+    tokenizer = PassageTokenizer.for_config(build / "tokenizer" / "encoder" / "tokenizer.json", ck)
     texts = [t for cands in data.candidates for t in cands]
     encoder_max_batch = runners["encoder"].engine.get_tensor_profile_shape("input_ids", 0)[2][0]
     passages = tokenizer(texts[:encoder_max_batch])

@@ -13,7 +13,8 @@ import numpy as np
 from resrank_export.data.readers import iter_passages, read_queries, read_trec_run
 from resrank_export.errors import InputDataError, ParityError
 from resrank_export.model.reference import ResRankReference
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.progress import track
+from resrank_export.runtime import encode_texts, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.bm25.trec"
@@ -86,30 +87,28 @@ def _compare(name: str, ref: np.ndarray, new: np.ndarray, **extra) -> dict:
             "mean_cosine": float(_row_cosine(ref, new).mean())}
 
 
+def _graph_outputs(path: Path, batches: list[dict[str, np.ndarray]], description: str) -> list[np.ndarray]:
+    """The graph's first output for each input batch; the session is freed on return."""
+    session = ort_session(path)
+    return [run_session(session, inputs)[0] for inputs in track(batches, description)]
+
+
 def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: ParityConfig,
                  gate: bool = True) -> dict:
-    """Compare encoder and reranker graphs with the reference; returns the JSON report."""
+    """Compare encoder and reranker graphs with the reference; returns the JSON report. Every
+    reference output is computed first and the PyTorch modules freed before a graph is loaded,
+    so one model copy is alive at a time."""
     ck = reference.checkpoint.config
     k_max = ck.max_candidates
     data = load_parity_data(config, k_max)
-    encoder = ort_session(graphs["encoder"])
-    reranker = ort_session(graphs["reranker"])
 
-    # Encoder: every candidate passage and every query.
-    texts = [t for cands in data.candidates for t in cands] + data.queries
-    ref_emb = reference.encode(texts, config.batch_size)
-    new_emb = np.concatenate([
-        run_session(encoder, reference.passage_tokenizer(texts[i:i + config.batch_size]))[0]
-        for i in range(0, len(texts), config.batch_size)])
+    # Encoder: every candidate passage and every query (each with its template).
+    passages = [t for cands in data.candidates for t in cands]
+    tokenizer = reference.passage_tokenizer
+    ref_emb = np.concatenate([reference.encode(passages, config.batch_size),
+                              reference.encode_queries(data.queries, config.batch_size)])
     n_q = len(data.queries)
-    ref_q, new_q = ref_emb[-n_q:], new_emb[-n_q:]
-    ref_p = ref_emb[:-n_q].reshape(n_q, k_max, -1)
-    new_p = new_emb[:-n_q].reshape(n_q, k_max, -1)
-    identical, overlap = _top10(np.einsum("qd,qkd->qk", ref_q, ref_p), np.einsum("qd,qkd->qk", new_q, new_p))
-    cos = _row_cosine(ref_emb, new_emb)
-    enc_report = {"texts": len(texts), "max_abs_diff": float(np.abs(ref_emb - new_emb).max()),
-                  "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-                  "top10_identical": identical, "top10_overlap": overlap}
+    ref_q, ref_p = ref_emb[-n_q:], ref_emb[:-n_q].reshape(n_q, k_max, -1)
 
     # Reranker: several shapes, slot vectors from the reference encoder.
     k_mid = min(10, k_max)
@@ -120,14 +119,32 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
         (f"long query, k={k_mid}", [long_query], ref_p[:1, :k_mid]),
         (f"batch {min(2, n_q)}, k={k_mid}", data.queries[-2:], ref_p[-2:, :k_mid]),
     ]
-    case_reports = []
-    for name, queries, slots in cases:
+    reranker_batches = []
+    for _, queries, slots in cases:
         inputs = reference.prompt_builder.batch(queries, slots.shape[1])
         inputs["passage_embeddings"] = np.ascontiguousarray(slots, dtype=np.float32)
-        new_scores = run_session(reranker, inputs)[0]
-        ref_scores = reference.score(queries, slots)
-        identical, overlap = _top10(ref_scores, new_scores)
-        case_reports.append(_compare(name, ref_scores, new_scores, batch=len(queries), k=int(slots.shape[1]),
+        reranker_batches.append(inputs)
+    reference.release()  # the encoder
+    ref_scores = [reference.score(queries, slots) for _, queries, slots in track(cases, "PyTorch reference reranker")]
+    reference.release()
+
+    log.info("parity: ONNX Runtime encoder on %d texts", len(passages) + n_q)
+    session = ort_session(graphs["encoder"])
+    new_emb = np.concatenate([encode_texts(session, tokenizer, passages, config.batch_size),
+                              encode_texts(session, tokenizer.queries, data.queries, config.batch_size)])
+    del session
+    new_q, new_p = new_emb[-n_q:], new_emb[:-n_q].reshape(n_q, k_max, -1)
+    identical, overlap = _top10(np.einsum("qd,qkd->qk", ref_q, ref_p), np.einsum("qd,qkd->qk", new_q, new_p))
+    cos = _row_cosine(ref_emb, new_emb)
+    enc_report = {"texts": len(passages) + n_q, "max_abs_diff": float(np.abs(ref_emb - new_emb).max()),
+                  "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+                  "top10_identical": identical, "top10_overlap": overlap}
+
+    new_scores = _graph_outputs(graphs["reranker"], reranker_batches, "ONNX Runtime reranker")
+    case_reports = []
+    for (name, queries, slots), inputs, ref, new in zip(cases, reranker_batches, ref_scores, new_scores):
+        identical, overlap = _top10(ref, new)
+        case_reports.append(_compare(name, ref, new, batch=len(queries), k=int(slots.shape[1]),
                                      prompt_tokens=int(inputs["input_ids"].shape[1]),
                                      top10_identical=identical, top10_overlap=overlap))
     max_diff = max(c["max_abs_diff"] for c in case_reports)

@@ -48,14 +48,18 @@ class OnnxEncoder:
         config = ResRankConfig.from_json(json.loads(config_file.read_text(encoding="utf-8")), config_file)
         self.build_dir = build_dir
         self.batch_size = batch_size
-        self.tokenizer = PassageTokenizer(tokenizer_file, config.max_passage_tokens)
+        self.tokenizer = PassageTokenizer.for_config(tokenizer_file, config)
         self.session = ort_session(graph, threads=threads)
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.sha256 = sha256_file(graph)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """[n, D] float32 in input order, batched by length."""
+        """Passage vectors [n, D] float32 in input order, batched by length."""
         return encode_texts(self.session, self.tokenizer, texts, self.batch_size)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """Query vectors [n, D] float32 (the checkpoint's query template applied)."""
+        return encode_texts(self.session, self.tokenizer.queries, texts, self.batch_size)
 
 
 def corpus_identity(corpus: Path | None) -> str:

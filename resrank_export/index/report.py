@@ -34,7 +34,7 @@ def index_report(retriever: Retriever, config: IndexConfig, timings: dict) -> di
     }
     if is_beir_folder(config.corpus):
         _, queries = judged_queries(Path(config.corpus))
-        query_vectors = retriever.encoder.encode(list(queries.values()))
+        query_vectors = retriever.encoder.encode_queries(list(queries.values()))
         report["ndcg@10"] = round(evaluate_beir(retriever, Path(config.corpus))["ndcg@10"], 4)
         report["queries"] = f"{len(queries)} judged queries of {config.corpus}"
     else:

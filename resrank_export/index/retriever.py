@@ -72,7 +72,7 @@ class Retriever:
         if self.encoder is None:
             raise ResRankExportError(f"{self.folder}: searching by text needs the build folder "
                                      "(Retriever.load(index_dir, build_dir))")
-        ids, scores, vectors = self.search_vectors(self.encoder.encode(list(queries)), k)
+        ids, scores, vectors = self.search_vectors(self.encoder.encode_queries(list(queries)), k)
         results = []
         for row_ids, row_scores, row_vectors in zip(ids, scores, vectors):
             found = len([i for i in row_ids if i])

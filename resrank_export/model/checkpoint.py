@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from resrank_export.errors import CheckpointError
-from resrank_export.model.text import PASSAGES_MARKER, QUERY_MARKER
+from resrank_export.model.text import PASSAGE_MARKER, PASSAGES_MARKER, QUERY_MARKER
 
 CONFIG_FILE = "resrank.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -36,6 +36,12 @@ class ResRankConfig:
     max_passage_tokens: int = 512
     max_query_tokens: int = 64
     max_candidates: int = 100
+    # Encoder text formats. Qwen3-Embedding: query_template
+    # "Instruct: <task>\nQuery:{query}", passages bare, append_eos true (eos_token <|endoftext|>).
+    query_template: str = QUERY_MARKER
+    passage_template: str = PASSAGE_MARKER
+    append_eos: bool = False  # end every encoder text with eos_token (counted in max_passage_tokens)
+    eos_token: str = "<|endoftext|>"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +101,15 @@ class ResRankConfig:
                 f"{source}: field 'prompt_template' contains the placeholder token "
                 f"{self.placeholder_token!r}; slots are placed only by {PASSAGES_MARKER}"
             )
+        for name, marker in (("query_template", QUERY_MARKER), ("passage_template", PASSAGE_MARKER)):
+            if getattr(self, name).count(marker) != 1:
+                raise CheckpointError(f"{source}: field '{name}' is {getattr(self, name)!r}; expected a template "
+                                      f"containing {marker} exactly once")
+        if not self.eos_token.strip():
+            raise CheckpointError(f"{source}: field 'eos_token' must not be empty")
+        if self.append_eos and self.max_passage_tokens < 2:
+            raise CheckpointError(f"{source}: field 'max_passage_tokens' is {self.max_passage_tokens}; with "
+                                  "'append_eos' expected at least 2 (the EOS takes one)")
         for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
             if getattr(self, name) <= 0:
                 raise CheckpointError(
@@ -177,6 +192,19 @@ def _placeholder_id(reranker_dir: Path, token: str) -> int:
     return token_id
 
 
+def _check_eos_token(encoder_dir: Path, token: str) -> None:
+    from tokenizers import Tokenizer
+
+    path = encoder_dir / "tokenizer.json"
+    try:
+        found = Tokenizer.from_file(str(path)).token_to_id(token)
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise CheckpointError(f"{path}: cannot be read as a tokenizer ({exc})") from None
+    if found is None:
+        raise CheckpointError(f"{path}: eos token {token!r} (field 'eos_token' of {CONFIG_FILE}, appended because "
+                              "'append_eos' is true) is not in the encoder tokenizer")
+
+
 def _check_projector(path: Path, kind: str, in_dim: int, out_dim: int) -> None:
     """Every tensor of the projector weights has the shape `build_projector(kind, in_dim,
     out_dim)` loads, so a wrong file fails here and not inside the export."""
@@ -227,5 +255,7 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
             )
     else:
         _check_projector(root / PROJECTOR_FILE, config.projector, encoder_dim, reranker_hidden)
+    if config.append_eos:
+        _check_eos_token(root / "encoder", config.eos_token)
     placeholder_id = _placeholder_id(root / "reranker", config.placeholder_token)
     return Checkpoint(root, config, encoder_dim, reranker_hidden, placeholder_id)

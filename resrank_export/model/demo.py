@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -158,6 +159,73 @@ def build_tiny_checkpoint(out: str | Path, *, pooling: str = "mean", projector: 
     backbone = _tiny_backbone(reranker, vocab, hidden, seed + 2)
     state = None if projector == "none" else _projector_state(projector, encoder_dim, hidden, seed)
     return write_checkpoint(Path(out), config, encoder_model, source, backbone, state)
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+# The released Qwen3 / Qwen3-Embedding sizes (their config.json), and a tiny one for tests.
+QWEN3_SHAPES = {
+    "tiny": Qwen3Shape(32, 2, 4, 2, 8, 64),
+    "0.6b": Qwen3Shape(1024, 28, 16, 8, 128, 3072),
+    "1.7b": Qwen3Shape(2048, 28, 16, 8, 128, 6144),
+    "4b": Qwen3Shape(2560, 36, 32, 8, 128, 9728),
+    "8b": Qwen3Shape(4096, 36, 32, 8, 128, 12288),
+}
+# Qwen3-Embedding's retrieval prompt (its model card): an instruction before each query, documents bare.
+QWEN3_EMBEDDING_QUERY_TEMPLATE = ("Instruct: Given a web search query, retrieve relevant passages that answer "
+                                  "the query\nQuery:{query}")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _qwen3_shaped(vocab_size: int, shape: Qwen3Shape, pad_token_id: int, seed: int, dtype: torch.dtype):
+    """A seeded random Qwen3 backbone, created directly in `dtype` (a 4B model in FP32 would need
+    16 GB before it could be cast)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=40960,
+                         pad_token_id=pad_token_id, tie_word_embeddings=True, rope_theta=1_000_000.0)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Qwen3Model(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_qwen3_checkpoint(out: str | Path, tokenizer_dir: str | Path, shape: str = "tiny", seed: int = 0,
+                           dtype: str = "bf16", max_candidates: int = 100) -> Path:
+    """A checkpoint of real Qwen3 shape (Qwen3-Embedding encoder + Qwen3 reranker of size `shape`)
+    with the real Qwen3 tokenizer and seeded random weights, saved in `dtype` (the releases are
+    BF16), following Qwen3-Embedding's conventions: last-token pooling, the instruction query
+    template, `<|endoftext|>` appended. Random weights measure cost, not ranking quality."""
+    from tokenizers import Tokenizer
+
+    if shape not in QWEN3_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(QWEN3_SHAPES)}, got {shape!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    source = Path(tokenizer_dir)
+    config = ResRankConfig(pooling="last", normalize=True, projector="none", max_passage_tokens=512,
+                           max_query_tokens=64, max_candidates=max_candidates,
+                           query_template=QWEN3_EMBEDDING_QUERY_TEMPLATE, append_eos=True, eos_token="<|endoftext|>")
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    encoder = _qwen3_shaped(vocab, QWEN3_SHAPES[shape], pad_id, seed, _DTYPES[dtype])
+    reranker = _qwen3_shaped(_reranker_vocab(source, config.placeholder_token), QWEN3_SHAPES[shape], pad_id,
+                             seed + 2, _DTYPES[dtype])
+    return write_checkpoint(Path(out), config, encoder, source, reranker)
 
 
 def cache_dir() -> Path:

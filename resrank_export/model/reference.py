@@ -4,6 +4,8 @@ against this reference."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import inspect
 from dataclasses import dataclass
 
@@ -14,6 +16,8 @@ from torch import nn
 from resrank_export.errors import CheckpointError
 from resrank_export.model.checkpoint import Checkpoint
 from resrank_export.model.text import PassageTokenizer, PromptBuilder
+from resrank_export.progress import track
+from resrank_export.runtime import length_batches
 
 
 def load_backbone(model_dir) -> nn.Module:
@@ -43,8 +47,10 @@ def _gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1] index of the last real token of right-padded rows."""
-    return (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    """[B, 1] index of the last real token, whatever the padding side (the model card of
+    Qwen3-Embedding pads on the left, our tokenizers on the right): the largest masked position."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+    return (positions * (attention_mask > 0)).amax(dim=1, keepdim=True)
 
 
 class EncoderOnnxWrapper(nn.Module):
@@ -128,7 +134,7 @@ def load_reranker(checkpoint: Checkpoint) -> RerankerOnnxWrapper:
 
 
 def passage_tokenizer(checkpoint: Checkpoint) -> PassageTokenizer:
-    return PassageTokenizer(checkpoint.encoder_dir / "tokenizer.json", checkpoint.config.max_passage_tokens)
+    return PassageTokenizer.for_config(checkpoint.encoder_dir / "tokenizer.json", checkpoint.config)
 
 
 def prompt_builder(checkpoint: Checkpoint) -> PromptBuilder:
@@ -153,20 +159,46 @@ class ResRankReference:
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self.encoder = load_encoder(checkpoint)
-        self.reranker = load_reranker(checkpoint)
         self.passage_tokenizer = passage_tokenizer(checkpoint)
         self.prompt_builder = prompt_builder(checkpoint)
 
-    @torch.inference_mode()
+    # Loaded on first use and freed by `release`: a stage that compares graphs with the reference
+    # keeps one model copy alive at a time (at 4B an FP32 copy is 16 GB).
+    @functools.cached_property
+    def encoder(self) -> EncoderOnnxWrapper:
+        return load_encoder(self.checkpoint)
+
+    @functools.cached_property
+    def reranker(self) -> RerankerOnnxWrapper:
+        return load_reranker(self.checkpoint)
+
+    def release(self) -> None:
+        """Free the loaded PyTorch modules (they load again if used)."""
+        for name in ("encoder", "reranker"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.passage_tokenizer(texts[start : start + batch_size])
-            chunks.append(self.encoder(*(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask"))))
-        if not chunks:
-            return np.zeros((0, self.checkpoint.encoder_dim), dtype=np.float32)
-        return torch.cat(chunks).numpy()
+        """Passage vectors [n, De]."""
+        return self._encode(self.passage_tokenizer, texts, batch_size)
+
+    def encode_queries(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Query vectors [n, De] (the query template applied)."""
+        return self._encode(self.passage_tokenizer.queries, texts, batch_size)
+
+    @torch.inference_mode()
+    def _encode(self, tokenize, texts: list[str], batch_size: int) -> np.ndarray:
+        """Batches as the graphs get them in `runtime.encode_texts`: by token length, token-bounded."""
+        vectors = np.zeros((len(texts), self.checkpoint.encoder_dim), dtype=np.float32)
+        if not texts:
+            return vectors
+        inputs = tokenize(list(texts))
+        lengths = inputs["attention_mask"].sum(1)
+        for rows in track(length_batches(lengths, batch_size), f"PyTorch reference encoder ({len(texts)} texts)"):
+            width = int(lengths[rows].max())
+            ids, mask = (torch.from_numpy(inputs[n][rows, :width]) for n in ("input_ids", "attention_mask"))
+            vectors[rows] = self.encoder(ids, mask).float().numpy()
+        return vectors
 
     @torch.inference_mode()
     def score(self, queries: list[str], passage_embeddings: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ Only `tokenizers` and `numpy` are imported: the Triton python backend loads this
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 
 QUERY_MARKER = "{query}"
 PASSAGES_MARKER = "{passages}"
+PASSAGE_MARKER = "{passage}"
 
 
 def _load_tokenizer(path: Path):
@@ -27,7 +29,7 @@ def _load_tokenizer(path: Path):
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest row: the graphs read the last real token at sum(mask)-1."""
+    """Right-pad to the longest row (the graphs find the last real token on either side)."""
     width = max(len(row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -37,30 +39,72 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _pad_id(tokenizer) -> int:
-    for token in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
-        token_id = tokenizer.token_to_id(token)
+def _configured_pad_token(tokenizer_file: Path) -> str | None:
+    """`pad_token` of the tokenizer_config.json beside tokenizer.json (a string or an AddedToken
+    dict), the tokenizer's own choice (Qwen3: `<|endoftext|>`)."""
+    config_file = Path(tokenizer_file).parent / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        token = json.loads(config_file.read_text(encoding="utf-8")).get("pad_token")
+    except (ValueError, AttributeError):
+        return None
+    return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+
+def _pad_id(tokenizer, tokenizer_file: Path) -> int:
+    """The tokenizer config's pad token, else a conventional one. Padded positions are masked, so
+    the choice never changes a result; it keeps the ids what the model's own tokenizer would give."""
+    for token in (_configured_pad_token(tokenizer_file), "[PAD]", "<pad>", "<|endoftext|>", "</s>"):
+        token_id = tokenizer.token_to_id(token) if token else None
         if token_id is not None:
             return token_id
     return 0
 
 
 class PassageTokenizer:
-    """Encoder-side tokenization: truncation to `max_tokens` (special tokens included)."""
+    """Encoder-side tokenization of passages (`__call__`) and queries (`queries`): each text is
+    formatted with its template (Qwen3-Embedding: an instruction before queries, documents bare),
+    truncated so that it holds at most `max_tokens` ids with the tokenizer's special tokens and the
+    appended `eos_token` (Qwen3-Embedding ends every text with `<|endoftext|>`), then right-padded."""
 
-    def __init__(self, tokenizer_file: str | Path, max_tokens: int):
+    def __init__(self, tokenizer_file: str | Path, max_tokens: int, query_template: str = QUERY_MARKER,
+                 passage_template: str = PASSAGE_MARKER, eos_token: str | None = None):
         self.tokenizer = _load_tokenizer(Path(tokenizer_file))
-        self.tokenizer.enable_truncation(max_tokens)
+        self.eos_id = None
+        if eos_token is not None:
+            self.eos_id = self.tokenizer.token_to_id(eos_token)
+            if self.eos_id is None:
+                raise ValueError(f"eos token {eos_token!r} is not in {tokenizer_file}")
+        self.tokenizer.enable_truncation(max_tokens - (self.eos_id is not None))
         self.max_tokens = max_tokens
-        self.pad_id = _pad_id(self.tokenizer)
+        self.query_template, self.passage_template = query_template, passage_template
+        self.pad_id = _pad_id(self.tokenizer, Path(tokenizer_file))
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids, mask = _pad([e.ids for e in encodings], self.pad_id)
+    @classmethod
+    def for_config(cls, tokenizer_file: str | Path, config) -> "PassageTokenizer":
+        """With a checkpoint's ResRankConfig (its max_passage_tokens, templates and EOS)."""
+        return cls(tokenizer_file, config.max_passage_tokens, config.query_template, config.passage_template,
+                   config.eos_token if config.append_eos else None)
+
+    def _ids(self, texts: list[str], template: str, marker: str) -> list[list[int]]:
+        encodings = self.tokenizer.encode_batch([template.replace(marker, t) for t in texts])
+        return [e.ids + [self.eos_id] if self.eos_id is not None else e.ids for e in encodings]
+
+    def _batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        ids, mask = _pad(rows, self.pad_id)
         return {"input_ids": ids, "attention_mask": mask}
 
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Encoder inputs of passages."""
+        return self._batch(self._ids(list(texts), self.passage_template, PASSAGE_MARKER))
+
+    def queries(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Encoder inputs of queries (retrieval)."""
+        return self._batch(self._ids(list(texts), self.query_template, QUERY_MARKER))
+
     def lengths(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+        return [len(ids) for ids in self._ids(list(texts), self.passage_template, PASSAGE_MARKER)]
 
 
 @dataclass(frozen=True)
@@ -89,7 +133,7 @@ class PromptBuilder:
             raise ValueError(f"placeholder token {placeholder_token!r} is not in {tokenizer_file}")
         self.max_query_tokens = max_query_tokens
         self.max_candidates = max_candidates
-        self.pad_id = _pad_id(self.tokenizer)
+        self.pad_id = _pad_id(self.tokenizer, Path(tokenizer_file))
 
     def clean_query(self, query: str) -> str:
         """Remove placeholder tokens a user typed (they would add slots) and truncate the

@@ -134,7 +134,7 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     else:
         k = min(k, len(pool))
         pool_vectors = reference.encode([p.text for p in pool])
-    query_vectors = reference.encode(query_texts)
+    query_vectors = reference.encode_queries(query_texts)
     candidate_ids, candidate_kind = _candidates(config, qids, query_vectors, pool, pool_vectors, k)
     short = [q for q, ids in zip(qids, candidate_ids) if len(ids) < k]
     if short:

@@ -71,7 +71,10 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
     vectors = {}
     for precision, path in encoders.items():
         log.info("fidelity: encoding %d texts with the %s encoder", len(texts) + len(queries), precision)
-        vectors[precision] = encode_texts(ort_session(path), tokenizer, texts + list(queries.values()), config.batch_size)
+        session = ort_session(path)
+        vectors[precision] = np.concatenate([encode_texts(session, tokenizer, texts, config.batch_size),
+                                             encode_texts(session, tokenizer.queries, list(queries.values()),
+                                                          config.batch_size)])
     report = {"data": description, "texts": len(texts) + len(queries), "precisions": {}}
     for precision, emb in vectors.items():
         cosine = _row_cosine(vectors["fp32"], emb)

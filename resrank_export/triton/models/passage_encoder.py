@@ -24,7 +24,7 @@ class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
         folder = version_dir(args)
         settings = resrank_config(folder)
-        self.tokenizer = PassageTokenizer(folder / "tokenizer.json", settings.max_passage_tokens)
+        self.tokenizer = PassageTokenizer.for_config(folder / "tokenizer.json", settings)
         self.max_candidates = settings.max_candidates
         self.encoder_batch = int(params["ENCODER_MAX_BATCH"])
 

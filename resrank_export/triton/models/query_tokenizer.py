@@ -1,5 +1,5 @@
-"""QUERY -> encoder input ids, with the same PassageTokenizer (and max_passage_tokens) the index
-used for the corpus."""
+"""QUERY -> encoder input ids, with the same PassageTokenizer (max_passage_tokens, query template,
+EOS) as the in-process retriever."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from resrank_export.triton.models.common import queries, respond, resrank_config
 class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
         folder = version_dir(args)
-        self.tokenizer = PassageTokenizer(folder / "tokenizer.json", resrank_config(folder).max_passage_tokens)
+        self.tokenizer = PassageTokenizer.for_config(folder / "tokenizer.json", resrank_config(folder))
 
     def execute(self, requests):
-        return respond(requests, lambda request: self.tokenizer(queries(request)))
+        return respond(requests, lambda request: self.tokenizer.queries(queries(request)))
