@@ -10,6 +10,7 @@ from pathlib import Path
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
+from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds resrank_export/
@@ -40,6 +41,7 @@ class TritonConfig:
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
     max_queue_size: int = 64  # requests waiting per model beyond this are rejected
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # python-backend graphs: rows x padded length per run
     instances: int = 1
     gpu: bool = False  # instance groups KIND_GPU instead of KIND_CPU for the graph models
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
@@ -55,7 +57,7 @@ class TritonConfig:
             raise ResRankExportError(f"--precision {self.precision!r}: expected fp32, fp16 or int8")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
-        for name in ("max_batch_size", "max_queue_size", "instances", "ort_threads"):
+        for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads"):
             if getattr(self, name) < 1:
                 raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
 
@@ -119,18 +121,23 @@ def triton_dims(tensor: TensorSpec) -> list[int]:
     return [-1 if isinstance(d, str) else d for d in tensor.dims[1:]]
 
 
-def _io(config, spec: GraphSpec) -> None:
+def _io(config, spec: GraphSpec, ragged: bool = False) -> None:
+    """Inputs and outputs; `ragged`: inputs with a variable axis allow ragged batches (the
+    python models pad the requests of a batch themselves, batching.py), so requests of
+    different lengths or candidate counts share a batch instead of waiting for their twins."""
     pb = _pb()
     for tensor in spec.inputs:
-        config.input.append(pb.ModelInput(name=tensor.name, data_type=data_type(tensor), dims=triton_dims(tensor)))
+        dims = triton_dims(tensor)
+        config.input.append(pb.ModelInput(name=tensor.name, data_type=data_type(tensor), dims=dims,
+                                          allow_ragged_batch=ragged and -1 in dims))
     for tensor in spec.outputs:
         config.output.append(pb.ModelOutput(name=tensor.name, data_type=data_type(tensor), dims=triton_dims(tensor)))
 
 
-def _batched(spec: GraphSpec, config: TritonConfig, max_batch_size: int, gpu: bool):
+def _batched(spec: GraphSpec, config: TritonConfig, max_batch_size: int, gpu: bool, ragged: bool = False):
     pb = _pb()
     model = pb.ModelConfig(name=spec.name, max_batch_size=max_batch_size)
-    _io(model, spec)
+    _io(model, spec, ragged)
     model.dynamic_batching.max_queue_delay_microseconds = config.max_queue_delay_us
     model.dynamic_batching.default_queue_policy.max_queue_size = config.max_queue_size
     kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
@@ -141,7 +148,7 @@ def _batched(spec: GraphSpec, config: TritonConfig, max_batch_size: int, gpu: bo
 def python_model_config(spec: GraphSpec, config: TritonConfig, parameters: dict[str, str],
                         max_batch_size: int | None = None):
     """A python-backend model running resrank_export.triton.models.<RESRANK_MODEL>."""
-    model = _batched(spec, config, max_batch_size or config.max_batch_size, gpu=False)
+    model = _batched(spec, config, max_batch_size or config.max_batch_size, gpu=False, ragged=True)
     model.backend = "python"
     params = {"RESRANK_PACKAGE_PATH": str(config.package_path or ""), **parameters}
     for key, value in params.items():
@@ -153,7 +160,9 @@ def graph_model_config(spec: GraphSpec, config: TritonConfig, max_batch_size: in
     """The encoder or reranker in the chosen backend flavour."""
     if config.backend == "python":
         return python_model_config(spec, config, {"RESRANK_MODEL": "onnx_graph", "GRAPH": "model.onnx",
-                                                  "THREADS": str(config.ort_threads)}, max_batch_size)
+                                                  "THREADS": str(config.ort_threads),
+                                                  "MAX_BATCH_TOKENS": str(config.max_batch_tokens)},
+                                   max_batch_size)
     model = _batched(spec, config, max_batch_size, gpu=config.gpu)
     if config.backend == "onnxruntime":
         model.platform, model.backend, model.default_model_filename = "onnxruntime_onnx", "onnxruntime", "model.onnx"

@@ -5,9 +5,7 @@ concurrency, and bad requests. The server starts once per session."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 pytest.importorskip("faiss")
 
-from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages  # noqa: E402
+from resrank_export.data.default_corpus import SAMPLE_QUERIES  # noqa: E402
 from resrank_export.triton.client import ResRankClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,49 +22,6 @@ SCORE_ATOL = 1e-4
 LONG_QUERY = " ".join(["how do I parse JSON text into Python objects and read a CSV file"] * 30)
 PROTOCOLS = ("http", "grpc")
 PASSAGE_CHARS = 300  # rerank tests use passage heads: encoding 512-token passages on CPU is slow
-
-
-@pytest.fixture(scope="session")
-def triton_build(demo_export) -> Path:
-    """The demo export is a build folder without manifest."""
-    _, graphs = demo_export
-    return graphs["encoder"].parents[2]
-
-
-@pytest.fixture(scope="session")
-def triton_passages() -> list:
-    return stdlib_passages(limit=300)
-
-
-@pytest.fixture(scope="session")
-def triton_index(triton_build, triton_passages, tmp_path_factory) -> Path:
-    from resrank_export.index.config import IndexConfig
-    from resrank_export.index.stage import build_index
-
-    folder = tmp_path_factory.mktemp("triton-index")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in triton_passages))
-    build_index(IndexConfig(build=triton_build, corpus=corpus, out=folder / "index"))
-    return folder / "index"
-
-
-@pytest.fixture(scope="session")
-def reference(triton_build, triton_index):
-    from resrank_export.index.pipeline import ResRankPipeline
-
-    return ResRankPipeline(triton_build, triton_index)
-
-
-@pytest.fixture(scope="session")
-def triton_server(triton_build, triton_index, tmp_path_factory):
-    from resrank_export.triton.config import TritonConfig
-    from resrank_export.triton.repository import write_repository
-    from resrank_export.triton.server import ServerConfig, TritonServer
-
-    repository = tmp_path_factory.mktemp("triton") / "model_repository"
-    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index, max_batch_size=8))
-    with TritonServer(ServerConfig(repository=repository)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ def string_array(rows: list[list[str]]) -> np.ndarray:
 
 
 def respond(requests, handle) -> list:
-    """One response per request: `handle(request) -> {output: array}`, errors kept per request."""
+    """One response per item (a request, or a request's position): `handle(item) -> {output:
+    array}`, errors kept per request."""
     responses = []
     for request in requests:
         try:

@@ -1,14 +1,20 @@
 """The encoder or reranker graph on ONNX Runtime inside the python backend (runs on any Triton,
-CPU included). Requests whose inputs have the same shapes are concatenated into one run and
-split back by their row counts; other requests run on their own, as Triton's own backends do."""
+CPU included). All requests of one `execute` call, whatever their sequence lengths and candidate
+counts, are padded into as few runs as the token budget MAX_BATCH_TOKENS allows (see
+batching.py) and split back per request. A run that ORT refuses is retried request by request,
+so one bad request fails only itself."""
 
 from __future__ import annotations
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from resrank_export.runtime import ort_session, run_session
-from resrank_export.triton.models.common import input_array, tensors, version_dir
+from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS, merger, plan_runs
+from resrank_export.triton.models.common import RequestError, input_array, tensors, version_dir
+
+
+def _error(exc: Exception):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
 
 
 class Model:
@@ -16,27 +22,39 @@ class Model:
         self.session = ort_session(version_dir(args) / params["GRAPH"], threads=int(params.get("THREADS", "0")))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.merge = merger(self.input_names)
+        self.max_tokens = int(params.get("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS))
+
+    def _run(self, members: list[dict]) -> list:
+        """Responses of `members` from one padded run."""
+        merged = self.merge(members)
+        outputs = run_session(self.session, merged.inputs)
+        return [pb_utils.InferenceResponse(output_tensors=tensors(dict(zip(self.output_names, own))))
+                for own in merged.split(outputs)]
+
+    def _answer(self, members: list[dict]) -> list:
+        """One run; if ORT refuses it, each request alone, to find the one at fault."""
+        try:
+            return self._run(members)
+        except Exception as exc:  # an error response, never a failed execute
+            if len(members) == 1:
+                return [_error(exc)]
+            return [response for member in members for response in self._answer([member])]
 
     def execute(self, requests):
         responses: list = [None] * len(requests)
-        groups: dict[tuple, list[tuple[int, dict]]] = {}
+        members: dict[int, dict] = {}
         for position, request in enumerate(requests):
-            arrays = {name: input_array(request, name) for name in self.input_names}
-            key = tuple(arrays[name].shape[1:] for name in self.input_names)
-            groups.setdefault(key, []).append((position, arrays))
-        for members in groups.values():
             try:
-                batch = {name: np.concatenate([arrays[name] for _, arrays in members]) for name in self.input_names}
-                outputs = run_session(self.session, batch)
-            except Exception as exc:  # ORT refusing one group must not fail the other groups
-                error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
-                for position, _ in members:
-                    responses[position] = pb_utils.InferenceResponse(error=error)
-                continue
-            start = 0
-            for position, arrays in members:
-                rows = arrays[self.input_names[0]].shape[0]
-                responses[position] = pb_utils.InferenceResponse(output_tensors=tensors(
-                    {name: out[start:start + rows] for name, out in zip(self.output_names, outputs)}))
-                start += rows
+                members[position] = {name: input_array(request, name) for name in self.input_names}
+            except RequestError as exc:
+                responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        positions = list(members)
+        widths = [members[p]["input_ids"].shape[1] for p in positions]
+        rows = [members[p]["input_ids"].shape[0] for p in positions]
+        for run in plan_runs(widths, rows, self.max_tokens):
+            run_positions = [positions[i] for i in run]
+            results = self._answer([members[p] for p in run_positions])
+            for p, response in zip(run_positions, results):
+                responses[p] = response
         return responses
