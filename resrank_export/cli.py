@@ -405,6 +405,29 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
 
 
 @main.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="The model repository Triton serves (limits, tokenizers and passage texts are read from it).")
+@click.option("--triton", "triton_url", default="127.0.0.1:8001", show_default=True, help="Triton's gRPC address.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the gateway binds to.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="RESRANK_GATEWAY_API_KEY", help="Require this key on /v1/* "
+              "(Authorization: Bearer KEY or X-API-Key). Also read from $RESRANK_GATEWAY_API_KEY.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--max-documents", type=click.IntRange(min=1),
+              help="Documents per rerank request (default and ceiling: the repository's max_candidates).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds per Triton call before the client gets 504.")
+def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout) -> None:
+    """HTTP front end: Cohere/Jina-style POST /v1/rerank, POST /v1/search, /health, /metrics."""
+    from resrank_export.triton.gateway import GatewayConfig, run_gateway
+
+    run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
+                              api_key=api_key or None, max_body_bytes=max_body_bytes, max_documents=max_documents,
+                              timeout_s=timeout))
+
+
+@main.command()
 @click.argument("text")
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many passages to return per query.")

@@ -106,6 +106,10 @@ class PassageTokenizer:
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self._ids(list(texts), self.passage_template, PASSAGE_MARKER)]
 
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """Which texts lose tokens to truncation (for callers that refuse instead)."""
+        return [bool(e.overflowing) for e in self.tokenizer.encode_batch(list(texts))]
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -138,11 +142,18 @@ class PromptBuilder:
     def clean_query(self, query: str) -> str:
         """Remove placeholder tokens a user typed (they would add slots) and truncate the
         query to `max_query_tokens` tokens, cutting the text at a token boundary."""
-        query = query.replace(self.placeholder, " ").strip()
-        encoding = self.tokenizer.encode(query, add_special_tokens=False)
+        query, encoding = self._query_encoding(query)
         if len(encoding.ids) > self.max_query_tokens:
             query = query[: encoding.offsets[self.max_query_tokens - 1][1]]
         return query
+
+    def _query_encoding(self, query: str):
+        query = query.replace(self.placeholder, " ").strip()
+        return query, self.tokenizer.encode(query, add_special_tokens=False)
+
+    def query_tokens(self, query: str) -> int:
+        """Tokens of the query as the prompt would hold it before truncation."""
+        return len(self._query_encoding(query)[1].ids)
 
     def passages_block(self, k: int) -> str:
         return " ".join(f"[{i}] {self.placeholder}" for i in range(1, k + 1))

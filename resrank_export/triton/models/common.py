@@ -67,6 +67,12 @@ def string_array(rows: list[list[str]]) -> np.ndarray:
     return np.array([[value.encode() for value in row] for row in rows], dtype=np.object_)
 
 
+def refusal(exc: ValueError):
+    """The error of a refused request: INVALID_ARG, so clients see 400 / INVALID_ARGUMENT
+    (the python backend's default, INTERNAL, reads as a server fault)."""
+    return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+
+
 def respond(requests, handle) -> list:
     """One response per item (a request, or a request's position): `handle(item) -> {output:
     array}`, errors kept per request."""
@@ -75,7 +81,7 @@ def respond(requests, handle) -> list:
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors(handle(request))))
         except ValueError as exc:  # RequestError, or PromptBuilder refusing a candidate count
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+            responses.append(pb_utils.InferenceResponse(error=refusal(exc)))
         except Exception as exc:  # a bug must not take the other requests down with it
             log.exception("request failed")
             responses.append(pb_utils.InferenceResponse(

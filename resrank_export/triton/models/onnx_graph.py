@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from resrank_export.runtime import ort_session, run_session
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS, merger, plan_runs
-from resrank_export.triton.models.common import RequestError, input_array, tensors, version_dir
+from resrank_export.triton.models.common import RequestError, input_array, refusal, tensors, version_dir
 
 
 def _error(exc: Exception):
@@ -48,7 +48,7 @@ class Model:
             try:
                 members[position] = {name: input_array(request, name) for name in self.input_names}
             except RequestError as exc:
-                responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                responses[position] = pb_utils.InferenceResponse(error=refusal(exc))
         positions = list(members)
         widths = [members[p]["input_ids"].shape[1] for p in positions]
         rows = [members[p]["input_ids"].shape[0] for p in positions]
