@@ -359,6 +359,9 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="How long dynamic batching waits to fill a batch, in microseconds.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests queued per model beyond this are rejected.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="python-backend encoder/reranker: rows x padded length per graph run; merged batches "
+                   "above it are split into several runs.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Instances per composing model.")
 @click.option("--gpu", is_flag=True, help="KIND_GPU instance groups for the encoder and reranker.")
@@ -366,8 +369,8 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="onnxruntime backend: GPU execution accelerator.")
 @click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
               help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
-def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size, instances,
-           gpu, ort_accelerator, cc_model_filenames) -> None:
+def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
+           max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -377,8 +380,8 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
         raise ResRankExportError("--cc-model-filename: expected CC=FILE, e.g. 9.0=model_sm90.plan")
     summary = write_repository(TritonConfig(
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
-        ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
+        max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, max_batch_tokens=max_batch_tokens,
+        instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 
@@ -409,7 +412,8 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
               help="The model repository Triton serves (limits, tokenizers and passage texts are read from it).")
 @click.option("--triton", "triton_url", default="127.0.0.1:8001", show_default=True, help="Triton's gRPC address.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the gateway binds to.")
-@click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True,
+              help="Port the gateway listens on.")
 @click.option("--api-key", envvar="RESRANK_GATEWAY_API_KEY", help="Require this key on /v1/* "
               "(Authorization: Bearer KEY or X-API-Key). Also read from $RESRANK_GATEWAY_API_KEY.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,

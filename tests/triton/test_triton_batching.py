@@ -41,7 +41,8 @@ def test_merged_encoder_run_equals_each_request_alone(tiny):
     reference, sessions = tiny
     members = [reference.passage_tokenizer(texts) for texts in TEXTS]
     assert len({m["input_ids"].shape[1] for m in members}) == len(members)  # all lengths differ
-    for got, expected in zip(_merged(sessions["encoder"], merge_encoder, members), _alone(sessions["encoder"], members)):
+    merged, alone = _merged(sessions["encoder"], merge_encoder, members), _alone(sessions["encoder"], members)
+    for got, expected in zip(merged, alone):
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
 
