@@ -2,9 +2,10 @@
 Cohere/Jina rerank format and a search API, and talks gRPC to the Triton server serving the
 repository. Requests are checked here against the repository's own limits (candidate count,
 top_k, token lengths) so that a bad request gets a 4xx naming its field, and a failure of Triton
-a 502/503/504 saying so; /health mirrors Triton's readiness, /metrics is Prometheus text."""
+a 502/503/504 saying so; /health mirrors Triton's readiness, /metrics is Prometheus text.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, and the
+request models are local to create_app, where string annotations cannot be resolved."""
 
 import json
 import logging
@@ -14,7 +15,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
@@ -104,20 +105,21 @@ def _models(limits: RepositoryLimits, config: GatewayConfig):
             size = len(value.encode("utf-8"))
         except UnicodeEncodeError as exc:
             raise ValueError(f"{name} is not valid UTF-8 (character {exc.start})") from None
-        if not value.strip():
-            raise ValueError(f"{name} is empty or whitespace-only")
         if size > MAX_QUERY_BYTES:
             raise ValueError(f"{name} has {size} bytes; at most {MAX_QUERY_BYTES} are accepted")
         return value
 
+    # In the schema too (so generated clients and fuzzers know): some non-space character.
+    Text = Annotated[str, Field(pattern=r"\S", max_length=MAX_QUERY_BYTES)]
+
     class Document(BaseModel):
-        text: str
+        text: Text
 
     class RerankRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")
         model: str | None = Field(None, description="Accepted for compatibility; the served reranker is used.")
-        query: str
-        documents: list[str | Document] = Field(min_length=1, max_length=max_documents)
+        query: Text
+        documents: list[Text | Document] = Field(min_length=1, max_length=max_documents)
         top_n: int | None = Field(None, ge=1, description="Return the best top_n (default: all).")
         return_documents: bool = False
         truncate: Literal["END", "NONE"] = Field(
@@ -154,7 +156,7 @@ def _models(limits: RepositoryLimits, config: GatewayConfig):
 
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")
-        query: str
+        query: Text
         top_k: int = Field(10, ge=1, le=limits.max_top_k or 1)
         return_texts: bool = False
 
@@ -303,10 +305,11 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return JSONResponse({"message": f"{where}: {first.get('msg', 'invalid request')}",
-                             "errors": json.loads(json.dumps(exc.errors(), default=str))}, 422)
+        errors = [{"loc": _field(e), "msg": _reason(e), "type": str(e.get("type"))}
+                  for e in exc.errors()]  # without the inputs: they may hold text JSON cannot carry (lone surrogates)
+        # A string-or-{text} document that fits neither reports both; the shape mismatch is the lesser news.
+        telling = [e for e in errors if e["type"] not in SHAPE_ERRORS] or errors or [{"loc": "body", "msg": "invalid"}]
+        return JSONResponse({"message": f"{telling[0]['loc']}: {telling[0]['msg']}", "errors": errors}, 422)
 
     @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True,
               responses={400: {"description": "input refused"}, 401: {"description": "API key"},
@@ -355,6 +358,21 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
         return Response(prometheus.generate_latest(registry), media_type=prometheus.CONTENT_TYPE_LATEST)
 
     return app
+
+
+SHAPE_ERRORS = {"string_type", "model_type", "model_attributes_type", "dict_type"}
+UNION_BRANCHES = {"body", "constrained-str", "str", "Document"}  # pydantic's labels, not fields
+
+
+def _field(error: dict) -> str:
+    """The field of a pydantic error as the user wrote it: `documents.1.text`."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p not in UNION_BRANCHES) or "body"
+
+
+def _reason(error: dict) -> str:
+    if error.get("type") == "string_pattern_mismatch":  # the Text pattern \S
+        return "is empty or whitespace-only"
+    return str(error.get("msg"))
 
 
 def _authorized(headers, key: str) -> bool:

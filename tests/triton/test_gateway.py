@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_BODY = 64 * 1024
-FUZZ_EXAMPLES = 40  # per operation and generation mode
+FUZZ_EXAMPLES = 25  # per operation and generation mode (each valid rerank encodes up to MAX_DOCUMENTS texts)
+MAX_DOCUMENTS = 8
 SCORE_ATOL = 1e-4
 
 
@@ -51,9 +52,9 @@ def start_gateway(repository: Path, triton_grpc: str, *extra: str) -> Gateway:
         if process.poll() is not None:
             raise AssertionError(f"gateway exited with {process.returncode}: {process.stdout.read()[-2000:]}")
         try:
-            if requests.get(f"{url}/openapi.json", timeout=2).status_code == 200:
+            if requests.get(f"{url}/openapi.json", timeout=10).status_code == 200:
                 return Gateway(url, process)
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or slow on a loaded machine
             time.sleep(0.3)
     process.kill()
     raise AssertionError("gateway did not answer within 120 s")
@@ -71,7 +72,7 @@ def stop_gateway(gateway: Gateway) -> None:
 @pytest.fixture(scope="module")
 def gateway(triton_server):
     started = start_gateway(triton_server.config.repository, triton_server.grpc_url, "--api-key", API_KEY,
-                            "--max-body-bytes", str(MAX_BODY), "--max-documents", "32")
+                            "--max-body-bytes", str(MAX_BODY), "--max-documents", str(MAX_DOCUMENTS))
     yield started
     stop_gateway(started)
 
@@ -130,12 +131,15 @@ def test_truncate_none_refuses_what_end_cuts(gateway, passages):
 
 BAD_BODIES = {
     "no documents": ({"query": "json", "documents": []}, 422, "documents"),
-    "too many documents": ({"query": "json", "documents": ["a"] * 33}, 422, "documents"),
-    "blank document": ({"query": "json", "documents": ["ok", "  "]}, 422, "documents[1] is empty"),
-    "blank query": ({"query": " ", "documents": ["ok"]}, 422, "query is empty"),
+    "too many documents": ({"query": "json", "documents": ["a"] * (MAX_DOCUMENTS + 1)}, 422,
+                           f"documents: List should have at most {MAX_DOCUMENTS} items"),
+    "blank document": ({"query": "json", "documents": ["ok", "  "]}, 422, "documents.1: is empty or whitespace-only"),
+    "blank {text}": ({"query": "json", "documents": [{"text": "\t"}]}, 422, "documents.0.text: is empty"),
+    "blank query": ({"query": " ", "documents": ["ok"]}, 422, "query: is empty or whitespace-only"),
+    "lone surrogate": ('{"query": "\\ud800 json", "documents": ["ok"]}', 422, "query: Value error, query is not valid UTF-8"),
     "top_n 0": ({"query": "json", "documents": ["ok"], "top_n": 0}, 422, "top_n"),
     "bad truncate": ({"query": "json", "documents": ["ok"], "truncate": "START"}, 422, "truncate"),
-    "not JSON": ("{", 422, ""),
+    "not JSON": ("{", 422, "JSON decode error"),
 }
 
 
@@ -244,7 +248,7 @@ def test_load_mixed_good_and_bad_requests(gateway, triton_server, reference, pas
     expected = {("search", q, k): reference.search(q, k).ids for q, k in good_searches}
     expected.update({("rerank", q, tuple(p)): reference.rerank(q, p).ids for q, p in good_reranks})
     bad_gateway = [({"query": " ", "documents": ["ok"]}, "/v1/rerank", AUTH),
-                   ({"query": "json", "documents": ["a"] * 33}, "/v1/rerank", AUTH),
+                   ({"query": "json", "documents": ["a"] * (MAX_DOCUMENTS + 1)}, "/v1/rerank", AUTH),
                    ({"query": "json", "top_k": 0}, "/v1/search", AUTH),
                    ({"query": "json", "documents": ["word " * 400], "truncate": "NONE"}, "/v1/rerank", AUTH),
                    ({"query": "json", "documents": ["ok"]}, "/v1/rerank", {"X-API-Key": "wrong"})]
