@@ -107,8 +107,9 @@ class PassageTokenizer:
         return [len(ids) for ids in self._ids(list(texts), self.passage_template, PASSAGE_MARKER)]
 
     def truncated(self, texts: list[str]) -> list[bool]:
-        """Which texts lose tokens to truncation (for callers that refuse instead)."""
-        return [bool(e.overflowing) for e in self.tokenizer.encode_batch(list(texts))]
+        """Which passages lose tokens to truncation (for callers that refuse instead)."""
+        formatted = [self.passage_template.replace(PASSAGE_MARKER, t) for t in texts]
+        return [bool(e.overflowing) for e in self.tokenizer.encode_batch(formatted)]
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class RepositoryLimits:
             loaded = Retriever.load(index)
             retriever = loaded if loaded.info.get("has_texts") else None
         return cls(settings.max_candidates, summary.get("max_top_k"),
-                   PassageTokenizer(encoder / "tokenizer.json", settings.max_passage_tokens),
+                   PassageTokenizer.for_config(encoder / "tokenizer.json", settings),
                    load_prompt_builder(prompts / "tokenizer.json", settings), retriever)
 
 
