@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -379,7 +380,12 @@ class Retriever:
         folder = Path(index_dir)
         info = read_index_info(folder)
         faiss = require("faiss", "loading a FAISS index")
-        index = faiss.read_index(str(folder / FAISS_FILE))
+        try:
+            index = faiss.read_index(str(folder / FAISS_FILE))
+        except RuntimeError as exc:  # faiss names neither the file nor a cause a user can act on
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).splitlines()[0])
+            raise IndexFormatError(f"{folder / FAISS_FILE}: not a readable FAISS index ({reason}); "
+                                   "rebuild it with `resrank-export index`") from None
         _apply_search_params(faiss, index, info["kind"], info["params"])
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
         ids = json.loads((folder / IDS_FILE).read_text(encoding="utf-8"))

@@ -3,6 +3,7 @@ demo checkpoint, and the real IR data under ../shared/data (skipped with a messa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -84,3 +85,30 @@ def demo_export(demo_checkpoint, tmp_path_factory):
     from resrank_export.export import export_onnx
 
     return demo_checkpoint, export_onnx(demo_checkpoint, tmp_path_factory.mktemp("demo-export"))
+
+
+# --- the served demo: build folder and a 300-passage index (test_triton_server, test_triton_recovery)
+
+@pytest.fixture(scope="session")
+def triton_build(demo_export) -> Path:
+    """The demo export is a build folder without manifest."""
+    _, graphs = demo_export
+    return graphs["encoder"].parents[2]
+
+
+@pytest.fixture(scope="session")
+def triton_passages() -> list:
+    from resrank_export.default_corpus import stdlib_passages
+
+    return stdlib_passages(limit=300)
+
+
+@pytest.fixture(scope="session")
+def triton_index(triton_build, triton_passages, tmp_path_factory) -> Path:
+    from resrank_export.index import IndexConfig, build_index
+
+    folder = tmp_path_factory.mktemp("triton-index")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in triton_passages))
+    build_index(IndexConfig(build=triton_build, corpus=corpus, out=folder / "index"))
+    return folder / "index"

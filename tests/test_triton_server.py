@@ -1,13 +1,11 @@
 """A real tritonserver (python backend, CPU) on the demo checkpoint and a 300-passage index of
-the embedded corpus: both ensembles over HTTP and gRPC against the in-process pipeline,
-concurrency, and bad requests. The server starts once per session."""
+the embedded corpus (fixtures in conftest.py): both ensembles over HTTP and gRPC against the
+in-process pipeline, concurrency, and bad requests. The server starts once per session."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("pytriton")
 pytest.importorskip("faiss")
 
-from resrank_export.default_corpus import SAMPLE_QUERIES, stdlib_passages  # noqa: E402
+from resrank_export.default_corpus import SAMPLE_QUERIES  # noqa: E402
 from resrank_export.triton.client import ResRankClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,29 +22,6 @@ SCORE_ATOL = 1e-4
 LONG_QUERY = " ".join(["how do I parse JSON text into Python objects and read a CSV file"] * 30)
 PROTOCOLS = ("http", "grpc")
 PASSAGE_CHARS = 300  # rerank tests use passage heads: encoding 512-token passages on CPU is slow
-
-
-@pytest.fixture(scope="session")
-def triton_build(demo_export) -> Path:
-    """The demo export is a build folder without manifest."""
-    _, graphs = demo_export
-    return graphs["encoder"].parents[2]
-
-
-@pytest.fixture(scope="session")
-def triton_passages() -> list:
-    return stdlib_passages(limit=300)
-
-
-@pytest.fixture(scope="session")
-def triton_index(triton_build, triton_passages, tmp_path_factory) -> Path:
-    from resrank_export.index import IndexConfig, build_index
-
-    folder = tmp_path_factory.mktemp("triton-index")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in triton_passages))
-    build_index(IndexConfig(build=triton_build, corpus=corpus, out=folder / "index"))
-    return folder / "index"
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,17 @@
 """Launcher for the real `tritonserver` binary shipped in the nvidia-pytriton wheel: a writable
 python-backend folder with the stub for this Python, an environment that makes the stub use this
 interpreter's packages, free loopback ports, a readiness wait that scans the log (a stub that
-cannot start makes Triton wait forever) and a clean stop."""
+cannot start makes Triton wait forever), a watchdog that reloads a model whose stub died, and a
+clean stop. Models load in explicit mode so that the watchdog can reload one; the
+model-repository API is restricted to a per-server key that only the watchdog holds."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +29,9 @@ from resrank_export.errors import MissingDependencyError, ResRankExportError
 log = logging.getLogger(__name__)
 # Log lines after which the server will never become ready.
 FATAL_LOG_PATTERNS = ("error while loading shared libraries", "failed to load", "Traceback (most recent call last)")
+# Triton's line for a model that failed to load; the reason is a quoted string with escaped newlines.
+LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:[A-Za-z]+: )?(.*?)(?:\\n|\"?$)", re.M)
+REPOSITORY_KEY_HEADER = "resrank-repository-key"
 DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
 
@@ -42,6 +49,7 @@ class ServerConfig:
     startup_timeout: float = 180.0
     exit_timeout: int = 10
     log_verbose: int = 0
+    watchdog_interval: float = 0.5  # seconds between looks at the stubs; 0: no watchdog
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class TritonServer:
                       for name in ("http", "grpc", "metrics")}
         self._work: Path | None = None
         self._log_handle = None
+        self.repository_key = secrets.token_hex(16)
+        self.watchdog = None
 
     @property
     def http_url(self) -> str:
@@ -126,6 +136,9 @@ class TritonServer:
                 f"--metrics-address={host}", f"--metrics-port={self.ports['metrics']}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
                 "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={c.exit_timeout}",
+                "--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
+                f"--grpc-restricted-protocol=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
                 f"--log-verbose={c.log_verbose}"]
 
     def start(self) -> "TritonServer":
@@ -140,6 +153,11 @@ class TritonServer:
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
+            if self.config.watchdog_interval > 0:
+                from resrank_export.triton.watchdog import StubWatchdog
+
+                self.watchdog = StubWatchdog(self.process, self.http_url, {REPOSITORY_KEY_HEADER: self.repository_key},
+                                             self.config.watchdog_interval).start()
         except BaseException:
             self.stop(keep_log=True)
             raise
@@ -158,6 +176,10 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
                                   f"log {self.log_path}:\n{self._log_tail()}")
             text = self.log_path.read_text(errors="replace")
+            failure = LOAD_FAILURE.search(text)
+            if failure is not None:  # one line: the model and its first error line (our models name the file)
+                reason = re.sub(r"\\(.)", r"\1", failure.group(2))  # Triton's quoting: \" and \\
+                raise ServerError(f"model {failure.group(1)} failed to load: {reason} (log {self.log_path})")
             for pattern in FATAL_LOG_PATTERNS:
                 if pattern in text:
                     raise ServerError(f"tritonserver cannot load the repository ({pattern!r}); "
@@ -183,6 +205,9 @@ class TritonServer:
         """SIGTERM, then SIGKILL if it does not exit within exit_timeout + 20 s. Close clients
         first: open HTTP keep-alive connections make Triton wait the whole exit timeout."""
         code = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -213,6 +238,8 @@ def serve(config: ServerConfig) -> int:
 
     def forward(signum, frame) -> None:
         log.info("stopping tritonserver")
+        if server.watchdog is not None:
+            server.watchdog.stop()
         server.process.send_signal(signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
