@@ -39,7 +39,7 @@ PASSAGES = ["json.loads parses a JSON document into Python objects", "csv.reader
 # What a client sees while a model is down, restarting or the server is away: all immediate and clear.
 OUTAGE_ERRORS = ("is not healthy", "Request for unknown model", "has no available versions", "is not ready",
                  "Connection refused", "failed to connect", "Socket closed", "StatusCode.UNAVAILABLE",
-                 "Connection reset", "RemoteDisconnected", "Broken pipe")
+                 "Connection reset", "connection closed", "RemoteDisconnected", "Broken pipe")
 
 
 def _ready(http_url: str) -> bool:
@@ -187,7 +187,8 @@ def test_stub_kill_under_load_is_detected_and_repaired(recovery_server, baseline
 
 @pytest.mark.timeout(240, func_only=True)
 def test_server_restart_mid_load(recovery_server, recovery_repository, baseline):
-    """The module's server is stopped under load and a new one starts on the same ports."""
+    """The module's server is stopped under load and a new one starts on the same ports: the
+    clients get connection errors meanwhile, and answers again once it is ready."""
     from resrank_export.triton.server import ServerConfig, TritonServer
 
     old = recovery_server
@@ -199,19 +200,31 @@ def test_server_restart_mid_load(recovery_server, recovery_repository, baseline)
         old.stop()
         config = ServerConfig(repository=recovery_repository, http_port=ports["http"], grpc_port=ports["grpc"],
                               metrics_port=ports["metrics"])
+        stop_seconds = time.monotonic() - stopped_at
         with TritonServer(config) as new:
-            deadline = time.monotonic() + RECOVERED_WITHIN
-            while time.monotonic() < deadline and not all(load.first_ok_after(stopped_at, k) for k in baseline):
+            restarted_at = time.monotonic()
+            deadline = restarted_at + RECOVERED_WITHIN
+            while time.monotonic() < deadline and not all(load.first_ok_after(restarted_at, k) for k in baseline):
                 time.sleep(0.2)
             time.sleep(1.0)
             load.stop()
             new.check_running()
     finally:
         load.stop()
-    errors = [error for *_, error in load.calls if error is not None]
+    errors = [error for _, started, _, _, error in load.calls if error is not None and started > stopped_at]
     assert errors, "the clients never noticed the restart"
-    figures = load.check(baseline, stopped_at)
-    print(f"\nrestart under load: {figures}")
+    figures = load.check(baseline, restarted_at)
+    print(f"\nrestart under load: stop {stop_seconds:.1f} s, start {restarted_at - stopped_at - stop_seconds:.1f} s, "
+          f"then {figures}")
+
+
+def _serve(repository: Path, *ports: int, **popen) -> subprocess.Popen:
+    """The real CLI, importing this checkout's package."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    options = [f"--{name}-port={port}" for name, port in zip(("http", "grpc", "metrics"), ports or (0, 0, 0))]
+    return subprocess.Popen([sys.executable, "-m", "resrank_export", "serve", "--repository", str(repository),
+                             *options], env=env, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _corrupt(path: Path) -> None:
@@ -230,13 +243,67 @@ def test_corrupt_file_at_startup_is_one_line_and_nonzero_exit(triton_build, trit
     repository = tmp_path / "model_repository"
     write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index))
     _corrupt(repository / relative)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "resrank_export", "serve", "--repository", str(repository),
-                           "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
-                          capture_output=True, text=True, timeout=240, env=env)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0
+    serve = _serve(repository)
+    _, stderr = serve.communicate(timeout=240)
+    lines = stderr.strip().splitlines()
+    assert serve.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert str(repository / relative) in lines[0], lines[0]
     print(f"\n{lines[0]}")
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_model_that_cannot_be_reloaded_stops_serve(triton_build, triton_index, tmp_path):
+    """Its index broke while serving, then its stub died: the reloads fail, and `serve` stops
+    with one line naming the model and the file, instead of serving without it."""
+    import psutil
+
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+    from resrank_export.triton.server import free_port
+    from resrank_export.triton.watchdog import live_stubs
+
+    repository = tmp_path / "model_repository"
+    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index))
+    ports = [free_port() for _ in range(3)]
+    http_url = f"127.0.0.1:{ports[0]}"
+    serve = _serve(repository, *ports)
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(http_url) and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ready(http_url), "serve never became ready"
+        server_pid = psutil.Process(serve.pid).children()[0].pid
+        _corrupt(repository / "faiss_lookup/1/index/index.faiss")
+        victim = next(stub for stub in live_stubs(server_pid).values() if stub.model == "faiss_lookup")
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        readiness = []
+        while serve.poll() is None and time.monotonic() < killed_at + 150:
+            readiness.append((time.monotonic() - killed_at, _ready(http_url)))
+            time.sleep(0.2)
+        _, stderr = serve.communicate(timeout=30)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model faiss_lookup could not be reloaded"), stderr
+    assert "index.faiss" in last, last
+    ready_after = [t for t, ready in readiness if ready and t > NOT_READY_WITHIN]
+    assert not ready_after, f"ready again {ready_after[0]:.1f} s after the kill without faiss_lookup"
+    print(f"\nexit {serve.returncode} {time.monotonic() - killed_at:.1f} s after the kill: {last}")
+
+
+@pytest.mark.parametrize("version, refused", [("1.26.4", False), ("1.24.0", False), ("2.0.0", True), ("2.4.6", True)])
+def test_numpy_2_is_refused_before_the_stub_garbles_strings(version, refused):
+    """Measured: numpy 2.4.6 with nvidia-pytriton 0.5.7 and 0.7.0 breaks every string request."""
+    from resrank_export.errors import MissingDependencyError
+    from resrank_export.triton.server import check_stub_numpy
+
+    if refused:
+        with pytest.raises(MissingDependencyError, match=f"numpy {version} is installed"):
+            check_stub_numpy(version)
+    else:
+        check_stub_numpy(version)

@@ -7,6 +7,7 @@ model-repository API is restricted to a per-server key that only the watchdog ho
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -73,6 +74,15 @@ class TritonInstall:
             if not path.exists():
                 raise MissingDependencyError(f"{path}: not found in the nvidia-pytriton wheel (Python {version})")
         return install
+
+
+def check_stub_numpy(version: str) -> None:
+    """The python-backend stub of every nvidia-pytriton wheel so far is built with pybind11 < 2.12,
+    which reads numpy 1's array layout: under numpy 2 every string tensor arrives garbled
+    (`unpack_from requires a buffer of at least ...`) or the stub dies. Refuse before starting."""
+    if int(version.split(".")[0]) >= 2:
+        raise MissingDependencyError(f"numpy {version} is installed, but tritonserver's python-backend stub "
+                                     "(nvidia-pytriton) garbles string tensors with numpy 2; pip install 'numpy<2'")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -145,6 +155,7 @@ class TritonServer:
         if not (Path(self.config.repository) / "resrank_repository.json").is_file():
             raise ServerError(f"{self.config.repository}: not a model repository written by `resrank-export triton`")
         install = TritonInstall.find()
+        check_stub_numpy(importlib.metadata.version("numpy"))
         self._work = Path(tempfile.mkdtemp(prefix="resrank-triton-"))
         command = self.command(install, _backend_dir(install, self._work))
         log.debug("starting %s", " ".join(command))
@@ -248,8 +259,11 @@ def serve(config: ServerConfig) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        failure = server.watchdog.failure if server.watchdog is not None else None
         code = server.stop()
     log.info("tritonserver exited with code %s", code)
+    if failure is not None:
+        raise ServerError(failure)
     return code or 0
 
 
