@@ -119,7 +119,11 @@ class StubWatchdog:
     def _run(self) -> None:
         self._client = self._http.InferenceServerClient(self.http_url)
         try:
-            self.instances = self._python_instances()
+            try:
+                self.instances = self._python_instances()
+            except self._errors as exc:  # the server went away while starting: nothing to watch
+                log.error("stub watchdog not started: %s", exc.message())
+                return
             self._started.set()
             while not self._stop.wait(self.interval) and self.process.poll() is None:
                 for model, live in sorted(self.short_models().items()):
