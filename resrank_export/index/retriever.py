@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +47,12 @@ class Retriever:
         folder = Path(index_dir)
         info = read_index_info(folder)
         faiss = require("faiss", "loading a FAISS index")
-        index = faiss.read_index(str(folder / FAISS_FILE))
+        try:
+            index = faiss.read_index(str(folder / FAISS_FILE))
+        except RuntimeError as exc:  # faiss names neither the file nor a cause a user can act on
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).splitlines()[0])
+            raise IndexFormatError(f"{folder / FAISS_FILE}: not a readable FAISS index ({reason}); "
+                                   "rebuild it with `resrank-export index`") from None
         apply_search_params(faiss, index, info["kind"], info["params"])
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
         ids = json.loads((folder / IDS_FILE).read_text(encoding="utf-8"))

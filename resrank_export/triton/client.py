@@ -24,11 +24,16 @@ class Ranked:
 
 
 class ResRankClient:
-    def __init__(self, url: str, protocol: str = "http"):
+    """`timeout`: seconds a call may take (connect + answer) before it raises; None: no limit."""
+
+    def __init__(self, url: str, protocol: str = "http", timeout: float | None = None):
         self.protocol = protocol
+        self.timeout = timeout
         self.module = require(f"tritonclient.{protocol}", f"querying Triton over {protocol}")
         self.utils = require("tritonclient.utils", "querying Triton")
-        self.client = self.module.InferenceServerClient(url)
+        limits = {} if timeout is None or protocol != "http" else {"connection_timeout": timeout,
+                                                                     "network_timeout": timeout}
+        self.client = self.module.InferenceServerClient(url, **limits)
 
     def _input(self, name: str, array: np.ndarray):
         tensor = self.module.InferInput(name, list(array.shape), self.utils.np_to_triton_dtype(array.dtype))
@@ -37,8 +42,9 @@ class ResRankClient:
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Raw call: raises tritonclient's InferenceServerException with the server's message."""
+        limit = {"client_timeout": self.timeout} if self.timeout is not None and self.protocol == "grpc" else {}
         result = self.client.infer(model, [self._input(name, array) for name, array in inputs.items()],
-                                   outputs=[self.module.InferRequestedOutput(name) for name in outputs])
+                                   outputs=[self.module.InferRequestedOutput(name) for name in outputs], **limit)
         return {name: result.as_numpy(name) for name in outputs}
 
     def search(self, query: str | bytes, top_k: int = 10) -> Ranked:

@@ -1,13 +1,18 @@
 """Launcher for the real `tritonserver` binary shipped in the nvidia-pytriton wheel: a writable
 python-backend folder with the stub for this Python, an environment that makes the stub use this
 interpreter's packages, free loopback ports, a readiness wait that scans the log (a stub that
-cannot start makes Triton wait forever) and a clean stop."""
+cannot start makes Triton wait forever), a watchdog that reloads a model whose stub died, and a
+clean stop. Models load in explicit mode so that the watchdog can reload one; the
+model-repository API is restricted to a per-server key that only the watchdog holds."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +30,9 @@ from resrank_export.errors import MissingDependencyError, ResRankExportError
 log = logging.getLogger(__name__)
 # Log lines after which the server will never become ready.
 FATAL_LOG_PATTERNS = ("error while loading shared libraries", "failed to load", "Traceback (most recent call last)")
+# Triton's line for a model that failed to load; the reason is a quoted string with escaped newlines.
+LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:[A-Za-z]+: )?(.*?)(?:\\n|\"?$)", re.M)
+REPOSITORY_KEY_HEADER = "resrank-repository-key"
 DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
 
@@ -42,6 +50,7 @@ class ServerConfig:
     startup_timeout: float = 180.0
     exit_timeout: int = 10
     log_verbose: int = 0
+    watchdog_interval: float = 0.5  # seconds between looks at the stubs; 0: no watchdog
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,15 @@ class TritonInstall:
             if not path.exists():
                 raise MissingDependencyError(f"{path}: not found in the nvidia-pytriton wheel (Python {version})")
         return install
+
+
+def check_stub_numpy(version: str) -> None:
+    """The python-backend stub of every nvidia-pytriton wheel so far is built with pybind11 < 2.12,
+    which reads numpy 1's array layout: under numpy 2 every string tensor arrives garbled
+    (`unpack_from requires a buffer of at least ...`) or the stub dies. Refuse before starting."""
+    if int(version.split(".")[0]) >= 2:
+        raise MissingDependencyError(f"numpy {version} is installed, but tritonserver's python-backend stub "
+                                     "(nvidia-pytriton) garbles string tensors with numpy 2; pip install 'numpy<2'")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +122,8 @@ class TritonServer:
                       for name in ("http", "grpc", "metrics")}
         self._work: Path | None = None
         self._log_handle = None
+        self.repository_key = secrets.token_hex(16)
+        self.watchdog = None
 
     @property
     def http_url(self) -> str:
@@ -126,12 +146,16 @@ class TritonServer:
                 f"--metrics-address={host}", f"--metrics-port={self.ports['metrics']}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
                 "--strict-readiness=true", "--exit-on-error=true", f"--exit-timeout-secs={c.exit_timeout}",
+                "--model-control-mode=explicit", "--load-model=*",
+                f"--http-restricted-api=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
+                f"--grpc-restricted-protocol=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
                 f"--log-verbose={c.log_verbose}"]
 
     def start(self) -> "TritonServer":
         if not (Path(self.config.repository) / "resrank_repository.json").is_file():
             raise ServerError(f"{self.config.repository}: not a model repository written by `resrank-export triton`")
         install = TritonInstall.find()
+        check_stub_numpy(importlib.metadata.version("numpy"))
         self._work = Path(tempfile.mkdtemp(prefix="resrank-triton-"))
         command = self.command(install, _backend_dir(install, self._work))
         log.debug("starting %s", " ".join(command))
@@ -140,6 +164,11 @@ class TritonServer:
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
+            if self.config.watchdog_interval > 0:
+                from resrank_export.triton.watchdog import StubWatchdog
+
+                self.watchdog = StubWatchdog(self.process, self.http_url, {REPOSITORY_KEY_HEADER: self.repository_key},
+                                             self.config.watchdog_interval).start()
         except BaseException:
             self.stop(keep_log=True)
             raise
@@ -158,6 +187,10 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
                                   f"log {self.log_path}:\n{self._log_tail()}")
             text = self.log_path.read_text(errors="replace")
+            failure = LOAD_FAILURE.search(text)
+            if failure is not None:  # one line: the model and its first error line (our models name the file)
+                reason = re.sub(r"\\(.)", r"\1", failure.group(2))  # Triton's quoting: \" and \\
+                raise ServerError(f"model {failure.group(1)} failed to load: {reason} (log {self.log_path})")
             for pattern in FATAL_LOG_PATTERNS:
                 if pattern in text:
                     raise ServerError(f"tritonserver cannot load the repository ({pattern!r}); "
@@ -183,6 +216,9 @@ class TritonServer:
         """SIGTERM, then SIGKILL if it does not exit within exit_timeout + 20 s. Close clients
         first: open HTTP keep-alive connections make Triton wait the whole exit timeout."""
         code = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -213,6 +249,8 @@ def serve(config: ServerConfig) -> int:
 
     def forward(signum, frame) -> None:
         log.info("stopping tritonserver")
+        if server.watchdog is not None:
+            server.watchdog.stop()
         server.process.send_signal(signal.SIGTERM)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -221,8 +259,11 @@ def serve(config: ServerConfig) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        failure = server.watchdog.failure if server.watchdog is not None else None
         code = server.stop()
     log.info("tritonserver exited with code %s", code)
+    if failure is not None:
+        raise ServerError(failure)
     return code or 0
 
 
