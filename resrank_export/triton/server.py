@@ -161,7 +161,8 @@ class TritonServer:
         log.debug("starting %s", " ".join(command))
         self._log_handle = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, env=_environment(), stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
             if self.config.watchdog_interval > 0:
@@ -240,6 +241,20 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop(keep_log=exc[0] is not None)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies, however that
+    dies (an OOM kill of `serve` must not leave a server holding the ports, with no watchdog).
+    Linux's prctl(PR_SET_PDEATHSIG); elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(config: ServerConfig) -> int:

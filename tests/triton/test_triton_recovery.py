@@ -220,7 +220,7 @@ def test_server_restart_mid_load(recovery_server, recovery_repository, baseline)
 
 def _serve(repository: Path, *ports: int, **popen) -> subprocess.Popen:
     """The real CLI, importing this checkout's package."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH", "")]))
     options = [f"--{name}-port={port}" for name, port in zip(("http", "grpc", "metrics"), ports or (0, 0, 0))]
     return subprocess.Popen([sys.executable, "-m", "resrank_export", "serve", "--repository", str(repository),
@@ -307,3 +307,34 @@ def test_numpy_2_is_refused_before_the_stub_garbles_strings(version, refused):
             check_stub_numpy(version)
     else:
         check_stub_numpy(version)
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_a_killed_serve_takes_its_server_with_it(triton_build, triton_index, tmp_path):
+    """kill -9 of `serve` (an OOM kill): tritonserver dies too instead of holding the ports with
+    no watchdog left."""
+    import psutil
+
+    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.repository import write_repository
+    from resrank_export.triton.server import free_port
+
+    repository = tmp_path / "model_repository"
+    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index))
+    ports = [free_port() for _ in range(3)]
+    serve = _serve(repository, *ports)
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(f"127.0.0.1:{ports[0]}") and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ready(f"127.0.0.1:{ports[0]}"), "serve never became ready"
+        server = psutil.Process(serve.pid).children()[0]
+        assert "tritonserver" in server.name()
+        serve.kill()
+        serve.wait()
+        gone, _ = psutil.wait_procs([server], timeout=15)
+        assert gone, f"tritonserver {server.pid} outlived the serve process that started it"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
