@@ -341,6 +341,42 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 
+@main.command("k8s")
+@click.option("--repository", type=click.Path(path_type=Path), required=True,
+              help="Model repository folder (from `resrank-export triton`).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("k8s"), show_default=True,
+              help="Manifest folder; replaced atomically.")
+@click.option("--name", default="resrank", show_default=True, help="Name of the Deployment, Service and HPA.")
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes namespace.")
+@click.option("--image", default="resrank-triton:latest", show_default=True,
+              help="Triton image with resrank-export installed (docker/Dockerfile).")
+@click.option("--model-store", help="s3://bucket/prefix holding the repository, instead of a PersistentVolumeClaim.")
+@click.option("--s3-secret", help="Secret with the AWS_* variables Triton reads for --model-store.")
+@click.option("--service-account", help="ServiceAccount of the pods (KServe takes S3 credentials from it).")
+@click.option("--storage", default="20Gi", show_default=True, help="PersistentVolumeClaim size.")
+@click.option("--storage-class", help="StorageClass of the claim (default: the cluster's).")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per pod.")
+@click.option("--cpu", default="2", show_default=True, help="CPU request per pod.")
+@click.option("--memory", default="8Gi", show_default=True, help="Memory request and limit per pod.")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="HPA lower bound.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True, help="HPA upper bound.")
+@click.option("--queue-target-us", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="HPA target: average queue time per request per pod, in microseconds.")
+@click.option("--kubernetes-version", default="1.31.0", show_default=True,
+              help="Kubernetes API version the manifests are validated against.")
+def k8s(repository, out, name, namespace, image, model_store, s3_secret, service_account, storage, storage_class, gpus,
+        cpu, memory, min_replicas, max_replicas, queue_target_us, kubernetes_version) -> None:
+    """Write validated Kubernetes manifests (Deployment, Service, PVC, HPA; KServe variant) for a repository."""
+    from resrank_export.triton.k8s import K8sConfig, write_manifests
+
+    written = write_manifests(K8sConfig(
+        repository=repository, out=out, name=name, namespace=namespace, image=image, model_store=model_store,
+        s3_secret=s3_secret, service_account=service_account, storage=storage, storage_class=storage_class, gpus=gpus,
+        cpu=cpu, memory=memory, min_replicas=min_replicas, max_replicas=max_replicas, queue_target_us=queue_target_us,
+        kubernetes_version=kubernetes_version))
+    click.echo(f"manifests written to {out}: {', '.join(sorted(written))}")
+
+
 @main.command()
 @click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
               help="Model repository folder (from `resrank-export triton` or <build>/model_repository).")
