@@ -325,8 +325,10 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="onnxruntime backend: GPU execution accelerator.")
 @click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
               help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
+@click.option("--index-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the index into N faiss_lookup_<i> models behind a faiss_lookup router that merges their top-k.")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size, instances,
-           gpu, ort_accelerator, cc_model_filenames) -> None:
+           gpu, ort_accelerator, cc_model_filenames, index_shards) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -337,7 +339,7 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
     summary = write_repository(TritonConfig(
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
-        ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
+        ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 
