@@ -327,8 +327,11 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
 @click.option("--index-shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the index into N faiss_lookup_<i> models behind a faiss_lookup router that merges their top-k.")
+@click.option("--shard-url", "shard_urls", multiple=True, metavar="HOST:PORT",
+              help="gRPC address serving faiss_lookup_<i>, in shard order (one per shard): the router asks "
+                   "each shard's own Triton instead of this one's.")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size, instances,
-           gpu, ort_accelerator, cc_model_filenames, index_shards) -> None:
+           gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -339,7 +342,8 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
     summary = write_repository(TritonConfig(
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, instances=instances, gpu=gpu,
-        ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards))
+        ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards,
+        shard_urls=tuple(shard_urls)))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 

@@ -84,3 +84,10 @@ def demo_export(demo_checkpoint, tmp_path_factory):
     from resrank_export.export import export_onnx
 
     return demo_checkpoint, export_onnx(demo_checkpoint, tmp_path_factory.mktemp("demo-export"))
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_export) -> Path:
+    """The default tiny export's folder: a build folder without manifest (graphs, tokenizers, resrank.json)."""
+    _, graphs = tiny_export()
+    return graphs["encoder"].parents[2]

@@ -5,6 +5,7 @@ checked to reference each other (ports, claim, HPA target, adapter metric name).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,15 @@ from resrank_export.errors import ResRankExportError  # noqa: E402
 from resrank_export.triton.config import TritonConfig  # noqa: E402
 from resrank_export.triton.k8s import (  # noqa: E402
     ADAPTER_VALUES, QUEUE_METRIC, K8sConfig, validate_folder, validate_resource, write_manifests)
-from resrank_export.triton.repository import write_repository  # noqa: E402
+from resrank_export.triton.repository import MARKER_FILE, write_repository  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def repositories(tiny_export, tmp_path_factory) -> dict[str, Path]:
+def repositories(tiny_build, tmp_path_factory) -> dict[str, Path]:
     """{backend: model repository of the tiny export} for the python and tensorrt flavours."""
-    _, graphs = tiny_export()
     folder = tmp_path_factory.mktemp("k8s-repos")
     for backend in ("python", "tensorrt"):
-        write_repository(TritonConfig(build=graphs["encoder"].parents[2], out=folder / backend, backend=backend))
+        write_repository(TritonConfig(build=tiny_build, out=folder / backend, backend=backend))
     return {backend: folder / backend for backend in ("python", "tensorrt")}
 
 
@@ -154,3 +154,59 @@ def test_cli_writes_valid_manifests(repository, tmp_path):
     assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     result = CliRunner().invoke(main, ["k8s", "--repository", str(tmp_path / "none"), "--out", str(out)])
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_build, tmp_path_factory) -> Path:
+    pytest.importorskip("faiss")
+    from resrank_export.default_corpus import stdlib_passages
+    from resrank_export.index import IndexConfig, build_index
+
+    folder = tmp_path_factory.mktemp("k8s-index")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=30)))
+    build_index(IndexConfig(build=tiny_build, corpus=corpus, out=folder / "index"))
+    return folder / "index"
+
+
+def test_remote_shards_get_their_own_servers(tiny_build, index_dir, tmp_path):
+    """A repository whose router asks the shard Services: one Deployment + Service + HPA per shard
+    loading only its shard, a front Deployment loading everything else, the Services at the
+    router's addresses."""
+    from resrank_export.triton.config import parse_config
+    from resrank_export.triton.k8s import shard_urls
+
+    config = K8sConfig(repository=tmp_path / "repo", out=tmp_path / "k8s", namespace="search", gpus=1)
+    urls = shard_urls(config, 2)
+    write_repository(TritonConfig(build=tiny_build, out=config.repository, index=index_dir, index_shards=2,
+                                  shard_urls=tuple(urls)))
+    router = parse_config((config.repository / "faiss_lookup" / "config.pbtxt").read_text())
+    assert router.parameters["SHARD_URLS"].string_value == ",".join(urls)
+    write_manifests(config)
+    files = _load(config.out)
+    assert validate_folder(config.out) == 7 + 2 * 3
+
+    (front,) = _one(files, "deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    loaded = [a.split("=", 1)[1] for a in front["args"] if a.startswith("--load-model=")]
+    assert "--model-control-mode=explicit" in front["args"]
+    assert sorted(loaded) == sorted(m for m in json.loads((config.repository / MARKER_FILE).read_text())["models"]
+                                    if not m.startswith("faiss_lookup_"))
+    selectors = [_one(files, "deployment.yaml")["spec"]["selector"]["matchLabels"]]
+    for number, url in enumerate(urls):
+        shard_deployment, shard_service, shard_hpa = files[f"shard-{number}.yaml"]
+        (container,) = shard_deployment["spec"]["template"]["spec"]["containers"]
+        assert [a for a in container["args"] if a.startswith("--load-model=")] == [f"--load-model=faiss_lookup_{number}"]
+        assert "nvidia.com/gpu" not in container["resources"]["requests"]
+        host, port = url.split(":")
+        name, namespace = host.split(".")[:2]
+        assert (shard_service["metadata"]["name"], shard_service["metadata"]["namespace"]) == (name, namespace)
+        assert int(port) in {p["port"] for p in shard_service["spec"]["ports"] if p["name"] == "grpc"}
+        assert shard_service["spec"]["selector"] == shard_deployment["spec"]["selector"]["matchLabels"]
+        assert shard_hpa["spec"]["scaleTargetRef"]["name"] == shard_deployment["metadata"]["name"]
+        selectors.append(shard_deployment["spec"]["selector"]["matchLabels"])
+    assert len({tuple(sorted(s.items())) for s in selectors}) == 3  # no Deployment selects another's pods
+
+    with pytest.raises(ResRankExportError, match="shard 0 is asked at 10.0.0.1:8001, not at its Service"):
+        write_repository(TritonConfig(build=tiny_build, out=tmp_path / "other", index=index_dir, index_shards=2,
+                                      shard_urls=("10.0.0.1:8001", urls[1])))
+        write_manifests(K8sConfig(repository=tmp_path / "other", out=tmp_path / "k8s-other", namespace="search"))

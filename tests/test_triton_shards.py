@@ -25,19 +25,13 @@ QUERIES = ("how do I parse JSON text", "read a CSV file row by row", "sort a lis
 
 
 @pytest.fixture(scope="module")
-def build_dir(tiny_export) -> Path:
-    _, graphs = tiny_export()
-    return graphs["encoder"].parents[2]
-
-
-@pytest.fixture(scope="module")
-def corpus(build_dir, tmp_path_factory) -> Path:
+def corpus(tiny_build, tmp_path_factory) -> Path:
     """150 passages of the embedded corpus whose vectors are all distinct: equal scores would
     leave the order among them to FAISS's heap, in sharded and unsharded search alike."""
     from resrank_export.default_corpus import stdlib_passages
 
     passages = stdlib_passages(limit=200)
-    vectors = OnnxEncoder(build_dir).encode([p.text for p in passages])
+    vectors = OnnxEncoder(tiny_build).encode([p.text for p in passages])
     _, first = np.unique(vectors, axis=0, return_index=True)
     kept = [passages[i] for i in sorted(first)][:150]
     path = tmp_path_factory.mktemp("shard-corpus") / "corpus.jsonl"
@@ -46,19 +40,19 @@ def corpus(build_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def indexes(build_dir, corpus, tmp_path_factory) -> dict[str, Path]:
+def indexes(tiny_build, corpus, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("shard-index")
     out = {}
     for kind in ("flat", "ivf"):
-        build_index(IndexConfig(build=build_dir, corpus=corpus, out=folder / kind, kind=kind, nlist=8, nprobe=3))
+        build_index(IndexConfig(build=tiny_build, corpus=corpus, out=folder / kind, kind=kind, nlist=8, nprobe=3))
         out[kind] = folder / kind
     return out
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 @pytest.mark.parametrize("shards", [2, 3])
-def test_shards_hold_the_rows_and_merge_to_the_same_search(build_dir, indexes, tmp_path, kind, shards):
-    source = Retriever.load(indexes[kind], build_dir)
+def test_shards_hold_the_rows_and_merge_to_the_same_search(tiny_build, indexes, tmp_path, kind, shards):
+    source = Retriever.load(indexes[kind], tiny_build)
     folders = [tmp_path / f"shard_{i}" for i in range(shards)]
     infos = split_index(indexes[kind], folders)
     loaded = [Retriever.load(folder) for folder in folders]
@@ -95,10 +89,10 @@ def _configs(repo: Path) -> dict:
     return {p.parent.name: parse_config(p.read_text()) for p in repo.glob("*/config.pbtxt")}
 
 
-def test_sharded_repository_configs(build_dir, indexes, tmp_path):
-    write_repository(TritonConfig(build=build_dir, out=tmp_path / "one", index=indexes["flat"]))
+def test_sharded_repository_configs(tiny_build, indexes, tmp_path):
+    write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one", index=indexes["flat"]))
     plain = _configs(tmp_path / "one")
-    summary = write_repository(TritonConfig(build=build_dir, out=tmp_path / "three", index=indexes["flat"],
+    summary = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "three", index=indexes["flat"],
                                             index_shards=3))
     sharded = _configs(tmp_path / "three")
     assert set(sharded) == set(plain) | {"faiss_lookup_0", "faiss_lookup_1", "faiss_lookup_2"}
@@ -116,11 +110,11 @@ def test_sharded_repository_configs(build_dir, indexes, tmp_path):
     assert not (tmp_path / "three" / "faiss_lookup" / "1" / "index").exists()
 
 
-def test_bad_shard_counts_are_refused(build_dir, indexes, tmp_path):
+def test_bad_shard_counts_are_refused(tiny_build, indexes, tmp_path):
     with pytest.raises(ResRankExportError, match="--index-shards 151: expected 2..150"):
-        write_repository(TritonConfig(build=build_dir, out=tmp_path / "r", index=indexes["flat"], index_shards=151))
+        write_repository(TritonConfig(build=tiny_build, out=tmp_path / "r", index=indexes["flat"], index_shards=151))
     with pytest.raises(ResRankExportError, match="needs --index"):
-        write_repository(TritonConfig(build=build_dir, out=tmp_path / "r", index_shards=2))
+        write_repository(TritonConfig(build=tiny_build, out=tmp_path / "r", index_shards=2))
     assert not (tmp_path / "r").exists()
 
 
@@ -144,7 +138,7 @@ def _answers(repository: Path, embeddings: np.ndarray) -> tuple[list, list]:
             with pytest.raises(InferenceServerException, match="TOP_K is 21; expected 1..20"):
                 client.infer("faiss_lookup", {"embeddings": embeddings[:1], "TOP_K": np.full((1, 1), 21, np.int32)},
                     ["candidate_ids"])
-        if (repository / "faiss_lookup_0").is_dir():
+        if (repository / "faiss_lookup").is_dir():
             _check_k8s_probes(repository, server)
         server.check_running()
     return ensemble, lookup
@@ -164,19 +158,51 @@ def _check_k8s_probes(repository: Path, server) -> None:
             assert r.status == 200
 
 
-@pytest.mark.slow
-def test_two_shard_server_answers_like_the_unsharded_one(build_dir, indexes, tmp_path):
-    embeddings = OnnxEncoder(build_dir).encode(list(QUERIES))
-    one = write_repository(TritonConfig(build=build_dir, out=tmp_path / "one" / "repo", index=indexes["flat"]))
-    two = write_repository(TritonConfig(build=build_dir, out=tmp_path / "two" / "repo", index=indexes["flat"],
-                                        index_shards=2))
-    assert "faiss_lookup_1" in two["models"] and "faiss_lookup_1" not in one["models"]
-    expected_ensemble, expected_lookup = _answers(tmp_path / "one" / "repo", embeddings)
-    got_ensemble, got_lookup = _answers(tmp_path / "two" / "repo", embeddings)
-    for got, expected in zip(got_ensemble, expected_ensemble):
+def _shard_only_repository(sharded: Path, out: Path) -> Path:
+    """The shard models of a sharded repository, as one shard server's repository."""
+    import shutil
+
+    from resrank_export.triton.repository import MARKER_FILE
+
+    out.mkdir(parents=True)
+    shutil.copy2(sharded / MARKER_FILE, out / MARKER_FILE)
+    for model in sharded.glob("faiss_lookup_*"):
+        shutil.copytree(model, out / model.name)
+    return out
+
+
+def _assert_same(got_answers: tuple, expected_answers: tuple) -> None:
+    for got, expected in zip(*(answers[0] for answers in (got_answers, expected_answers))):
         assert got.ids == expected.ids and len(got.ids) > 0
         np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=1e-4)
-    for got, expected in zip(got_lookup, expected_lookup):
+    for got, expected in zip(got_answers[1], expected_answers[1]):
         assert got["candidate_ids"].tolist() == expected["candidate_ids"].tolist()
         np.testing.assert_allclose(got["retrieval_scores"], expected["retrieval_scores"], rtol=0, atol=SCORE_ATOL)
         np.testing.assert_array_equal(got["passage_embeddings"], expected["passage_embeddings"])
+
+
+@pytest.mark.slow
+def test_two_shard_servers_answer_like_the_unsharded_one(tiny_build, indexes, tmp_path):
+    """Unsharded vs 2 shards on the same server (BLS) vs 2 shards on another server (--shard-url)."""
+    import shutil
+
+    from resrank_export.triton.server import ServerConfig, TritonServer, free_port
+
+    embeddings = OnnxEncoder(tiny_build).encode(list(QUERIES))
+    one = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one" / "repo", index=indexes["flat"]))
+    two = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "two" / "repo", index=indexes["flat"],
+                                        index_shards=2))
+    assert "faiss_lookup_1" in two["models"] and "faiss_lookup_1" not in one["models"]
+    expected = _answers(tmp_path / "one" / "repo", embeddings)
+    _assert_same(_answers(tmp_path / "two" / "repo", embeddings), expected)
+
+    shard_port = free_port()
+    front = tmp_path / "front" / "repo"
+    write_repository(TritonConfig(build=tiny_build, out=front, index=indexes["flat"], index_shards=2,
+                                  shard_urls=(f"127.0.0.1:{shard_port}",) * 2))
+    shards = _shard_only_repository(front, tmp_path / "shards" / "repo")
+    for model in front.glob("faiss_lookup_*"):  # the front server holds no shard: answers must come from the other
+        shutil.rmtree(model)
+    with TritonServer(ServerConfig(repository=shards, grpc_port=shard_port)) as shard_server:
+        _assert_same(_answers(front, embeddings), expected)
+        shard_server.check_running()

@@ -9,6 +9,7 @@ an average queue time per request, and the HorizontalPodAutoscaler targets it pe
 
 Output folder (written atomically):
   deployment.yaml, service.yaml, hpa.yaml, [pvc.yaml]   `kubectl apply -f <out>`
+  [shard-<i>.yaml]                                      with `triton --shard-url`: one Triton per shard
   kserve/inferenceservice.yaml, kserve/hpa.yaml, [pvc]  `kubectl apply -f <out>/kserve` (instead)
   prometheus-adapter/values.yaml                        `helm install ... -f` (not a resource)
   README.md                                             what to run; marks the folder as ours
@@ -104,24 +105,35 @@ def read_repository(repository: Path) -> dict:
     return summary
 
 
-def _labels(config: K8sConfig) -> dict:
-    return {"app.kubernetes.io/name": config.name, "app.kubernetes.io/component": "triton",
-            "app.kubernetes.io/managed-by": "resrank-export"}
+def _labels(config: K8sConfig, server: str | None = None) -> dict:
+    """`server`: the Deployment's name (default the front server's), so each selects only its pods."""
+    return {"app.kubernetes.io/name": config.name, "app.kubernetes.io/instance": server or config.name,
+            "app.kubernetes.io/component": "triton", "app.kubernetes.io/managed-by": "resrank-export"}
 
 
-def _metadata(config: K8sConfig, name: str | None = None) -> dict:
-    return {"name": name or config.name, "namespace": config.namespace, "labels": _labels(config)}
+def _metadata(config: K8sConfig, name: str | None = None, server: str | None = None) -> dict:
+    return {"name": name or config.name, "namespace": config.namespace, "labels": _labels(config, server)}
+
+
+def shard_server_name(config: K8sConfig, number: int) -> str:
+    return f"{config.name}-shard-{number}"
+
+
+def shard_urls(config: K8sConfig, shards: int) -> list[str]:
+    """The gRPC addresses of the shard Services this module writes: what `triton --shard-url` takes."""
+    return [f"{shard_server_name(config, n)}.{config.namespace}.svc.cluster.local:{PORTS['grpc']}"
+            for n in range(shards)]
 
 
 def _claim_name(config: K8sConfig) -> str:
     return f"{config.name}-models"
 
 
-def _resources(config: K8sConfig) -> dict:
+def _resources(config: K8sConfig, gpus: int) -> dict:
     requests = {"cpu": config.cpu, "memory": config.memory}
     limits = {"memory": config.memory}
-    if config.gpus:  # extended resources: requests must equal limits
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = config.gpus
+    if gpus:  # extended resources: requests must equal limits
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = gpus
     return {"requests": requests, "limits": limits}
 
 
@@ -155,13 +167,20 @@ def _store(config: K8sConfig) -> tuple[str, list[dict], list[dict], list[dict]]:
     return MODELS_MOUNT, [shm_volume, models], [shm_mount, mount], []
 
 
-def deployment(config: K8sConfig) -> dict:
+def deployment(config: K8sConfig, server: str | None = None, load: list[str] | None = None,
+               gpus: int | None = None) -> dict:
+    """Triton on the repository; `load` given: only those models (explicit model control), as
+    the front server and the shard servers of a repository written with `--shard-url` do."""
     repository, volumes, mounts, env_from = _store(config)
+    args = _server_args(repository, PORTS)
+    if load is not None:
+        args += ["--model-control-mode=explicit"] + [f"--load-model={model}" for model in load]
     container = {
         "name": "tritonserver", "image": config.image, "imagePullPolicy": "IfNotPresent",
-        "command": ["tritonserver"], "args": _server_args(repository, PORTS),
+        "command": ["tritonserver"], "args": args,
         "ports": [{"name": name, "containerPort": port} for name, port in PORTS.items()],
-        "resources": _resources(config), "volumeMounts": mounts, **_probes("http", config.startup_seconds),
+        "resources": _resources(config, config.gpus if gpus is None else gpus), "volumeMounts": mounts,
+        **_probes("http", config.startup_seconds),
     }
     if env_from:
         container["envFrom"] = env_from
@@ -171,16 +190,17 @@ def deployment(config: K8sConfig) -> dict:
     # Prometheus scrapes Triton's metrics port; the adapter rule below reads the queue-time series.
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS["metrics"]),
                    "prometheus.io/path": "/metrics"}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(config),
-            "spec": {"replicas": config.min_replicas, "selector": {"matchLabels": _labels(config)},
-                     "template": {"metadata": {"labels": _labels(config), "annotations": annotations},
+    labels = _labels(config, server)
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(config, server, server),
+            "spec": {"replicas": config.min_replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels, "annotations": annotations},
                                   "spec": pod}}}
 
 
-def service(config: K8sConfig) -> dict:
+def service(config: K8sConfig, server: str | None = None) -> dict:
     ports = [{"name": name, "port": port, "targetPort": name, "protocol": "TCP"} for name, port in PORTS.items()]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(config),
-            "spec": {"type": "ClusterIP", "selector": _labels(config), "ports": ports}}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(config, server, server),
+            "spec": {"type": "ClusterIP", "selector": _labels(config, server), "ports": ports}}
 
 
 def persistent_volume_claim(config: K8sConfig) -> dict:
@@ -192,11 +212,12 @@ def persistent_volume_claim(config: K8sConfig) -> dict:
             "spec": spec}
 
 
-def autoscaler(config: K8sConfig, deployment_name: str, name: str) -> dict:
+def autoscaler(config: K8sConfig, deployment_name: str) -> dict:
     """autoscaling/v2 on the per-pod average queue time per request (microseconds)."""
     metric = {"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
                                        "target": {"type": "AverageValue", "averageValue": config.queue_target_us}}}
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(config, name),
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": _metadata(config, deployment_name, deployment_name),
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment_name},
                      "minReplicas": config.min_replicas, "maxReplicas": config.max_replicas, "metrics": [metric]}}
 
@@ -223,7 +244,7 @@ def inference_service(config: K8sConfig) -> dict:
         "command": ["tritonserver"], "args": _server_args(KSERVE_MODELS_MOUNT, KSERVE_PORTS),
         "ports": [{"name": "h2c" if name == "grpc" else name, "containerPort": port, "protocol": "TCP"}
                   for name, port in KSERVE_PORTS.items() if name != "metrics"],
-        "resources": _resources(config), **_probes(KSERVE_PORTS["http"], config.startup_seconds),
+        "resources": _resources(config, config.gpus), **_probes(KSERVE_PORTS["http"], config.startup_seconds),
     }
     annotations = {"serving.kserve.io/deploymentMode": "RawDeployment",
                    "serving.kserve.io/autoscalerClass": "external",
@@ -235,16 +256,39 @@ def inference_service(config: K8sConfig) -> dict:
             "metadata": {**_metadata(config), "annotations": annotations}, "spec": {"predictor": predictor}}
 
 
-def manifests(config: K8sConfig) -> dict[Path, list[dict]]:
-    """{file under out: resources} for both variants (without the adapter values)."""
+def manifests(config: K8sConfig, summary: dict) -> dict[Path, list[dict]]:
+    """{file under out: resources} for both variants (without the adapter values). A repository
+    whose router asks remote shards (`triton --shard-url`) gets a front Deployment without the
+    shard models and shard-<i>.yaml per shard (Deployment, Service, HPA; no GPU: FAISS on CPU)."""
+    from resrank_export.triton.shards import shard_model_name
+
     pvc = [] if config.model_store is not None else [persistent_volume_claim(config)]
-    files = {Path("deployment.yaml"): [deployment(config)], Path("service.yaml"): [service(config)],
-             Path("hpa.yaml"): [autoscaler(config, config.name, config.name)],
+    urls = summary.get("shard_urls") or []
+    shard_models = [shard_model_name(n) for n in range(len(urls))]
+    front = [m for m in summary["models"] if m not in shard_models] if urls else None
+    files = {Path("deployment.yaml"): [deployment(config, load=front)], Path("service.yaml"): [service(config)],
+             Path("hpa.yaml"): [autoscaler(config, config.name)],
              Path("kserve/inferenceservice.yaml"): [inference_service(config)],
-             Path("kserve/hpa.yaml"): [autoscaler(config, f"{config.name}-predictor", f"{config.name}-predictor")]}
+             Path("kserve/hpa.yaml"): [autoscaler(config, f"{config.name}-predictor")]}
     if pvc:
         files[Path("pvc.yaml")] = files[Path("kserve/pvc.yaml")] = pvc
+    for number, model in enumerate(shard_models):
+        server = shard_server_name(config, number)
+        files[Path(f"shard-{number}.yaml")] = [deployment(config, server, load=[model], gpus=0),
+                                               service(config, server), autoscaler(config, server)]
     return files
+
+
+def check_shard_urls(config: K8sConfig, urls: list[str]) -> None:
+    """The router's addresses must be the shard Services written here (short or full DNS name)."""
+    for number, (url, expected) in enumerate(zip(urls, shard_urls(config, len(urls)))):
+        host, port = expected.rsplit(":", 1)
+        service_name = shard_server_name(config, number)
+        names = {service_name, f"{service_name}.{config.namespace}", f"{service_name}.{config.namespace}.svc", host}
+        if url not in {f"{name}:{port}" for name in names}:
+            raise ResRankExportError(
+                f"{config.repository}: shard {number} is asked at {url}, not at its Service {expected}; rewrite the "
+                "repository with " + " ".join(f"--shard-url {u}" for u in shard_urls(config, len(urls))))
 
 
 def validate_resource(resource: dict, kubernetes_version: str) -> None:
@@ -307,7 +351,8 @@ def write_manifests(config: K8sConfig) -> dict:
                                  "KIND_GPU instances); give --gpus N")
     yaml = require("yaml", "writing Kubernetes manifests")
     refuse_foreign_folder(config.out, README_FILE, "a resrank-export k8s folder")
-    files = manifests(config)
+    check_shard_urls(config, summary.get("shard_urls") or [])
+    files = manifests(config, summary)
     for resources in files.values():
         for resource in resources:
             validate_resource(resource, config.kubernetes_version)

@@ -102,7 +102,7 @@ def _lookup_models(config: TritonConfig, index: Path, count: int, max_candidates
         shard_top_k.append(str(min(max_candidates, stop - start)))
         models[name] = ({"RESRANK_MODEL": "faiss_lookup", "MAX_TOP_K": shard_top_k[-1]}, {})
     router = {"RESRANK_MODEL": "faiss_router", "MAX_TOP_K": str(max_top_k), "SHARDS": ",".join(models),
-              "SHARD_MAX_TOP_K": ",".join(shard_top_k)}
+              "SHARD_MAX_TOP_K": ",".join(shard_top_k), "SHARD_URLS": ",".join(config.shard_urls)}
     return {**models, "faiss_lookup": (router, {})}
 
 
@@ -132,7 +132,7 @@ def write_repository(config: TritonConfig) -> dict:
         max_top_k = min(settings.max_candidates, int(meta["count"]))
         python.update(_lookup_models(config, index, int(meta["count"]), settings.max_candidates, specs))
         ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
-        summary.update(max_top_k=max_top_k, index_shards=config.index_shards)
+        summary.update(max_top_k=max_top_k, index_shards=config.index_shards, shard_urls=list(config.shard_urls))
     else:
         log.warning("no index given: writing only the %s ensemble", RERANK_ENSEMBLE)
 
