@@ -156,20 +156,7 @@ def test_cli_writes_valid_manifests(repository, tmp_path):
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
 
 
-@pytest.fixture(scope="module")
-def index_dir(tiny_build, tmp_path_factory) -> Path:
-    pytest.importorskip("faiss")
-    from resrank_export.default_corpus import stdlib_passages
-    from resrank_export.index import IndexConfig, build_index
-
-    folder = tmp_path_factory.mktemp("k8s-index")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=30)))
-    build_index(IndexConfig(build=tiny_build, corpus=corpus, out=folder / "index"))
-    return folder / "index"
-
-
-def test_remote_shards_get_their_own_servers(tiny_build, index_dir, tmp_path):
+def test_remote_shards_get_their_own_servers(tiny_build, tiny_index, tmp_path):
     """A repository whose router asks the shard Services: one Deployment + Service + HPA per shard
     loading only its shard, a front Deployment loading everything else, the Services at the
     router's addresses."""
@@ -178,7 +165,7 @@ def test_remote_shards_get_their_own_servers(tiny_build, index_dir, tmp_path):
 
     config = K8sConfig(repository=tmp_path / "repo", out=tmp_path / "k8s", namespace="search", gpus=1)
     urls = shard_urls(config, 2)
-    write_repository(TritonConfig(build=tiny_build, out=config.repository, index=index_dir, index_shards=2,
+    write_repository(TritonConfig(build=tiny_build, out=config.repository, index=tiny_index, index_shards=2,
                                   shard_urls=tuple(urls)))
     router = parse_config((config.repository / "faiss_lookup" / "config.pbtxt").read_text())
     assert router.parameters["SHARD_URLS"].string_value == ",".join(urls)
@@ -207,6 +194,6 @@ def test_remote_shards_get_their_own_servers(tiny_build, index_dir, tmp_path):
     assert len({tuple(sorted(s.items())) for s in selectors}) == 3  # no Deployment selects another's pods
 
     with pytest.raises(ResRankExportError, match="shard 0 is asked at 10.0.0.1:8001, not at its Service"):
-        write_repository(TritonConfig(build=tiny_build, out=tmp_path / "other", index=index_dir, index_shards=2,
+        write_repository(TritonConfig(build=tiny_build, out=tmp_path / "other", index=tiny_index, index_shards=2,
                                       shard_urls=("10.0.0.1:8001", urls[1])))
         write_manifests(K8sConfig(repository=tmp_path / "other", out=tmp_path / "k8s-other", namespace="search"))
