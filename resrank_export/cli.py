@@ -257,15 +257,27 @@ def engines_check(builds, report) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Encoder batch size.")
 @click.option("--from-index", type=click.Path(path_type=Path),
               help="Reuse the vectors of this index (another --index kind without re-encoding).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: encode in this process; ray: encode the chunks in a Ray Data actor pool.")
+@click.option("--ray-address", help="ray: cluster address (default: the running cluster, else a new local one).")
+@click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True, help="ray: encoder actors.")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="ray: GPUs per actor (CUDA execution provider when > 0).")
 def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
-                  chunk_size, batch_size, from_index) -> None:
+                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
     from resrank_export.index import IndexConfig, build_index
 
-    info = build_index(IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
-                                   store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
-                                   ef_search=ef_search, pq_m=pq_m, chunk_size=chunk_size, batch_size=batch_size,
-                                   source_index=from_index))
+    config = IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
+                         store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, pq_m=pq_m,
+                         chunk_size=chunk_size, batch_size=batch_size, source_index=from_index)
+    if engine == "ray":
+        from resrank_export.ray_index import RayIndexConfig, build_index_ray
+
+        info = build_index_ray(RayIndexConfig(index=config, address=ray_address, actors=actors,
+                                              gpus_per_actor=gpus_per_actor))
+    else:
+        info = build_index(config)
     click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
                f"report: {out / 'report.md'}")
 
