@@ -336,7 +336,9 @@ def _readme(config: K8sConfig, summary: dict) -> str:
         f"# Kubernetes manifests for {config.name}", "",
         f"Written by `resrank-export k8s` from `{config.repository}` (models: {', '.join(summary['models'])}).", "",
         f"- {copy}.",
-        "- Plain Deployment: `kubectl apply -f .` (Deployment, Service, HPA, PVC).",
+        "- Plain Deployment: `kubectl apply -f .` (Deployment, Service, HPA, PVC"
+        + (f"; shard-<i>.yaml: one Triton per index shard, the router's {len(summary['shard_urls'])} addresses"
+           if summary.get("shard_urls") else "") + ").",
         "- KServe instead: `kubectl apply -f kserve/`.",
         f"- Autoscaling needs Prometheus scraping port {PORTS['metrics']} and prometheus-adapter with "
         f"`helm install prometheus-adapter prometheus-community/prometheus-adapter -f {ADAPTER_VALUES}`.", ""])
