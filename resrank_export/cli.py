@@ -297,16 +297,28 @@ def engines_check(builds, report) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Encoder batch size.")
 @click.option("--from-index", type=click.Path(path_type=Path),
               help="Reuse the vectors of this index (another --index kind without re-encoding).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: encode in this process; ray: encode the chunks in a Ray Data actor pool.")
+@click.option("--ray-address", help="ray: cluster address (default: the running cluster, else a new local one).")
+@click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True, help="ray: encoder actors.")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="ray: GPUs per actor (CUDA execution provider when > 0).")
 def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
-                  chunk_size, batch_size, from_index) -> None:
+                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
     from resrank_export.index.config import IndexConfig
     from resrank_export.index.stage import build_index
 
-    info = build_index(IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
-                                   store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
-                                   ef_search=ef_search, pq_m=pq_m, chunk_size=chunk_size, batch_size=batch_size,
-                                   source_index=from_index))
+    config = IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
+                         store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, pq_m=pq_m,
+                         chunk_size=chunk_size, batch_size=batch_size, source_index=from_index)
+    if engine == "ray":
+        from resrank_export.index.ray_engine import RayIndexConfig, build_index_ray
+
+        info = build_index_ray(RayIndexConfig(index=config, address=ray_address, actors=actors,
+                                              gpus_per_actor=gpus_per_actor))
+    else:
+        info = build_index(config)
     click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
                f"report: {out / 'report.md'}")
 
@@ -369,8 +381,13 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="onnxruntime backend: GPU execution accelerator.")
 @click.option("--cc-model-filename", "cc_model_filenames", multiple=True, metavar="CC=FILE",
               help="tensorrt backend: engine file per compute capability, e.g. 9.0=model_sm90.plan.")
+@click.option("--index-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the index into N faiss_lookup_<i> models behind a faiss_lookup router that merges their top-k.")
+@click.option("--shard-url", "shard_urls", multiple=True, metavar="HOST:PORT",
+              help="gRPC address serving faiss_lookup_<i>, in shard order (one per shard): the router asks "
+                   "each shard's own Triton instead of this one's.")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
-           max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames) -> None:
+           max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -381,8 +398,45 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
     summary = write_repository(TritonConfig(
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, max_batch_tokens=max_batch_tokens,
-        instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs))
+        instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards,
+        shard_urls=tuple(shard_urls)))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
+
+
+@main.command("k8s")
+@click.option("--repository", type=click.Path(path_type=Path), required=True,
+              help="Model repository folder (from `resrank-export triton`).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("k8s"), show_default=True,
+              help="Manifest folder; replaced atomically.")
+@click.option("--name", default="resrank", show_default=True, help="Name of the Deployment, Service and HPA.")
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes namespace.")
+@click.option("--image", default="resrank-triton:latest", show_default=True,
+              help="Triton image with resrank-export installed (docker/Dockerfile).")
+@click.option("--model-store", help="s3://bucket/prefix holding the repository, instead of a PersistentVolumeClaim.")
+@click.option("--s3-secret", help="Secret with the AWS_* variables Triton reads for --model-store.")
+@click.option("--service-account", help="ServiceAccount of the pods (KServe takes S3 credentials from it).")
+@click.option("--storage", default="20Gi", show_default=True, help="PersistentVolumeClaim size.")
+@click.option("--storage-class", help="StorageClass of the claim (default: the cluster's).")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="nvidia.com/gpu per pod.")
+@click.option("--cpu", default="2", show_default=True, help="CPU request per pod.")
+@click.option("--memory", default="8Gi", show_default=True, help="Memory request and limit per pod.")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="HPA lower bound.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True, help="HPA upper bound.")
+@click.option("--queue-target-us", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="HPA target: average queue time per request per pod, in microseconds.")
+@click.option("--kubernetes-version", default="1.31.0", show_default=True,
+              help="Kubernetes API version the manifests are validated against.")
+def k8s(repository, out, name, namespace, image, model_store, s3_secret, service_account, storage, storage_class, gpus,
+        cpu, memory, min_replicas, max_replicas, queue_target_us, kubernetes_version) -> None:
+    """Write validated Kubernetes manifests (Deployment, Service, PVC, HPA; KServe variant) for a repository."""
+    from resrank_export.triton.k8s import K8sConfig, write_manifests
+
+    written = write_manifests(K8sConfig(
+        repository=repository, out=out, name=name, namespace=namespace, image=image, model_store=model_store,
+        s3_secret=s3_secret, service_account=service_account, storage=storage, storage_class=storage_class, gpus=gpus,
+        cpu=cpu, memory=memory, min_replicas=min_replicas, max_replicas=max_replicas, queue_target_us=queue_target_us,
+        kubernetes_version=kubernetes_version))
+    click.echo(f"manifests written to {out}: {', '.join(sorted(written))}")
 
 
 @main.command()

@@ -15,6 +15,10 @@ _EXTRA_OF = {
     "pytrec_eval": "eval",
     "sentence_transformers": "bench",
     "matplotlib": "bench",
+    "ray": "ray",
+    "yaml": "k8s",
+    "kubernetes_validate": "k8s",
+    "jsonschema": "k8s",
     "tensorrt": None,
 }
 

@@ -93,3 +93,27 @@ def demo_export(demo_checkpoint, tmp_path_factory):
     from resrank_export.export.onnx import export_onnx
 
     return demo_checkpoint, export_onnx(demo_checkpoint, tmp_path_factory.mktemp("demo-export"))
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_export) -> Path:
+    """The default tiny export's folder: a build folder without manifest (graphs, tokenizers, resrank.json)."""
+    _, graphs = tiny_export()
+    return graphs["encoder"].parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_build, tmp_path_factory) -> Path:
+    """A 20-passage flat index of the embedded corpus on the tiny export."""
+    import json
+
+    pytest.importorskip("faiss")
+    from resrank_export.data.default_corpus import stdlib_passages
+    from resrank_export.index.config import IndexConfig
+    from resrank_export.index.stage import build_index
+
+    folder = tmp_path_factory.mktemp("tiny-index")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=20)))
+    build_index(IndexConfig(build=tiny_build, corpus=corpus, out=folder / "index"))
+    return folder / "index"

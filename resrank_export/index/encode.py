@@ -98,7 +98,7 @@ def open_work_dir(work: Path, state: dict) -> None:
     progress.write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _chunks_of(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
+def chunks_of(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
     chunk: list[Passage] = []
     for passage in passages:
         chunk.append(passage)
@@ -109,7 +109,7 @@ def _chunks_of(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]
         yield chunk
 
 
-def _chunk_paths(work: Path, number: int) -> tuple[Path, Path]:
+def chunk_paths(work: Path, number: int) -> tuple[Path, Path]:
     return work / f"{number:06d}.npy", work / f"{number:06d}.jsonl"
 
 
@@ -124,8 +124,8 @@ def encode_chunks(passages: Iterator[Passage], encoder: OnnxEncoder, work: Path,
     with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("encode", total=_estimated_count(corpus))
         number = -1
-        for number, chunk in enumerate(_chunks_of(passages, chunk_size)):
-            vectors_path, records_path = _chunk_paths(work, number)
+        for number, chunk in enumerate(chunks_of(passages, chunk_size)):
+            vectors_path, records_path = chunk_paths(work, number)
             if not vectors_path.is_file():
                 with open(records_path, "w", encoding="utf-8") as handle:
                     for passage in chunk:
@@ -154,7 +154,7 @@ def _estimated_count(corpus: Path | None) -> int | None:
 def assemble_chunks(work: Path, chunks: int, out: Path, store_texts: bool, dim: int, dtype: str) -> int:
     """Concatenate the chunks into vectors.npy, ids.json and texts.jsonl without holding the
     vectors in memory; returns the passage count."""
-    counts = [np.load(_chunk_paths(work, n)[0], mmap_mode="r").shape[0] for n in range(chunks)]
+    counts = [np.load(chunk_paths(work, n)[0], mmap_mode="r").shape[0] for n in range(chunks)]
     total = sum(counts)
     vectors = np.lib.format.open_memmap(out / VECTORS_FILE, mode="w+", dtype=dtype, shape=(total, dim))
     ids: list[str] = []
@@ -162,7 +162,7 @@ def assemble_chunks(work: Path, chunks: int, out: Path, store_texts: bool, dim: 
     try:
         row = 0
         for number, count in enumerate(counts):
-            vectors_path, records_path = _chunk_paths(work, number)
+            vectors_path, records_path = chunk_paths(work, number)
             vectors[row:row + count] = np.load(vectors_path)
             row += count
             with open(records_path, encoding="utf-8") as handle:

@@ -60,6 +60,12 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
             note_kept(exc, f"{len(list(work.glob('[0-9]*[0-9].npy')))} encoded chunks in {work}")
         raise
     timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
+    return write_index_from_chunks(work, chunks, config, encoder, timings, start)
+
+
+def write_index_from_chunks(work: Path, chunks: int, config: IndexConfig, encoder: OnnxEncoder, timings: dict,
+                            start: float) -> dict:
+    """The index folder from the finished chunks in `work` (then removed); also used by the Ray engine."""
     with atomic_dir(config.out) as tmp:
         count = assemble_chunks(work, chunks, tmp, config.store_texts, encoder.dim, config.vector_dtype)
         info = _finish_index(tmp, config, encoder, count, config.store_texts, timings, start)

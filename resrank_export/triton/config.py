@@ -4,6 +4,7 @@ ensembles), so the configs cannot drift from the graphs."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class TritonConfig:
     trt_precision: str = "FP16"  # precision_mode of the ORT TensorRT accelerator
     cc_model_filenames: dict[str, str] = field(default_factory=dict)  # tensorrt: {"9.0": "model_sm90.plan"}
     package_path: Path | None = PACKAGE_PARENT  # put on the stub's sys.path; None: the installed package
+    index_shards: int = 1  # > 1: faiss_lookup_<i> per slice of the index behind a faiss_lookup router
+    shard_urls: tuple[str, ...] = ()  # gRPC host:port serving faiss_lookup_<i>, one per shard; (): this server
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -57,9 +60,17 @@ class TritonConfig:
             raise ResRankExportError(f"--precision {self.precision!r}: expected fp32, fp16 or int8")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
-        for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads"):
+        for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads", "index_shards"):
             if getattr(self, name) < 1:
                 raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        if self.index_shards > 1 and self.index is None:
+            raise ResRankExportError(f"--index-shards {self.index_shards} needs --index (the index to split)")
+        if self.shard_urls and len(self.shard_urls) != self.index_shards:
+            raise ResRankExportError(f"--shard-url given {len(self.shard_urls)} times; expected one per shard "
+                                     f"(--index-shards {self.index_shards})")
+        for url in self.shard_urls:
+            if not re.match(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", url):
+                raise ResRankExportError(f"--shard-url {url!r}: expected host:port of a Triton gRPC endpoint")
 
 
 def model_specs(dim: int) -> dict[str, GraphSpec]:

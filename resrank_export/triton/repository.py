@@ -29,6 +29,7 @@ from resrank_export.triton.config import (
     python_model_config,
     to_text,
 )
+from resrank_export.triton.shards import shard_bounds, shard_model_name, split_index
 
 log = logging.getLogger(__name__)
 MARKER_FILE = "resrank_repository.json"  # Triton ignores files at the repository root
@@ -98,6 +99,24 @@ def _graph_model(config: TritonConfig, spec: GraphSpec) -> tuple[TritonConfig, d
     return replace(config, cc_model_filenames=names), files
 
 
+def _lookup_models(config: TritonConfig, index: Path, count: int, max_candidates: int, specs: dict) -> dict:
+    """{name: (parameters, files)} of the index lookup: one faiss_lookup holding the index or, with
+    index_shards > 1, a faiss_lookup router plus faiss_lookup_<i> per slice (their index folders
+    are written by split_index after the models; `specs` gains the shards' I/O)."""
+    max_top_k = min(max_candidates, count)
+    if config.index_shards == 1:
+        return {"faiss_lookup": ({"MAX_TOP_K": str(max_top_k)}, {"index": index})}
+    models, shard_top_k = {}, []
+    for number, (start, stop) in enumerate(shard_bounds(count, config.index_shards)):
+        name = shard_model_name(number)
+        specs[name] = replace(specs["faiss_lookup"], name=name)
+        shard_top_k.append(str(min(max_candidates, stop - start)))
+        models[name] = ({"RESRANK_MODEL": "faiss_lookup", "MAX_TOP_K": shard_top_k[-1]}, {})
+    router = {"RESRANK_MODEL": "faiss_router", "MAX_TOP_K": str(max_top_k), "SHARDS": ",".join(models),
+              "SHARD_MAX_TOP_K": ",".join(shard_top_k), "SHARD_URLS": ",".join(config.shard_urls)}
+    return {**models, "faiss_lookup": (router, {})}
+
+
 def write_repository(config: TritonConfig) -> dict:
     """Write the model repository to `config.out`; returns the summary stored in MARKER_FILE."""
     config.validate()
@@ -122,9 +141,9 @@ def write_repository(config: TritonConfig) -> dict:
         index = Path(config.index)
         meta = read_index_info(index)
         max_top_k = min(settings.max_candidates, int(meta["count"]))
-        python["faiss_lookup"] = ({"MAX_TOP_K": str(max_top_k)}, {"index": index})
+        python.update(_lookup_models(config, index, int(meta["count"]), settings.max_candidates, specs))
         ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
-        summary["max_top_k"] = max_top_k
+        summary.update(max_top_k=max_top_k, index_shards=config.index_shards, shard_urls=list(config.shard_urls))
     else:
         log.warning("no index given: writing only the %s ensemble", RERANK_ENSEMBLE)
 
@@ -132,6 +151,9 @@ def write_repository(config: TritonConfig) -> dict:
         for name, (params, files) in python.items():
             model = python_model_config(specs[name], config, {"RESRANK_MODEL": name, **params})
             _write_model(work, model, {"model.py": ENTRY_MODULE, **files})
+        if config.index is not None and config.index_shards > 1:
+            split_index(Path(config.index), [work / shard_model_name(n) / "1" / "index"
+                                             for n in range(config.index_shards)])
         for name, max_batch in (("encoder", encoder_batch), ("reranker", batch)):
             model_config, files = _graph_model(config, specs[name])
             if config.backend == "python":

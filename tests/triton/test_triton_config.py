@@ -28,26 +28,14 @@ def _type_name(data_type: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def build_dir(tiny_export) -> Path:
-    _, graphs = tiny_export()
-    return graphs["encoder"].parents[2]
+def build_dir(tiny_build) -> Path:
+    return tiny_build
 
 
 @pytest.fixture(scope="module")
-def index_dir(build_dir, tmp_path_factory) -> Path:
+def index_dir(tiny_index) -> Path:
     """A 20-passage index of the embedded corpus, so the `resrank` ensemble is written too."""
-    import json
-
-    pytest.importorskip("faiss")
-    from resrank_export.data.default_corpus import stdlib_passages
-    from resrank_export.index.config import IndexConfig
-    from resrank_export.index.stage import build_index
-
-    folder = tmp_path_factory.mktemp("index")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=20)))
-    build_index(IndexConfig(build=build_dir, corpus=corpus, out=folder / "index"))
-    return folder / "index"
+    return tiny_index
 
 
 @pytest.mark.parametrize("backend", ["python", "onnxruntime", "tensorrt"])

@@ -1,0 +1,166 @@
+"""`index --engine ray`: the index stage with its corpus encoding spread over a Ray cluster.
+
+The driver streams the corpus (JSONL/TSV/BEIR through resrank's readers, parquet with `id`/`text`
+columns through `ray.data.read_parquet`) into the same resumable chunk files as the
+single-process build (`<out>.partial/NNNNNN.jsonl`: id-keyed records). A Ray Data pipeline over
+the unfinished chunks runs `map_batches` with `ChunkEncoder`, a callable class holding the ONNX
+Runtime session of the build's encoder graph, in an actor pool (`--actors`, `--gpus-per-actor`;
+CUDA provider when the actor has a GPU). Each actor writes its chunk's vectors beside the records
+(`NNNNNN.npy`, renamed into place last, so a rerun skips finished chunks and a retried task
+rewrites the same file). The FAISS index, index.json and report are then written by the index
+module's own assembly, so the folder is the layout that `search`, `triton` and `serve` read.
+
+The chunk folder must be visible to every worker (one machine, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from resrank_export.data.readers import Passage
+from resrank_export.errors import InputDataError, ResRankExportError
+from resrank_export.fs import refuse_foreign_folder
+from resrank_export.index.config import IndexConfig
+from resrank_export.index.encode import (OnnxEncoder, chunk_paths, chunks_of, corpus_identity, corpus_passages,
+                                         encoder_graph, open_work_dir)
+from resrank_export.index.layout import INDEX_FILE
+from resrank_export.index.stage import write_index_from_chunks
+from resrank_export.lazy import require
+from resrank_export.runtime import ort_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayIndexConfig:
+    """The index stage's config plus where and how wide to encode."""
+
+    index: IndexConfig
+    address: str | None = None  # None: the running cluster, else a new local one
+    actors: int = 2
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+
+    def validate(self) -> None:
+        self.index.validate()
+        if self.index.source_index is not None:
+            raise ResRankExportError("--engine ray encodes a corpus; --from-index reuses vectors without encoding")
+        if self.actors < 1 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise ResRankExportError(f"expected actors >= 1, gpus per actor >= 0, cpus per actor > 0; got "
+                                     f"{self.actors}, {self.gpus_per_actor}, {self.cpus_per_actor}")
+
+
+class ChunkEncoder:
+    """Ray Data callable class: one ONNX Runtime session per actor, one chunk per call."""
+
+    def __init__(self, build: str, work: str, batch_size: int, vector_dtype: str, threads: int, gpu: bool):
+        self.encoder = OnnxEncoder(build, batch_size=batch_size, threads=threads)
+        if gpu:
+            self.encoder.session = ort_session(encoder_graph(Path(build)),
+                                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        self.work, self.vector_dtype = Path(work), vector_dtype
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for number in batch["chunk"].tolist():
+            vectors_path, records_path = chunk_paths(self.work, number)
+            with open(records_path, encoding="utf-8") as handle:
+                texts = [json.loads(line)["text"] for line in handle]
+            vectors = self.encoder.encode(texts).astype(self.vector_dtype)
+            partial = vectors_path.with_name(f"{vectors_path.stem}.{os.getpid()}.tmp.npy")
+            np.save(partial, vectors)
+            os.replace(partial, vectors_path)
+            rows.append(len(texts))
+        return {"chunk": batch["chunk"], "rows": np.array(rows, dtype=np.int64)}
+
+
+def _parquet_passages(path: Path) -> Iterator[Passage]:
+    """`id`/`text` rows of a parquet corpus, read by Ray Data in file order; the checks of the
+    other readers (non-empty text, unique ids)."""
+    ray_data = require("ray.data", "reading a parquet corpus")
+    try:
+        dataset = ray_data.read_parquet(str(path))
+        columns = set(dataset.schema().names)
+    except Exception as exc:  # pyarrow says why the file cannot be read
+        raise InputDataError(f"{path}: not a readable parquet file ({exc})") from None
+    if not {"id", "text"} <= columns:
+        raise InputDataError(f"{path}: parquet corpus lacks column(s) {', '.join(sorted({'id', 'text'} - columns))}; "
+                             "expected id and text")
+    dataset = dataset.select_columns(["id", "text"])
+    seen: set[str] = set()
+    for row_number, row in enumerate(dataset.iter_rows(), 1):
+        passage = Passage(str(row["id"]), str(row["text"] or "").strip())
+        if not passage.text:
+            raise InputDataError(f"{path}: row {row_number}: passage {passage.id!r} has empty text")
+        if passage.id in seen:
+            raise InputDataError(f"{path}: row {row_number}: duplicate passage id {passage.id!r}")
+        seen.add(passage.id)
+        yield passage
+
+
+def _write_records(config: IndexConfig, work: Path) -> tuple[int, list[int]]:
+    """Records of every chunk (kept when its vectors exist); returns (chunks, unfinished chunk numbers)."""
+    corpus = config.corpus
+    passages = _parquet_passages(Path(corpus)) if corpus and Path(corpus).suffix == ".parquet" else corpus_passages(corpus)
+    pending, number = [], -1
+    for number, chunk in enumerate(chunks_of(passages, config.chunk_size)):
+        vectors_path, records_path = chunk_paths(work, number)
+        if vectors_path.is_file():
+            continue
+        with open(records_path, "w", encoding="utf-8") as handle:
+            for passage in chunk:
+                handle.write(json.dumps({"id": passage.id, "text": passage.text}, ensure_ascii=False) + "\n")
+        pending.append(number)
+    return number + 1, pending
+
+
+def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> int:
+    """Run the actor pool over the unfinished chunks; returns the passages encoded."""
+    ray = require("ray", "encoding on Ray")
+    data = require("ray.data", "encoding on Ray")
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    context = data.DataContext.get_current()
+    context.enable_progress_bars = False
+    dataset = data.from_items([{"chunk": n} for n in pending], override_num_blocks=len(pending))
+    encoded = dataset.map_batches(
+        ChunkEncoder, batch_size=1, compute=data.ActorPoolStrategy(size=min(config.actors, len(pending))),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+        fn_constructor_kwargs={"build": str(Path(config.index.build).resolve()), "work": str(work.resolve()),
+                               "batch_size": config.index.batch_size, "vector_dtype": config.index.vector_dtype,
+                               "threads": max(1, int(config.cpus_per_actor)), "gpu": config.gpus_per_actor > 0})
+    return int(sum(row["rows"] for row in encoded.take_all()))
+
+
+def build_index_ray(config: RayIndexConfig) -> dict:
+    """`build_index` with the encoding on Ray; returns the index.json content."""
+    config.validate()
+    index = config.index
+    require("faiss", "building a FAISS index")  # fail before hours of encoding
+    refuse_foreign_folder(index.out, INDEX_FILE, "an index folder")
+    encoder = OnnxEncoder(index.build, batch_size=index.batch_size)  # checks the build; reports use it
+    work = index.work_dir or index.out.parent / f".{index.out.name}.partial"
+    open_work_dir(work, {"encoder_sha256": encoder.sha256, "corpus": corpus_identity(index.corpus),
+                          "chunk_size": index.chunk_size, "vector_dtype": index.vector_dtype})
+    start = time.perf_counter()
+    chunks, pending = _write_records(index, work)
+    if not chunks:
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputDataError(f"{index.corpus}: the corpus holds no passages")
+    log.info("encoding %d of %d chunks on Ray with %d actor(s)", len(pending), chunks, config.actors)
+    encoded = _encode_on_ray(config, work, pending) if pending else 0
+    missing = [n for n in range(chunks) if not chunk_paths(work, n)[0].is_file()]
+    if missing:
+        raise ResRankExportError(f"{work}: chunks {missing[:5]} have no vectors after the Ray run; rerun to resume")
+    timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
+    return write_index_from_chunks(work, chunks, index, encoder, timings, start)
