@@ -22,13 +22,13 @@ from resrank_export.interrupt import INTERRUPTIONS, note_kept
 from resrank_export.manifest import (MANIFEST_FILE, StageRunner, describe_unfinished, key_of, library_versions,
                                      read_manifest, unfinished_stage)
 from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
+from resrank_export.precision import PRECISIONS
 from resrank_export.precision.calibration import CalibrationConfig
 from resrank_export.precision.fidelity import FidelityConfig
 from resrank_export.precision.graphs import PrecisionConfig
 from resrank_export.precision.stages import PrecisionStagesConfig, check_precision_inputs, run_precision_stages
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 PARITY_FILE = "parity.json"
 
@@ -249,6 +249,10 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     import importlib.util
 
     if config.triton_backend is None:
+        return
+    if config.precision == "bf16" and config.triton_backend == "python":
+        log.warning("stage triton: skipped, the python backend runs its graphs on ONNX Runtime's CPU provider, which "
+                    "has no BF16 kernels; on a GPU server: resrank-export triton --precision bf16 --backend tensorrt")
         return
     if importlib.util.find_spec("tritonclient") is None:
         log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")

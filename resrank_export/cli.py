@@ -13,6 +13,7 @@ from resrank_export.config_file import load_config_callback, render_config
 from resrank_export.errors import ResRankExportError
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
+from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
 log = logging.getLogger("resrank_export")
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
@@ -57,7 +58,7 @@ class _Group(click.Group):
 @click.version_option(package_name="resrank-export")
 def main(verbose: bool) -> None:
     """Export a ResRank retrieval+reranking model for deployment: ONNX graphs checked against
-    PyTorch, FP16/INT8 precision, a FAISS index and a Triton model repository."""
+    PyTorch, FP16/BF16/INT8 precision, a FAISS index and a Triton model repository."""
     _setup_logging(verbose)
 
 
@@ -71,8 +72,9 @@ def main(verbose: bool) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="ResRank checkpoint folder (resrank.json, encoder/, reranker/). "
                    "Default: the demo checkpoint, built once and cached.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="Numeric precision of the graphs to deploy.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Numeric precision of the graphs to deploy. bf16: for models that overflow in FP16 (Qwen); "
+                   "served on GPUs (ONNX Runtime's CPU provider has no BF16 kernels).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("resrank-build"), show_default=True,
               help="Build folder; replaced atomically, finished stages are reused on rerun.")
 @click.option("--parity-data", type=click.Path(path_type=Path),
@@ -97,9 +99,9 @@ def main(verbose: bool) -> None:
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
 @click.option("--calibration", type=click.Path(path_type=Path),
-              help="fp16/int8: calibration folder written by `resrank-export calibrate`.")
+              help="fp16/bf16/int8: calibration folder written by `resrank-export calibrate`.")
 @click.option("--calibration-corpus", type=click.Path(path_type=Path),
-              help="fp16/int8: build the calibration set from this BEIR folder or JSONL/TSV passage file "
+              help="fp16/bf16/int8: build the calibration set from this BEIR folder or JSONL/TSV passage file "
                    "(default: the embedded standard-library corpus).")
 @click.option("--calibration-method", type=click.Choice(["entropy", "max"]), default="entropy", show_default=True,
               help="int8: how ModelOpt picks the activation ranges.")
@@ -110,9 +112,9 @@ def main(verbose: bool) -> None:
                                       "moved into the weights).")
 @click.option("--no-int8-smoothquant", is_flag=True, help="int8: quantize without SmoothQuant.")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
-              help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
+              help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
-              help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
+              help="fp16/bf16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
 @click.pass_context
 def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
@@ -223,7 +225,7 @@ def engines() -> None:
 @engines.command("ensure")
 @click.option("--build", "build_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Build folder (from `resrank-export build`).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="Which graphs of the build (onnx/<precision>/) to compile.")
 @click.option("--repository", type=click.Path(path_type=Path, file_okay=False),
               help="Triton repository whose tensorrt models receive the plans (cc_model_filenames).")
@@ -263,8 +265,8 @@ def engines_check(builds, report) -> None:
     pairs = []
     for item in builds:
         folder, _, precision = item.rpartition(":")
-        if not folder or precision not in ("fp32", "fp16", "int8"):
-            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision fp32, fp16 or int8")
+        if not folder or precision not in PRECISIONS:
+            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision one of {', '.join(PRECISIONS)}")
         pairs.append((Path(folder), precision))
     results = check_builds(pairs, report)
     click.echo(render_checks(results))
@@ -363,7 +365,7 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="Model repository folder; replaced atomically.")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
               show_default=True, help="Backend of the encoder and reranker models (the others are python).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Which graphs of the build to serve (onnx/<precision>/; plans of engines/<precision>/).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="max_batch_size of the composing models (dynamic batching merges up to this many).")

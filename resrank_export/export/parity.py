@@ -14,7 +14,7 @@ from resrank_export.data.readers import iter_passages, read_queries, read_trec_r
 from resrank_export.errors import InputDataError, ParityError
 from resrank_export.model.reference import ResRankReference
 from resrank_export.progress import track
-from resrank_export.runtime import encode_texts, ort_session, run_session
+from resrank_export.runtime import encode_texts, graph_session, run_session
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.bm25.trec"
@@ -89,7 +89,7 @@ def _compare(name: str, ref: np.ndarray, new: np.ndarray, **extra) -> dict:
 
 def _graph_outputs(path: Path, batches: list[dict[str, np.ndarray]], description: str) -> list[np.ndarray]:
     """The graph's first output for each input batch; the session is freed on return."""
-    session = ort_session(path)
+    session = graph_session(path)
     return [run_session(session, inputs)[0] for inputs in track(batches, description)]
 
 
@@ -129,7 +129,7 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     reference.release()
 
     log.info("parity: ONNX Runtime encoder on %d texts", len(passages) + n_q)
-    session = ort_session(graphs["encoder"])
+    session = graph_session(graphs["encoder"])
     new_emb = np.concatenate([encode_texts(session, tokenizer, passages, config.batch_size),
                               encode_texts(session, tokenizer.queries, data.queries, config.batch_size)])
     del session

@@ -1,6 +1,6 @@
-"""FP16 and INT8 graphs made on the CPU with NVIDIA ModelOpt. TensorRT 10 deprecated (and 11
+"""FP16, BF16 and INT8 graphs made on the CPU with NVIDIA ModelOpt. TensorRT 10 deprecated (and 11
 removed) its builder precision flags and implicit INT8 calibrators, so the precision lives in
-the ONNX graph: FP16 by AutoCast (mixed precision, I/O types kept), INT8 by explicit Q/DQ
+the ONNX graph: FP16 and BF16 by AutoCast (mixed precision, I/O types kept), INT8 by explicit Q/DQ
 nodes whose scales come from a calibration set run through ONNX Runtime on the CPU."""
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import numpy as np
 
 from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.lazy import require
+from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.smoothquant import smooth_gemm_inputs
 
 log = logging.getLogger(__name__)
 
-# Op types AutoCast leaves in FP32: reductions and normalisations overflow or lose precision in
-# FP16 (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization;
+# Op types AutoCast leaves in FP32 in FP16 and BF16 graphs: reductions and normalisations overflow
+# (FP16) or lose precision (both) in half precision (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization;
 # the final L2-normalise/cosine as ReduceL2/ReduceSum/Sqrt/Div/Clip), and softmax over long
 # prompts. Measured on the demo graphs: leaving these in FP32 keeps SciFact nDCG@10 within 0.002.
-FP16_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
+HALF_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
                       "Sqrt", "Reciprocal", "ReduceL2", "ReduceSum", "Div", "Clip")
 # ModelOpt's INT8 calibration methods ("percentile" is not offered for INT8 by ModelOpt 0.4x).
 INT8_METHODS = ("entropy", "max")
@@ -44,7 +45,7 @@ FFN_ACTIVATION_OPS = ("Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh")
 @dataclass(frozen=True)
 class PrecisionConfig:
     calibration_method: str = "entropy"
-    fp16_keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32_OPS
+    half_keep_fp32_ops: tuple[str, ...] = HALF_KEEP_FP32_OPS
     int8_exclude_ops: tuple[str, ...] = ()  # op types left unquantized, e.g. ("Gather",)
     int8_exclude_nodes: tuple[str, ...] = ()  # node-name regexes left unquantized
     int8_keep_ffn_output_fp32: bool = True  # leave GEMMs fed by the FFN activation unquantized
@@ -72,19 +73,19 @@ def _float_types(model) -> dict[str, int]:
 
 
 def precision_by_op(model) -> dict[str, dict[str, int]]:
-    """{"fp32": {op type: count}, "fp16": {...}} of the non-Cast float nodes, by output type:
-    the record of what a mixed-precision graph really kept in FP32."""
+    """{"fp32": {op type: count}, "fp16": {...}, "bf16": {...}} of the non-Cast float nodes, by
+    output type: the record of what a mixed-precision graph really kept in FP32."""
     onnx = require("onnx", "precision conversion")
     types = _float_types(model)
-    counts: dict[str, collections.Counter] = {"fp32": collections.Counter(), "fp16": collections.Counter()}
+    by_type = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.FLOAT: "fp32"}
+    counts = {name: collections.Counter() for name in by_type.values()}
     for node in model.graph.node:
         if node.op_type == "Cast":
             continue
         out_types = {types.get(o) for o in node.output}
-        if onnx.TensorProto.FLOAT16 in out_types:
-            counts["fp16"][node.op_type] += 1
-        elif onnx.TensorProto.FLOAT in out_types:
-            counts["fp32"][node.op_type] += 1
+        found = next((name for elem_type, name in by_type.items() if elem_type in out_types), None)
+        if found is not None:
+            counts[found][node.op_type] += 1
     return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
@@ -113,24 +114,28 @@ def _first_samples(calibration: dict[str, np.ndarray], n: int) -> dict[str, np.n
     return {name: array[:n] for name, array in calibration.items()}
 
 
-def convert_fp16(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
-    """Mixed FP16 graph with FP32 inputs/outputs; nodes of `fp16_keep_fp32_ops`, and any node
-    whose values on real calibration inputs exceed FP16's safe range, stay FP32."""
-    autocast = require("modelopt.onnx.autocast", "FP16 conversion")
-    onnx = require("onnx", "FP16 conversion")
+def convert_half(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig,
+                 precision: str = "fp16") -> dict:
+    """Mixed FP16 or BF16 (`precision`) graph with FP32 inputs/outputs; nodes of
+    `half_keep_fp32_ops`, and any node whose values on real calibration inputs exceed the type's
+    safe range, stay FP32."""
+    if precision not in HALF_PRECISIONS:
+        raise ResRankExportError(f"half precision {precision!r}: expected one of {', '.join(HALF_PRECISIONS)}")
+    autocast = require("modelopt.onnx.autocast", f"{precision.upper()} conversion")
+    onnx = require("onnx", f"{precision.upper()} conversion")
     with _private_copy(src) as copy:
         sample = copy.parent / "autocast.npz"
         np.savez(sample, **_first_samples(calibration, config.autocast_samples))
         model = autocast.convert_to_mixed_precision(
-            onnx_path=str(copy), low_precision_type="fp16", keep_io_types=True,
-            op_types_to_exclude=list(config.fp16_keep_fp32_ops), calibration_data=str(sample),
+            onnx_path=str(copy), low_precision_type=precision, keep_io_types=True,
+            op_types_to_exclude=list(config.half_keep_fp32_ops), calibration_data=str(sample),
             providers=["cpu"])
     _drop_placeholder_dims(model)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
-    report = {"keep_fp32_op_types": list(config.fp16_keep_fp32_ops), "nodes": precision_by_op(model)}
-    log.info("fp16 %s: %d fp16 nodes, fp32 kept: %s", Path(dst).name, sum(report["nodes"]["fp16"].values()),
-             report["nodes"]["fp32"])
+    report = {"keep_fp32_op_types": list(config.half_keep_fp32_ops), "nodes": precision_by_op(model)}
+    log.info("%s %s: %d %s nodes, fp32 kept: %s", precision, Path(dst).name, sum(report["nodes"][precision].values()),
+             precision, report["nodes"]["fp32"])
     return report
 
 
