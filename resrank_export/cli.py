@@ -85,6 +85,10 @@ def main(verbose: bool) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
+@click.option("--export-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights of the exported graphs. fp16/bf16: exported straight from PyTorch in that dtype (no FP32 "
+                   "copy of a half checkpoint; for models too large to hold in FP32), with --precision of the same "
+                   "dtype; parity compares with PyTorch in that dtype.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build TensorRT plans for this machine's GPU (needs TensorRT and a GPU).")
@@ -116,7 +120,8 @@ def main(verbose: bool) -> None:
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
 @click.pass_context
-def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
+def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, export_dtype,
+          force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
           fidelity_retrieval_data, fidelity_rerank_data) -> None:
@@ -138,7 +143,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
-                         export=ExportConfig(opset=opset, external_data=external_data),
+                         export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
                          corpus=corpus, index_kind=index_kind,
                          calibration=calibration, calibration_set=CalibrationConfig(corpus=calibration_corpus),
@@ -155,7 +160,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                f"encoder max |diff| {parity['encoder']['max_abs_diff']:.2e}, parity "
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
-    if precision != "fp32":
+    if precision != export_dtype:
         click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}")
 
 

@@ -159,3 +159,22 @@ def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
     second = run_build(config)
     assert second["stages"]["triton"]["status"] == "skipped"
     assert second["stages"]["triton"]["outputs"] == first["stages"]["triton"]["outputs"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+def test_half_export_dtype_needs_the_same_precision(first_build, tmp_path, precision):
+    """--export-dtype fp16 makes the fp16 graphs themselves: any other --precision is refused
+    before any work, naming both options, and nothing is written."""
+    from resrank_export.export.onnx import ExportConfig
+
+    out = tmp_path / "build"
+    with pytest.raises(ResRankExportError, match=f"--export-dtype fp16 .* --precision fp16 \\(not {precision}"):
+        run_build(BuildConfig(out=out, checkpoint=first_build[0], precision=precision, export=ExportConfig(dtype="fp16")))
+    assert not out.exists()
+
+
+def test_unknown_export_dtype_is_refused():
+    from resrank_export.export.onnx import ExportConfig
+
+    with pytest.raises(ResRankExportError, match="--export-dtype 'fp8': expected one of fp32, fp16, bf16"):
+        ExportConfig(dtype="fp8")

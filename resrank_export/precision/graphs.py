@@ -19,17 +19,12 @@ import numpy as np
 
 from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.lazy import require
+from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op
 from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.smoothquant import smooth_gemm_inputs
 
 log = logging.getLogger(__name__)
 
-# Op types AutoCast leaves in FP32 in FP16 and BF16 graphs: reductions and normalisations overflow
-# (FP16) or lose precision (both) in half precision (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization;
-# the final L2-normalise/cosine as ReduceL2/ReduceSum/Sqrt/Div/Clip), and softmax over long
-# prompts. Measured on the demo graphs: leaving these in FP32 keeps SciFact nDCG@10 within 0.002.
-HALF_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
-                      "Sqrt", "Reciprocal", "ReduceL2", "ReduceSum", "Div", "Clip")
 # ModelOpt's INT8 calibration methods ("percentile" is not offered for INT8 by ModelOpt 0.4x).
 INT8_METHODS = ("entropy", "max")
 CALIBRATION_BATCH = 8  # samples per ONNX Runtime run during calibration
@@ -61,32 +56,6 @@ def check_int8_config(config: PrecisionConfig) -> None:
     alpha = config.int8_smoothquant_alpha
     if alpha is not None and not 0 < alpha <= 1:
         raise ResRankExportError(f"SmoothQuant alpha {alpha}: expected a number in (0, 1] (0.5 is the usual choice)")
-
-
-def _float_types(model) -> dict[str, int]:
-    onnx = require("onnx", "precision conversion")
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    return types
-
-
-def precision_by_op(model) -> dict[str, dict[str, int]]:
-    """{"fp32": {op type: count}, "fp16": {...}, "bf16": {...}} of the non-Cast float nodes, by
-    output type: the record of what a mixed-precision graph really kept in FP32."""
-    onnx = require("onnx", "precision conversion")
-    types = _float_types(model)
-    by_type = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.FLOAT: "fp32"}
-    counts = {name: collections.Counter() for name in by_type.values()}
-    for node in model.graph.node:
-        if node.op_type == "Cast":
-            continue
-        out_types = {types.get(o) for o in node.output}
-        found = next((name for elem_type, name in by_type.items() if elem_type in out_types), None)
-        if found is not None:
-            counts[found][node.op_type] += 1
-    return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
 def _drop_placeholder_dims(model) -> None:
