@@ -136,6 +136,12 @@ def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> in
         ChunkEncoder, batch_size=1, compute=data.ActorPoolStrategy(size=min(config.actors, len(pending))),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
+        # Fault tolerance, stated rather than left to Ray Data's defaults: an actor whose process
+        # or node dies is restarted, and the chunks it held are resubmitted, without limit (a
+        # resubmitted chunk rewrites the same file). An exception raised by the encoder is not
+        # retried (no retry_exceptions): it would fail again, so it fails the run.
+        max_restarts=-1,
+        max_task_retries=-1,
         fn_constructor_kwargs={"build": str(Path(config.index.build).resolve()), "work": str(work.resolve()),
                                "batch_size": config.index.batch_size, "vector_dtype": config.index.vector_dtype,
                                "threads": max(1, int(config.cpus_per_actor)), "gpu": config.gpus_per_actor > 0})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -16,13 +15,10 @@ pytest.importorskip("faiss")
 
 from resrank_export.errors import InputDataError, ResRankExportError  # noqa: E402
 from resrank_export.index.config import IndexConfig  # noqa: E402
-from resrank_export.index.retriever import Retriever  # noqa: E402
 from resrank_export.index.stage import build_index  # noqa: E402
 from resrank_export.index.ray_engine import RayIndexConfig, build_index_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CHUNK = 25
-QUERIES = ("how do I parse JSON text", "read a CSV file row by row", "sort a list in place", "open a socket")
 
 
 @pytest.fixture(scope="module")
@@ -32,60 +28,34 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from resrank_export.data.default_corpus import stdlib_passages
-
-    path = tmp_path_factory.mktemp("ray-corpus") / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=110)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def single(tiny_build, corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "index"
-    build_index(IndexConfig(build=tiny_build, corpus=corpus, out=out, chunk_size=CHUNK))
-    return out
-
-
-def _assert_same_index(got: Path, expected: Path, build: Path) -> None:
-    a, b = Retriever.load(got, build), Retriever.load(expected, build)
-    assert a.ids == b.ids and a.info["count"] == b.info["count"] == 110
-    assert float(np.max(np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)))) <= 1e-6
-    assert (got / "texts.jsonl").read_text() == (expected / "texts.jsonl").read_text()
-    queries = b.encoder.encode(list(QUERIES))
-    assert a.search_vectors(queries, 10)[0] == b.search_vectors(queries, 10)[0]
-
-
-def test_ray_build_equals_single_process(ray_cluster, tiny_build, corpus, single, tmp_path):
+def test_ray_build_equals_single_process(ray_cluster, single_build, tmp_path):
     out = tmp_path / "ray-index"
-    info = build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=corpus, out=out, chunk_size=CHUNK),
-                                          actors=2))
+    info = build_index_ray(RayIndexConfig(single_build.config(out), actors=2))
     assert info["count"] == 110 and info["kind"] == "flat"
-    _assert_same_index(out, single, tiny_build)
+    single_build.assert_same(out)
     report = json.loads((out / "report.json").read_text())
     assert report["encoded_passages"] == 110
     assert not (tmp_path / ".ray-index.partial").exists()
 
 
-def test_parquet_corpus(ray_cluster, tiny_build, corpus, single, tmp_path):
+def test_parquet_corpus(ray_cluster, single_build, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    rows = [json.loads(line) for line in single_build.corpus.read_text().splitlines()]
     path = tmp_path / "corpus.parquet"
     pq.write_table(pa.table({"id": [r["_id"] for r in rows], "text": [r["text"] for r in rows]}), path)
-    build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=path, out=tmp_path / "index", chunk_size=CHUNK)))
-    _assert_same_index(tmp_path / "index", single, tiny_build)
+    build_index_ray(RayIndexConfig(single_build.config(tmp_path / "index", corpus=path)))
+    single_build.assert_same(tmp_path / "index")
 
     pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputDataError, match="bad.parquet: parquet corpus lacks column.s. text; expected id and text"):
-        build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=tmp_path / "bad.parquet",
+        build_index_ray(RayIndexConfig(IndexConfig(build=single_build.build, corpus=tmp_path / "bad.parquet",
                                                    out=tmp_path / "bad")))
     assert not (tmp_path / "bad").exists()
 
 
-def test_resumes_an_interrupted_build(ray_cluster, tiny_build, corpus, single, tmp_path):
+def test_resumes_an_interrupted_build(ray_cluster, single_build, tmp_path):
     """Chunks finished by an interrupted single-process build are kept; Ray encodes the rest."""
     out = tmp_path / "index"
 
@@ -94,25 +64,26 @@ def test_resumes_an_interrupted_build(ray_cluster, tiny_build, corpus, single, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_index(IndexConfig(build=tiny_build, corpus=corpus, out=out, chunk_size=CHUNK), on_chunk=stop_after_two)
+        build_index(single_build.config(out), on_chunk=stop_after_two)
     assert len(list((tmp_path / ".index.partial").glob("*.npy"))) == 2
-    build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=corpus, out=out, chunk_size=CHUNK)))
-    assert json.loads((out / "report.json").read_text())["encoded_passages"] == 110 - 2 * CHUNK
-    _assert_same_index(out, single, tiny_build)
+    build_index_ray(RayIndexConfig(single_build.config(out)))
+    assert json.loads((out / "report.json").read_text())["encoded_passages"] == 110 - 2 * single_build.chunk
+    single_build.assert_same(out)
 
 
-def test_cli_engine_ray(ray_cluster, tiny_build, corpus, single, tmp_path):
+def test_cli_engine_ray(ray_cluster, single_build, tmp_path):
     from click.testing import CliRunner
 
     from resrank_export.cli import main
 
     out = tmp_path / "index"
-    result = CliRunner().invoke(main, ["index", "--build", str(tiny_build), "--corpus", str(corpus), "--out", str(out),
-                                       "--chunk-size", str(CHUNK), "--engine", "ray", "--actors", "2"])
+    result = CliRunner().invoke(main, ["index", "--build", str(single_build.build), "--corpus", str(single_build.corpus),
+                                       "--out", str(out), "--chunk-size", str(single_build.chunk), "--engine", "ray",
+                                       "--actors", "2"])
     assert result.exit_code == 0, result.output
-    _assert_same_index(out, single, tiny_build)
-    result = CliRunner().invoke(main, ["index", "--build", str(tiny_build), "--out", str(tmp_path / "x"),
-                                       "--from-index", str(single), "--engine", "ray"])
+    single_build.assert_same(out)
+    result = CliRunner().invoke(main, ["index", "--build", str(single_build.build), "--out", str(tmp_path / "x"),
+                                       "--from-index", str(single_build.index), "--engine", "ray"])
     assert result.exit_code == 1 and "--from-index reuses vectors" in result.output
 
 
