@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-QUERIES = ("how do I parse JSON text", "read a CSV file row by row", "sort a list in place", "open a socket")
+from resrank_export.data.default_corpus import SAMPLE_QUERIES
+
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class SingleProcessBuild:
         assert a.ids == b.ids and a.info["count"] == b.info["count"] == count
         assert float(np.max(np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)))) <= 1e-6
         assert (got / "texts.jsonl").read_text() == (self.index / "texts.jsonl").read_text()
-        queries = b.encoder.encode(list(QUERIES))
+        queries = b.encoder.encode(list(SAMPLE_QUERIES))
         assert a.search_vectors(queries, 10)[0] == b.search_vectors(queries, 10)[0]
 
 

@@ -5,14 +5,15 @@ texts and flat top-10; a parquet corpus; resuming after an interrupted single-pr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("faiss")
 
+from resrank_export.data.default_corpus import SAMPLE_QUERIES  # noqa: E402
 from resrank_export.errors import InputDataError, ResRankExportError  # noqa: E402
 from resrank_export.index.config import IndexConfig  # noqa: E402
 from resrank_export.index.stage import build_index  # noqa: E402
@@ -36,6 +37,52 @@ def test_ray_build_equals_single_process(ray_cluster, single_build, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["encoded_passages"] == 110
     assert not (tmp_path / ".ray-index.partial").exists()
+
+
+def _inverted_lists(index) -> list[tuple[list[int], bytes]]:
+    """(ids, codes) of every inverted list, in list order."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    out = []
+    for number in range(ivf.nlist):
+        size = lists.list_size(number)
+        ids = faiss.rev_swig_ptr(lists.get_ids(number), size).tolist() if size else []
+        codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).tobytes() if size else b""
+        out.append((ids, codes))
+    return out
+
+
+@pytest.mark.parametrize("kind, on_disk", [("ivf", False), ("ivfpq", True)])
+def test_faiss_added_by_ray_tasks(ray_cluster, single_build, kind, on_disk, tmp_path):
+    """IVF lists added by 4 Ray tasks (30 rows each) and merged equal one process's: the same
+    trained quantizer, the same rows in every list in the same order, the same search answers;
+    on-disk lists (index.ivfdata) read back after the folder moved, and split into shards alike."""
+    from resrank_export.index.retriever import Retriever
+    from resrank_export.triton.shards import split_index
+
+    expected = tmp_path / "single"
+    build_index(IndexConfig(build=single_build.build, corpus=None, out=expected, kind=kind, nlist=4,
+                            source_index=single_build.index))
+    got = tmp_path / "ray"
+    info = build_index_ray(RayIndexConfig(single_build.config(got, kind=kind, nlist=4), rows_per_add_task=30,
+                                          on_disk_lists=on_disk))
+    assert info["params"].get("on_disk_lists", False) is on_disk
+    assert (got / "index.ivfdata").is_file() is on_disk and not (got / "faiss-shards").exists()
+    a, b = Retriever.load(got, single_build.build), Retriever.load(expected, single_build.build)
+    assert a.index.ntotal == b.index.ntotal == 110
+    assert _inverted_lists(a.index) == _inverted_lists(b.index)
+    queries = b.encoder.encode(list(SAMPLE_QUERIES))
+    (ids_a, scores_a, _), (ids_b, scores_b, _) = a.search_vectors(queries, 10), b.search_vectors(queries, 10)
+    assert ids_a == ids_b and np.array_equal(scores_a, scores_b)
+    if on_disk:  # shards of an on-disk index hold their lists in memory and search alike
+        split_index(got, [tmp_path / "ray-0", tmp_path / "ray-1"])
+        split_index(expected, [tmp_path / "single-0", tmp_path / "single-1"])
+        for number in (0, 1):
+            shard_a, shard_b = Retriever.load(tmp_path / f"ray-{number}"), Retriever.load(tmp_path / f"single-{number}")
+            assert _inverted_lists(shard_a.index) == _inverted_lists(shard_b.index)
+            assert shard_a.search_vectors(queries, 10)[0] == shard_b.search_vectors(queries, 10)[0]
 
 
 def test_parquet_corpus(ray_cluster, single_build, tmp_path):
@@ -90,3 +137,7 @@ def test_cli_engine_ray(ray_cluster, single_build, tmp_path):
 def test_bad_settings_are_refused(tiny_build, tmp_path):
     with pytest.raises(ResRankExportError, match="expected actors >= 1"):
         build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=None, out=tmp_path / "i"), actors=0))
+    with pytest.raises(ResRankExportError, match="on-disk inverted lists need --index ivf or ivfpq; got flat"):
+        build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=None, out=tmp_path / "i"),
+                                       on_disk_lists=True))
+    assert not (tmp_path / "i").exists()
