@@ -184,16 +184,16 @@ def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> in
     context = data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = data.from_items([{"chunk": n} for n in pending], override_num_blocks=len(pending))
+    # Fault tolerance comes from Ray Data's actor pool defaults, max_restarts=-1 and
+    # max_task_retries=-1: an actor whose process or node dies is restarted, and the chunks it
+    # held are resubmitted, without limit (a resubmitted chunk rewrites the same file). They are
+    # not passed here because map_batches takes them only through `**ray_remote_args`, deprecated
+    # in Ray 2.60 and removed in 2.64; tests/index/test_ray_engine_faults.py fails if they change.
+    # An exception raised by the encoder is not retried (no retry_exceptions): it would fail again.
     encoded = dataset.map_batches(
         ChunkEncoder, batch_size=1, compute=data.ActorPoolStrategy(size=min(config.actors, len(pending))),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor,
-        # Fault tolerance, stated rather than left to Ray Data's defaults: an actor whose process
-        # or node dies is restarted, and the chunks it held are resubmitted, without limit (a
-        # resubmitted chunk rewrites the same file). An exception raised by the encoder is not
-        # retried (no retry_exceptions): it would fail again, so it fails the run.
-        max_restarts=-1,
-        max_task_retries=-1,
         fn_constructor_kwargs={"build": str(Path(config.index.build).resolve()), "work": str(work.resolve()),
                                "batch_size": config.index.batch_size, "vector_dtype": config.index.vector_dtype,
                                "threads": max(1, int(config.cpus_per_actor)), "gpu": config.gpus_per_actor > 0})
