@@ -7,8 +7,10 @@ the unfinished chunks runs `map_batches` with `ChunkEncoder`, a callable class h
 Runtime session of the build's encoder graph, in an actor pool (`--actors`, `--gpus-per-actor`;
 CUDA provider when the actor has a GPU). Each actor writes its chunk's vectors beside the records
 (`NNNNNN.npy`, renamed into place last, so a rerun skips finished chunks and a retried task
-rewrites the same file). The FAISS index, index.json and report are then written by the index
-module's own assembly, so the folder is the layout that `search`, `triton` and `serve` read.
+rewrites the same file). The vectors, index.json and report are then written by the index
+module's own assembly, so the folder is the layout that `search`, `triton` and `serve` read; an
+IVF/IVF-PQ index is trained once there and filled by Ray tasks whose indexes the driver merges
+(`_faiss_on_ray`: in memory, or into on-disk inverted lists).
 
 The chunk folder must be visible to every worker (one machine, or a shared file system).
 """

@@ -4,7 +4,6 @@ and test_ray_engine_faults.py."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 from resrank_export.data.default_corpus import SAMPLE_QUERIES
-
 
 
 @dataclass(frozen=True)
@@ -42,14 +40,11 @@ class SingleProcessBuild:
 
 
 @pytest.fixture(scope="session")
-def single_build(tiny_build, tmp_path_factory) -> SingleProcessBuild:
+def single_build(tiny_build, stdlib_corpus, tmp_path_factory) -> SingleProcessBuild:
     pytest.importorskip("faiss")
-    from resrank_export.data.default_corpus import stdlib_passages
     from resrank_export.index.stage import build_index
 
-    folder = tmp_path_factory.mktemp("single")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=110)))
-    reference = SingleProcessBuild(corpus, folder / "index", tiny_build, chunk=25)
+    reference = SingleProcessBuild(stdlib_corpus(110), tmp_path_factory.mktemp("single") / "index", tiny_build,
+                                   chunk=25)
     build_index(reference.config(reference.index))
     return reference
