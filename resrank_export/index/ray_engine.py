@@ -99,9 +99,9 @@ def _add_shard(trained: np.ndarray, vectors_file: str, start: int, stop: int, ou
     faiss.omp_set_num_threads(threads)
     index = faiss.deserialize_index(trained)
     add_rows(index, np.load(vectors_file, mmap_mode="r"), start, stop)
-    partial = f"{out}.{os.getpid()}.tmp"
-    faiss.write_index(index, partial)
-    os.replace(partial, out)
+    written = f"{out}.{os.getpid()}.tmp"
+    faiss.write_index(index, written)
+    os.replace(written, out)
     return out
 
 
@@ -114,7 +114,7 @@ def _faiss_on_ray(config: RayIndexConfig, faiss, folder: Path, index_config: Ind
     are one copy of the vectors and HNSW graphs do not merge, so those are written as by one process."""
     if index_config.kind not in IVF_KINDS:
         return write_faiss(faiss, folder, index_config, count, dim)
-    ray = require("ray", "adding vectors on Ray")
+    ray = _connect(config)  # not connected yet when every chunk was encoded by an earlier run
     index, params = trained_index(faiss, np.load(folder / VECTORS_FILE, mmap_mode="r"), index_config, count, dim)
     shards = folder / "faiss-shards"
     shards.mkdir()
@@ -177,12 +177,18 @@ def _write_records(config: IndexConfig, work: Path) -> tuple[int, list[int]]:
     return number + 1, pending
 
 
-def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> int:
-    """Run the actor pool over the unfinished chunks; returns the passages encoded."""
-    ray = require("ray", "encoding on Ray")
-    data = require("ray.data", "encoding on Ray")
+def _connect(config: RayIndexConfig):
+    """The `ray` module, connected to the configured cluster (or the running one)."""
+    ray = require("ray", "index --engine ray")
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> int:
+    """Run the actor pool over the unfinished chunks; returns the passages encoded."""
+    data = require("ray.data", "encoding on Ray")
+    _connect(config)
     context = data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = data.from_items([{"chunk": n} for n in pending], override_num_blocks=len(pending))
