@@ -141,3 +141,15 @@ def test_bad_settings_are_refused(tiny_build, tmp_path):
         build_index_ray(RayIndexConfig(IndexConfig(build=tiny_build, corpus=None, out=tmp_path / "i"),
                                        on_disk_lists=True))
     assert not (tmp_path / "i").exists()
+
+
+def test_cli_passes_the_faiss_options(tiny_build, tmp_path):
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+
+    args = ["index", "--build", str(tiny_build), "--out", str(tmp_path / "i"), "--engine", "ray"]
+    result = CliRunner().invoke(main, [*args, "--on-disk-lists"])
+    assert result.exit_code == 1 and "error: on-disk inverted lists need --index ivf or ivfpq; got flat" in result.output
+    result = CliRunner().invoke(main, [*args, "--index", "ivf", "--rows-per-add-task", "0"])
+    assert result.exit_code == 2 and "--rows-per-add-task" in result.output
