@@ -310,8 +310,14 @@ def engines_check(builds, report) -> None:
 @click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True, help="ray: encoder actors.")
 @click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
               help="ray: GPUs per actor (CUDA execution provider when > 0).")
+@click.option("--rows-per-add-task", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="ray, ivf/ivfpq: vectors each Ray task adds to a copy of the trained index before the merge.")
+@click.option("--on-disk-lists", is_flag=True,
+              help="ray, ivf/ivfpq: merge the inverted lists into index.ivfdata (memory-mapped), for indexes "
+                   "larger than RAM.")
 def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
-                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor) -> None:
+                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor, rows_per_add_task,
+                  on_disk_lists) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
     from resrank_export.index.config import IndexConfig
     from resrank_export.index.stage import build_index
@@ -323,7 +329,8 @@ def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, npro
         from resrank_export.index.ray_engine import RayIndexConfig, build_index_ray
 
         info = build_index_ray(RayIndexConfig(index=config, address=ray_address, actors=actors,
-                                              gpus_per_actor=gpus_per_actor))
+                                              gpus_per_actor=gpus_per_actor, rows_per_add_task=rows_per_add_task,
+                                              on_disk_lists=on_disk_lists))
     else:
         info = build_index(config)
     click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
