@@ -234,23 +234,30 @@ def _engine_stages(runner: StageRunner, work: Path, config: BuildConfig, runtime
     runner.run("engines", {**key, "runtime": asdict(runtime)}, engines)
 # --- index stage (resrank_export/index/stage.py) ---------------------------------------------------
 def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
-    """Encode the corpus with the exported encoder into <build>/index/. Its partial chunks live
-    beside the build folder, so an interrupted build resumes encoding where it stopped."""
+    """Encode the corpus into <build>/index/ with the build's precision encoder (the graph the
+    model repository serves, so passages and queries come from one graph); BF16 graphs cannot run
+    on a CPU, so a bf16 build made from FP32 graphs encodes with the FP32 one. Its partial chunks
+    live beside the build folder, so an interrupted build resumes encoding where it stopped."""
     from resrank_export.index.config import IndexConfig
     from resrank_export.index.encode import corpus_identity
     from resrank_export.index.report import REPORT_JSON
     from resrank_export.index.stage import build_index
 
     out = Path(config.out)
+    precision = config.precision
+    if precision == "bf16" and config.export.dtype != "bf16":
+        log.warning("stage index: encoding with the fp32 encoder (ONNX Runtime's CPU provider has no BF16 kernels)")
+        precision = "fp32"
+    stage = "export" if precision == config.export.dtype else f"precision_{precision}"
 
     def index() -> dict:
         build_index(IndexConfig(build=work, corpus=config.corpus, out=work / "index", kind=config.index_kind,
-                                work_dir=out.parent / f".{out.name}.index-partial", recorded_build=out.resolve()))
+                                work_dir=out.parent / f".{out.name}.index-partial", recorded_build=out.resolve(),
+                                precision=precision))
         report = json.loads((work / "index" / REPORT_JSON).read_text())
         return {"outputs": _files_under(work, "index"), "report": report}
 
-    encoder = (graphs_folder(work, config.export) / "encoder.onnx").relative_to(work).as_posix()
-    runner.run("index", {"encoder": runner.output_hashes("export")[encoder],
+    runner.run("index", {"encoder": runner.output_hashes(stage)[f"onnx/{precision}/encoder.onnx"],
                          "corpus": corpus_identity(config.corpus), "kind": config.index_kind}, index)
 # --- Triton model repository (last stage) ------------------------------------------------------
 TRITON_REPOSITORY = "model_repository"

@@ -284,7 +284,12 @@ def engines_check(builds, report) -> None:
 
 @main.command("index")
 @click.option("--build", "build_dir", required=True, type=click.Path(path_type=Path),
-              help="Build folder from 'resrank-export build' (its FP32 encoder graph encodes the corpus).")
+              help="Build folder from 'resrank-export build' (its encoder graph encodes the corpus).")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="Encode with the build's onnx/<precision>/ encoder (queries then use the same graph). "
+                   "Default: the exported one (fp32).")
+@click.option("--providers", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider for the encoding (cuda/tensorrt: onnxruntime-gpu and a GPU).")
 @click.option("--corpus", type=click.Path(path_type=Path),
               help="BEIR folder or corpus.jsonl, JSONL (id/text), TSV (id<TAB>text) or text (one passage "
                    "per line). Default: the embedded standard-library corpus.")
@@ -315,7 +320,7 @@ def engines_check(builds, report) -> None:
 @click.option("--on-disk-lists", is_flag=True,
               help="ray, ivf/ivfpq: merge the inverted lists into index.ivfdata (memory-mapped), for indexes "
                    "larger than RAM.")
-def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
+def index_command(build_dir, precision, providers, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
                   chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor, rows_per_add_task,
                   on_disk_lists) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
@@ -324,7 +329,8 @@ def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, npro
 
     config = IndexConfig(build=build_dir, corpus=corpus, out=out, kind=kind, vector_dtype=vector_dtype,
                          store_texts=texts, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, pq_m=pq_m,
-                         chunk_size=chunk_size, batch_size=batch_size, source_index=from_index)
+                         chunk_size=chunk_size, batch_size=batch_size, source_index=from_index, precision=precision,
+                         providers=providers)
     if engine == "ray":
         from resrank_export.index.ray_engine import RayIndexConfig, build_index_ray
 

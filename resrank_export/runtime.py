@@ -34,6 +34,39 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
         raise
 
 
+# `--providers` names -> ONNX Runtime's execution providers, in preference order.
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def execution_providers(name: str) -> list[str]:
+    """ONNX Runtime providers for a `--providers` name, checked against this installation."""
+    import onnxruntime as ort
+
+    if name not in PROVIDERS:
+        raise NotAvailableError(f"--providers {name!r}: expected one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[name][0]
+    if wanted not in ort.get_available_providers():
+        raise NotAvailableError(f"--providers {name}: this onnxruntime has no {wanted} (install onnxruntime-gpu "
+                                f"on a machine with a GPU), it offers {', '.join(ort.get_available_providers())}")
+    return PROVIDERS[name]
+
+
+def provider_session(path: str | Path, name: str = "cpu", threads: int = 0):
+    """A session on the `--providers` name's provider; refused in one line when that provider
+    cannot start here (onnxruntime-gpu lists CUDA without a GPU, then quietly runs on the CPU)."""
+    import onnxruntime as ort
+
+    providers = execution_providers(name)
+    ort.set_default_logger_severity(3)  # a provider that cannot start is our one-line error, not ORT's log
+    session = ort_session(path, None if name == "cpu" else providers, threads)
+    if session.get_providers()[0] != providers[0]:
+        raise NotAvailableError(f"--providers {name}: {providers[0]} did not start for {path} (no GPU, or no CUDA "
+                                f"libraries?); ONNX Runtime would run on {session.get_providers()[0]}")
+    return session
+
+
 def graph_session(path: str | Path, providers: list[str] | None = None, threads: int = 0):
     """`ort_session`, except that a BF16 graph on the CPU runs on onnx's reference evaluator:
     what parity and fidelity use, so BF16 graphs are checked on machines without a GPU (slowly)."""

@@ -6,6 +6,7 @@ precision/graphs.py, so both ways to a half graph keep the same ops in FP32."""
 from __future__ import annotations
 
 import collections
+import os
 
 from resrank_export.lazy import require
 
@@ -42,6 +43,22 @@ def precision_by_op(model) -> dict[str, dict[str, int]]:
         if found is not None:
             counts[found][node.op_type] += 1
     return {k: dict(sorted(v.items())) for k, v in counts.items()}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the initializers held in the proto (protobuf cannot serialise 2 GiB)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_graph(model, path, threshold: int = 1 << 30) -> None:
+    """onnx.save, with the weights in `<file>.data` beside the graph when they pass `threshold`
+    (a precision graph of a 1.7B+ model passes protobuf's 2 GiB limit)."""
+    onnx = require("onnx", "saving a graph")
+    external = weight_bytes(model) > threshold
+    for stale in (f"{path}.data",):
+        if os.path.exists(stale):
+            os.remove(stale)
+    onnx.save(model, str(path), save_as_external_data=external, location=f"{os.path.basename(path)}.data")
 
 
 def keep_fp32(model, op_types: tuple[str, ...] = HALF_KEEP_FP32_OPS) -> int:

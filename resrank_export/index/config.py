@@ -35,6 +35,8 @@ class IndexConfig:
     source_index: Path | None = None  # reuse this index's vectors, ids and texts: no encoding
     recorded_build: Path | None = None  # build path for index.json when `build` is a temp folder
     eval_queries: int = 1000  # stored vectors used as queries for recall vs exact search
+    precision: str | None = None  # encoder graph onnx/<precision>/; None: the exported one (fp32)
+    providers: str = "cpu"  # ONNX Runtime provider for the encoding: cpu, cuda or tensorrt
 
     def validate(self) -> None:
         if self.kind not in KINDS:

@@ -21,16 +21,18 @@ from resrank_export.fs import sha256_file
 from resrank_export.index.layout import IDS_FILE, TEXTS_FILE, VECTORS_FILE
 from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.model.text import PassageTokenizer
-from resrank_export.runtime import encode_texts, ort_session
+from resrank_export.runtime import encode_texts, provider_session
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
 ProgressHook = Callable[[int, int], None]  # (chunks done, passages done)
 
 
-def encoder_graph(build_dir: Path) -> Path:
-    """The exported encoder: onnx/fp32/, or the half graph of a build exported in FP16/BF16
-    (`build --export-dtype`), which has no FP32 graph."""
+def encoder_graph(build_dir: Path, precision: str | None = None) -> Path:
+    """onnx/<precision>/encoder.onnx; without a precision the exported encoder: onnx/fp32/, or the
+    half graph of a build exported in FP16/BF16 (`build --export-dtype`), which has no FP32 graph."""
+    if precision is not None:
+        return Path(build_dir) / "onnx" / precision / "encoder.onnx"
     for dtype in ("fp32", "fp16", "bf16"):
         graph = Path(build_dir) / "onnx" / dtype / "encoder.onnx"
         if graph.is_file():
@@ -42,9 +44,10 @@ class OnnxEncoder:
     """The exported encoder graph on ONNX Runtime: the same graph and tokenization that serving
     uses, so index vectors and query vectors come from one model."""
 
-    def __init__(self, build_dir: str | Path, batch_size: int = 32, threads: int = 0):
+    def __init__(self, build_dir: str | Path, batch_size: int = 32, threads: int = 0,
+                 precision: str | None = None, providers: str = "cpu"):
         build_dir = Path(build_dir)
-        graph = encoder_graph(build_dir)
+        graph = encoder_graph(build_dir, precision)
         tokenizer_file = build_dir / "tokenizer" / "encoder" / "tokenizer.json"
         config_file = build_dir / CONFIG_FILE
         for path in (graph, tokenizer_file, config_file):
@@ -55,7 +58,10 @@ class OnnxEncoder:
         self.build_dir = build_dir
         self.batch_size = batch_size
         self.tokenizer = PassageTokenizer.for_config(tokenizer_file, config)
-        self.session = ort_session(graph, threads=threads)
+        self.session = provider_session(graph, providers, threads=threads)
+        self.graph = graph
+        # the folder name under onnx/: index.json records it, so queries use the same graph
+        self.precision = graph.parent.name
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         self.sha256 = sha256_file(graph)
 

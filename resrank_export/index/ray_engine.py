@@ -34,12 +34,11 @@ from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.fs import refuse_foreign_folder
 from resrank_export.index.config import IndexConfig
 from resrank_export.index.encode import (OnnxEncoder, chunk_paths, chunks_of, corpus_identity, corpus_passages,
-                                         encoder_graph, open_work_dir)
+                                         open_work_dir)
 from resrank_export.index.faiss_index import IVF_KINDS, add_rows, index_info, trained_index, write_faiss
 from resrank_export.index.layout import FAISS_FILE, INDEX_FILE, IVF_LISTS_FILE, VECTORS_FILE
 from resrank_export.index.stage import write_index_from_chunks
 from resrank_export.lazy import require
-from resrank_export.runtime import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,10 @@ class RayIndexConfig:
 class ChunkEncoder:
     """Ray Data callable class: one ONNX Runtime session per actor, one chunk per call."""
 
-    def __init__(self, build: str, work: str, batch_size: int, vector_dtype: str, threads: int, gpu: bool):
-        self.encoder = OnnxEncoder(build, batch_size=batch_size, threads=threads)
-        if gpu:
-            self.encoder.session = ort_session(encoder_graph(Path(build)),
-                                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    def __init__(self, build: str, work: str, batch_size: int, vector_dtype: str, threads: int,
+                 precision: str | None, providers: str):
+        self.encoder = OnnxEncoder(build, batch_size=batch_size, threads=threads, precision=precision,
+                                   providers=providers)
         self.work, self.vector_dtype = Path(work), vector_dtype
 
     def __call__(self, batch: dict) -> dict:
@@ -204,7 +202,10 @@ def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> in
         num_gpus=config.gpus_per_actor,
         fn_constructor_kwargs={"build": str(Path(config.index.build).resolve()), "work": str(work.resolve()),
                                "batch_size": config.index.batch_size, "vector_dtype": config.index.vector_dtype,
-                               "threads": max(1, int(config.cpus_per_actor)), "gpu": config.gpus_per_actor > 0})
+                               "threads": max(1, int(config.cpus_per_actor)), "precision": config.index.precision,
+                               # an actor given a GPU encodes on it unless another provider was asked for
+                               "providers": "cuda" if config.gpus_per_actor > 0 and config.index.providers == "cpu"
+                               else config.index.providers})
     return int(sum(row["rows"] for row in encoded.take_all()))
 
 
@@ -214,7 +215,7 @@ def build_index_ray(config: RayIndexConfig) -> dict:
     index = config.index
     require("faiss", "building a FAISS index")  # fail before hours of encoding
     refuse_foreign_folder(index.out, INDEX_FILE, "an index folder")
-    encoder = OnnxEncoder(index.build, batch_size=index.batch_size)  # checks the build; reports use it
+    encoder = OnnxEncoder(index.build, batch_size=index.batch_size, precision=index.precision)  # checks the build
     work = index.work_dir or index.out.parent / f".{index.out.name}.partial"
     open_work_dir(work, {"encoder_sha256": encoder.sha256, "corpus": corpus_identity(index.corpus),
                           "chunk_size": index.chunk_size, "vector_dtype": index.vector_dtype})

@@ -13,7 +13,7 @@ import numpy as np
 
 from resrank_export.data.readers import read_queries
 from resrank_export.errors import IndexFormatError, ResRankExportError
-from resrank_export.index.encode import OnnxEncoder, encoder_graph
+from resrank_export.index.encode import OnnxEncoder
 from resrank_export.index.faiss_index import apply_search_params, read_faiss
 from resrank_export.index.layout import FAISS_FILE, IDS_FILE, INDEX_FILE, TEXTS_FILE, VECTORS_FILE, read_index_info
 from resrank_export.lazy import require
@@ -59,8 +59,8 @@ class Retriever:
         if index.ntotal != info["count"] or vectors.shape != (info["count"], info["dim"]) or len(ids) != info["count"]:
             raise IndexFormatError(f"{folder}: index.faiss ({index.ntotal}), vectors.npy {vectors.shape} and "
                                    f"ids.json ({len(ids)}) disagree with {INDEX_FILE} (count {info['count']})")
-        if encoder is None and build_dir is not None:
-            encoder = OnnxEncoder(build_dir)
+        if encoder is None and build_dir is not None:  # queries through the graph that encoded the passages
+            encoder = OnnxEncoder(build_dir, precision=info.get("encoder_precision"))
         if encoder is not None:
             check_encoder_matches(info, encoder, folder)
         return cls(folder, info, index, vectors, ids, encoder)
@@ -161,8 +161,8 @@ def check_encoder_matches(info: dict, encoder: OnnxEncoder, folder: Path) -> Non
     """Query vectors must come from the encoder that made the index, else scores are meaningless."""
     if info["dim"] != encoder.dim:
         raise IndexFormatError(f"{folder / INDEX_FILE}: index dim {info['dim']} does not match the encoder "
-                               f"dim {encoder.dim} of {encoder_graph(encoder.build_dir)}")
+                               f"dim {encoder.dim} of {encoder.graph}")
     if info["encoder_sha256"] != encoder.sha256:
         raise IndexFormatError(f"{folder / INDEX_FILE}: encoder_sha256 {info['encoder_sha256'][:12]}... does "
-                               f"not match {encoder_graph(encoder.build_dir)} ({encoder.sha256[:12]}...); "
+                               f"not match {encoder.graph} ({encoder.sha256[:12]}...); "
                                "rebuild the index with this build's encoder")

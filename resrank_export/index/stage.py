@@ -45,7 +45,8 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
         return _reindex(Path(config.source_index), config)
     require("faiss", "building a FAISS index")  # fail before hours of encoding
     refuse_foreign_folder(config.out, INDEX_FILE, "an index folder")
-    encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
+    encoder = OnnxEncoder(config.build, batch_size=config.batch_size, precision=config.precision,
+                          providers=config.providers)
     work = config.work_dir or config.out.parent / f".{config.out.name}.partial"
     state = {"encoder_sha256": encoder.sha256, "corpus": corpus_identity(config.corpus),
              "chunk_size": config.chunk_size, "vector_dtype": config.vector_dtype}
@@ -82,7 +83,8 @@ def _reindex(source: Path, config: IndexConfig) -> dict:
     texts. `config.corpus` only matters for the report's nDCG; the vector dtype is the source's."""
     source_info = read_index_info(source)
     refuse_foreign_folder(config.out, INDEX_FILE, "an index folder")
-    encoder = OnnxEncoder(config.build, batch_size=config.batch_size)
+    encoder = OnnxEncoder(config.build, batch_size=config.batch_size,
+                          precision=source_info.get("encoder_precision", config.precision))
     check_encoder_matches(source_info, encoder, source)
     start = time.perf_counter()
     has_texts = source_info["has_texts"] and config.store_texts
@@ -99,7 +101,8 @@ def _finish_index(folder: Path, config: IndexConfig, encoder: OnnxEncoder, count
     """FAISS index, index.json and the report, next to the vectors already in `folder`."""
     info = faiss_writer(require("faiss", "building a FAISS index"), folder, config, count, encoder.dim)
     recorded_build = Path(config.recorded_build or config.build).resolve()
-    info.update(encoder_sha256=encoder.sha256, build=str(recorded_build), has_texts=has_texts)
+    info.update(encoder_sha256=encoder.sha256, encoder_precision=encoder.precision, build=str(recorded_build),
+                has_texts=has_texts)
     (folder / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")
     timings["build_seconds"] = time.perf_counter() - start
     write_report(folder, index_report(Retriever.load(folder, encoder=encoder), config, timings))

@@ -19,7 +19,7 @@ import numpy as np
 
 from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.lazy import require
-from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op
+from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op, save_graph
 from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.smoothquant import smooth_gemm_inputs
 
@@ -91,7 +91,6 @@ def convert_half(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
     if precision not in HALF_PRECISIONS:
         raise ResRankExportError(f"half precision {precision!r}: expected one of {', '.join(HALF_PRECISIONS)}")
     autocast = require("modelopt.onnx.autocast", f"{precision.upper()} conversion")
-    onnx = require("onnx", f"{precision.upper()} conversion")
     with _private_copy(src) as copy:
         sample = copy.parent / "autocast.npz"
         np.savez(sample, **_first_samples(calibration, config.autocast_samples))
@@ -101,7 +100,7 @@ def convert_half(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
             providers=["cpu"])
     _drop_placeholder_dims(model)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     report = {"keep_fp32_op_types": list(config.half_keep_fp32_ops), "nodes": precision_by_op(model)}
     log.info("%s %s: %d %s nodes, fp32 kept: %s", precision, Path(dst).name, sum(report["nodes"][precision].values()),
              precision, report["nodes"]["fp32"])
@@ -180,6 +179,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
                              f"of {CALIBRATION_BATCH} (or fewer than {CALIBRATION_BATCH})")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     fp32_graph = onnx.load(str(src), load_external_data=False)
+    large = any(Path(src).parent.glob(f"{Path(src).name}.*"))  # weights in a side file: the INT8 graph's too
     down_projections = ffn_output_gemms(fp32_graph)
     kept_fp32 = down_projections if config.int8_keep_ffn_output_fp32 else []
     exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
@@ -196,10 +196,10 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
             calibration_eps=["cpu"], op_types_to_quantize=list(INT8_QUANTIZE_OPS),
             op_types_to_exclude=list(config.int8_exclude_ops) or None, nodes_to_exclude=exclude_nodes or None,
             disable_mha_qdq=not config.int8_attention_qdq, high_precision_dtype="fp32",
-            use_external_data_format=False, output_path=str(dst), log_level="WARNING")
+            use_external_data_format=large, output_path=str(dst), log_level="WARNING")
     model = onnx.load(str(dst))
     rewired = unshare_dequantized_activations(model)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),
               "exclude_ops": list(config.int8_exclude_ops), "exclude_nodes": list(config.int8_exclude_nodes),

@@ -238,3 +238,33 @@ def test_scifact_flat_ndcg_matches_sentence_transformers_and_approximate_recall(
         assert recall_against_exact(approx_ids, exact_ids, 10) >= 0.95, kind
         report = json.loads((tmp_path / kind / "report.json").read_text())
         assert report["recall@10"] >= 0.95
+
+
+def test_index_encodes_with_the_requested_precision_graph_and_queries_follow(tiny_build, corpus_file, corpus_passages,
+                                                                            tmp_path):
+    """--precision fp16: the corpus is encoded by onnx/fp16/encoder.onnx (its vectors, not the FP32
+    graph's), index.json records it, and a Retriever loaded from the build encodes queries with the
+    same graph. A provider that cannot start here is a one-line error."""
+    from resrank_export.errors import NotAvailableError
+    from resrank_export.model.specs import encoder_spec
+    from resrank_export.precision.graphs import PrecisionConfig, convert_half
+
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    spec = encoder_spec(OnnxEncoder(build).dim)
+    texts = [p.text for p in corpus_passages[:16]]
+    tokens = OnnxEncoder(build).tokenizer(texts)  # AutoCast's range check runs real inputs
+    convert_half(build / "onnx" / "fp32" / "encoder.onnx", build / "onnx" / "fp16" / "encoder.onnx",
+                 {name: tokens[name] for name in spec.input_names}, PrecisionConfig())
+    info = build_index(IndexConfig(build=build, corpus=corpus_file, out=tmp_path / "index", precision="fp16"))
+    assert info["encoder_precision"] == "fp16"
+    stored = np.asarray(Retriever.load(tmp_path / "index").vectors)
+    fp16 = run_session(ort_session(build / "onnx" / "fp16" / "encoder.onnx"), OnnxEncoder(build).tokenizer(texts[:1]))[0]
+    np.testing.assert_allclose(stored[:1], fp16, atol=1e-5)
+    assert np.abs(stored[:1] - _reference_vectors(build, texts[:1])).max() > 1e-6  # not the FP32 graph's vectors
+    retriever = Retriever.load(tmp_path / "index", build)
+    assert retriever.encoder.graph == build / "onnx" / "fp16" / "encoder.onnx"
+    assert retriever.search(corpus_passages[3].text, 1).ids[0] == corpus_passages[3].id
+    with pytest.raises(NotAvailableError, match="--providers cuda: .*(did not start|has no CUDAExecutionProvider)"):
+        build_index(IndexConfig(build=build, corpus=corpus_file, out=tmp_path / "gpu", providers="cuda"))
+    assert not (tmp_path / "gpu").exists()
