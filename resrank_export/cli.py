@@ -113,11 +113,14 @@ def main(verbose: bool) -> None:
               help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
+@click.option("--ort-optimize", is_flag=True,
+              help="Also write graphs fused for ONNX Runtime (onnx/<precision>/*.ort.onnx: Attention, "
+                   "SkipLayerNormalization, RMSNorm, ...), parity-checked; the Triton repository serves them.")
 @click.pass_context
 def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
-          fidelity_retrieval_data, fidelity_rerank_data) -> None:
+          fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -136,6 +139,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
+                         ort_optimize=ort_optimize,
                          export=ExportConfig(opset=opset, external_data=external_data),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
                          corpus=corpus, index_kind=index_kind,
