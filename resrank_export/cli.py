@@ -527,13 +527,18 @@ def query(text, top_k, passages, url, grpc) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Intra-op threads for torch and ONNX Runtime; 0: library defaults.")
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed repeats (default: the preset's).")
-def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats) -> None:
+@click.option("--encoder-passages", type=click.IntRange(min=1), help="Passages of the encoder benchmark "
+              "(default: the preset's).")
+@click.option("--reranker-k", "reranker_ks", multiple=True, type=click.IntRange(min=1),
+              help="Candidate count of the reranker benchmark (repeatable; default: the preset's).")
+def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encoder_passages, reranker_ks) -> None:
     """Run the benchmarks: encoder throughput, reranker latency vs k, served pipeline, FLOPs."""
     from resrank_export.bench.config import BenchConfig
     from resrank_export.bench.run import run_bench
 
     preset = BenchConfig.smoke if smoke else BenchConfig.full
-    overrides = {"repeats": repeats} if repeats else {}
+    overrides = {name: value for name, value in (("repeats", repeats), ("encoder_passages", encoder_passages),
+                                                 ("reranker_ks", tuple(reranker_ks))) if value}
     config = preset(out=out, only=tuple(n.strip() for n in only.split(",") if n.strip()), build=build_dir,
                     checkpoint=checkpoint, data=data, threads=threads, **overrides)
     run_bench(config, command=" ".join(["resrank-export", *sys.argv[1:]]))
