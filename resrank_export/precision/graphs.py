@@ -243,7 +243,7 @@ def merge_shared_input_gemms(model, gemm_names: set[str]) -> dict[str, list[str]
 def seven_bit_weights(model) -> int:
     """Doubles the scale of every constant weight's Q/DQ pair, so INT8 weights span [-64, 64].
     ONNX Runtime's x86 CPU kernels for the fused Q/DQ GEMMs (u8 activations x s8 weights) add
-    pairs of products in int16 (vpmaddubsw), which saturates past 2 x 255 x 64: measured on
+    pairs of products in int16 without VNNI (AVX2 vpmaddubsw), saturating past 2 x 255 x 64: on
     all-MiniLM-L6-v2, running the QKV GEMMs as integer kernels dropped the min embedding cosine
     from 0.998 to 0.986, and 7-bit weights bring it back to 0.998 (ONNX Runtime's own quantizer
     calls this reduce_range). Per-channel weight scales keep the cost to one bit of weight
