@@ -14,7 +14,7 @@ from pathlib import Path
 
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
-from resrank_export.export.onnx import ExportConfig, export_onnx
+from resrank_export.export.onnx import EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
 from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
@@ -22,13 +22,13 @@ from resrank_export.interrupt import INTERRUPTIONS, note_kept
 from resrank_export.manifest import (MANIFEST_FILE, StageRunner, describe_unfinished, key_of, library_versions,
                                      read_manifest, unfinished_stage)
 from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
+from resrank_export.precision import PRECISIONS
 from resrank_export.precision.calibration import CalibrationConfig
 from resrank_export.precision.fidelity import FidelityConfig
 from resrank_export.precision.graphs import PrecisionConfig
 from resrank_export.precision.stages import PrecisionStagesConfig, check_precision_inputs, run_precision_stages
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
 PARITY_FILE = "parity.json"
 
@@ -79,6 +79,13 @@ def run_build(config: BuildConfig) -> dict:
     """Run the build stages into `config.out`; returns the manifest."""
     if config.precision not in PRECISIONS:
         raise ResRankExportError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if config.export.dtype not in ("fp32", config.precision):
+        raise ResRankExportError(
+            f"--export-dtype {config.export.dtype} makes the {config.export.dtype} graphs straight from PyTorch: use it "
+            f"with --precision {config.export.dtype} (not {config.precision}; int8 is quantized from fp32 graphs)")
+    if config.ort_optimize and "bf16" in (config.precision, config.export.dtype):
+        raise ResRankExportError("--ort-optimize with bf16 graphs: ONNX Runtime's CPU provider has no BF16 kernels "
+                                 "to fuse for; use it with fp32, fp16 or int8")
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
     runtime = _engine_runtime(config)
     out = Path(config.out)
@@ -122,8 +129,12 @@ def _run_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs:
                 runtime) -> None:
     _export_stage(runner, work, checkpoint, inputs, config)
     _parity_stage(runner, work, checkpoint, config)
-    if config.precision != "fp32":
+    if config.precision != config.export.dtype:  # fp16/bf16/int8 graphs made from the fp32 export
         run_precision_stages(runner, work, checkpoint, config.precision_stages)
+    elif config.precision != "fp32":
+        log.info("--export-dtype %s: the exported graphs are the %s graphs; parity compared them with PyTorch in %s "
+                 "(no fp32 graph, so no fidelity report against fp32)", config.precision, config.precision,
+                 config.precision)
     if config.ort_optimize:
         _ort_optimize_stage(runner, work, checkpoint, config)
     _engine_stages(runner, work, config, runtime)
@@ -151,8 +162,8 @@ def _check_free_space(out: Path, checkpoint: Checkpoint, inputs: dict, config: B
     stages = (previous or {}).get("stages", {})
     fresh = config.force or stages.get("export", {}).get("key") != key_of(_export_inputs(inputs, config))
     needed = {}
-    graph_stages = {"export": "fp32"}
-    if config.precision != "fp32":
+    graph_stages = {"export": config.export.dtype}
+    if config.precision != config.export.dtype:
         graph_stages[f"precision_{config.precision}"] = config.precision
     if config.backend == "tensorrt":
         graph_stages["engines"] = config.precision
@@ -166,15 +177,18 @@ def _check_free_space(out: Path, checkpoint: Checkpoint, inputs: dict, config: B
 
 def _export_inputs(inputs: dict, config: BuildConfig) -> dict:
     return {"checkpoint": inputs["checkpoint"]["sha256"], "opset": config.export.opset,
-            "external_data": config.export.external_data,
+            "external_data": config.export.external_data, "dtype": config.export.dtype,
             "versions": {k: v for k, v in library_versions().items()
                          if k in ("torch", "transformers", "onnx", "onnxscript")}}
 
 
 def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs: dict, config: BuildConfig) -> None:
     def export() -> dict:
-        export_onnx(checkpoint, work, config.export)
-        return {"outputs": _files_under(work, "onnx/fp32", "tokenizer", "resrank.json")}
+        kept_fp32: dict = {}
+        export_onnx(checkpoint, work, config.export, kept_fp32)
+        graphs = graphs_folder(work, config.export).relative_to(work).as_posix()
+        return {"outputs": _files_under(work, graphs, "tokenizer", "resrank.json"),
+                "report": {"dtype": config.export.dtype, **({"kept_fp32": kept_fp32} if kept_fp32 else {})}}
 
     runner.run("export", _export_inputs(inputs, config), export)
 
@@ -183,18 +197,19 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
     def parity() -> dict:
         from resrank_export.model.reference import ResRankReference
 
-        graphs = {name: work / "onnx" / "fp32" / f"{name}.onnx" for name in ("encoder", "reranker")}
-        report = check_parity(ResRankReference(checkpoint), graphs, config.parity)
+        graphs = {name: graphs_folder(work, config.export) / f"{name}.onnx" for name in ("encoder", "reranker")}
+        reference = ResRankReference(checkpoint, EXPORT_DTYPES[config.export.dtype])  # the graphs' own dtype
+        report = check_parity(reference, graphs, config.parity)
         (work / PARITY_FILE).unlink(missing_ok=True)
         (work / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         return {"outputs": [work / PARITY_FILE], "report": report}
 
-    runner.run("parity", {"graphs": runner.output_hashes("export"), "atol": config.parity.atol,
+    runner.run("parity", {"graphs": runner.output_hashes("export"), "gate": vars(config.parity.gate(config.export.dtype)),
                           "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
 
 
 def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
-    """onnx/<precision>/*.ort.onnx for FP32 and the build's precision (resrank_export/precision/
+    """onnx/<precision>/*.ort.onnx for the exported dtype and the build's precision (resrank_export/precision/
     ort_optimize.py). The fused FP32 graphs pass the same parity gate as the plain ones; a fused
     FP16/INT8 graph's parity to the reference is recorded (its gate is the fidelity stage's)."""
     import onnxscript
@@ -202,24 +217,26 @@ def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint,
     from resrank_export.model.reference import ResRankReference
     from resrank_export.precision.ort_optimize import make_ort_graphs, ort_graph_path
 
-    precisions = tuple(dict.fromkeys(("fp32", config.precision)))
+    exported = config.export.dtype
+    precisions = tuple(dict.fromkeys((exported, config.precision)))
     graphs = {p: {name: work / "onnx" / p / f"{name}.onnx" for name in ("encoder", "reranker")} for p in precisions}
 
     def optimize() -> dict:
         report = {}
         for precision, plain in graphs.items():
             fused = {name: ort_graph_path(path) for name, path in plain.items()}
+            reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported])
             report[precision] = {"graphs": make_ort_graphs(plain),
-                                 "parity": check_parity(ResRankReference(checkpoint), fused, config.parity,
-                                                        gate=precision == "fp32")}
+                                 "parity": check_parity(reference, fused, config.parity, gate=precision == exported)}
         return {"outputs": sorted(p for plain in graphs.values() for path in plain.values()
                                   for p in path.parent.glob(ort_graph_path(path).name + "*")),
                 "report": report}
 
     sources = {**runner.output_hashes("export"),
-               **(runner.output_hashes(f"precision_{config.precision}") if config.precision != "fp32" else {})}
+               **(runner.output_hashes(f"precision_{config.precision}") if config.precision != exported else {})}
     runner.run("ort_optimize", {"graphs": sources, "onnxscript": onnxscript.__version__,
-                                "atol": config.parity.atol, **_parity_data_identity(config.parity)}, optimize)
+                                "gate": vars(config.parity.gate(exported)), **_parity_data_identity(config.parity)},
+               optimize)
 
 
 # --- engine stages (TensorRT; see resrank_export/engine) -------------------------------------
@@ -269,7 +286,8 @@ def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
         report = json.loads((work / "index" / REPORT_JSON).read_text())
         return {"outputs": _files_under(work, "index"), "report": report}
 
-    runner.run("index", {"encoder": runner.output_hashes("export")["onnx/fp32/encoder.onnx"],
+    encoder = (graphs_folder(work, config.export) / "encoder.onnx").relative_to(work).as_posix()
+    runner.run("index", {"encoder": runner.output_hashes("export")[encoder],
                          "corpus": corpus_identity(config.corpus), "kind": config.index_kind}, index)
 # --- Triton model repository (last stage) ------------------------------------------------------
 TRITON_REPOSITORY = "model_repository"
@@ -281,6 +299,10 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     import importlib.util
 
     if config.triton_backend is None:
+        return
+    if config.precision == "bf16" and config.triton_backend == "python":
+        log.warning("stage triton: skipped, the python backend runs its graphs on ONNX Runtime's CPU provider, which "
+                    "has no BF16 kernels; on a GPU server: resrank-export triton --precision bf16 --backend tensorrt")
         return
     if importlib.util.find_spec("tritonclient") is None:
         log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")
@@ -300,7 +322,7 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     from resrank_export import __version__
 
-    graphs_stage = "export" if config.precision == "fp32" else f"precision_{config.precision}"
+    graphs_stage = "export" if config.precision == config.export.dtype else f"precision_{config.precision}"
     fused = runner.output_hashes("ort_optimize") if config.ort_optimize else {}
     runner.run("triton", {"graphs": {**runner.output_hashes(graphs_stage), **fused}, "precision": config.precision,
                           "backend": config.triton_backend,

@@ -13,6 +13,7 @@ from resrank_export.config_file import load_config_callback, render_config
 from resrank_export.errors import ResRankExportError
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
+from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
 log = logging.getLogger("resrank_export")
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
@@ -57,7 +58,7 @@ class _Group(click.Group):
 @click.version_option(package_name="resrank-export")
 def main(verbose: bool) -> None:
     """Export a ResRank retrieval+reranking model for deployment: ONNX graphs checked against
-    PyTorch, FP16/INT8 precision, a FAISS index and a Triton model repository."""
+    PyTorch, FP16/BF16/INT8 precision, a FAISS index and a Triton model repository."""
     _setup_logging(verbose)
 
 
@@ -71,8 +72,9 @@ def main(verbose: bool) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="ResRank checkpoint folder (resrank.json, encoder/, reranker/). "
                    "Default: the demo checkpoint, built once and cached.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="Numeric precision of the graphs to deploy.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Numeric precision of the graphs to deploy. bf16: for models that overflow in FP16 (Qwen); "
+                   "served on GPUs (ONNX Runtime's CPU provider has no BF16 kernels).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("resrank-build"), show_default=True,
               help="Build folder; replaced atomically, finished stages are reused on rerun.")
 @click.option("--parity-data", type=click.Path(path_type=Path),
@@ -83,6 +85,10 @@ def main(verbose: bool) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
+@click.option("--export-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights of the exported graphs. fp16/bf16: exported straight from PyTorch in that dtype (no FP32 "
+                   "copy of a half checkpoint; for models too large to hold in FP32), with --precision of the same "
+                   "dtype; parity compares with PyTorch in that dtype.")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build TensorRT plans for this machine's GPU (needs TensorRT and a GPU).")
@@ -97,9 +103,9 @@ def main(verbose: bool) -> None:
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
 @click.option("--calibration", type=click.Path(path_type=Path),
-              help="fp16/int8: calibration folder written by `resrank-export calibrate`.")
+              help="fp16/bf16/int8: calibration folder written by `resrank-export calibrate`.")
 @click.option("--calibration-corpus", type=click.Path(path_type=Path),
-              help="fp16/int8: build the calibration set from this BEIR folder or JSONL/TSV passage file "
+              help="fp16/bf16/int8: build the calibration set from this BEIR folder or JSONL/TSV passage file "
                    "(default: the embedded standard-library corpus).")
 @click.option("--calibration-method", type=click.Choice(["entropy", "max"]), default="entropy", show_default=True,
               help="int8: how ModelOpt picks the activation ranges.")
@@ -110,14 +116,15 @@ def main(verbose: bool) -> None:
                                       "moved into the weights).")
 @click.option("--no-int8-smoothquant", is_flag=True, help="int8: quantize without SmoothQuant.")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
-              help="fp16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
+              help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
-              help="fp16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
+              help="fp16/bf16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
 @click.option("--ort-optimize", is_flag=True,
               help="Also write graphs fused for ONNX Runtime (onnx/<precision>/*.ort.onnx: Attention, "
                    "SkipLayerNormalization, RMSNorm, ...), parity-checked; the Triton repository serves them.")
 @click.pass_context
-def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, force, backend,
+def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, export_dtype,
+          force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
           fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
@@ -140,7 +147,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
                          ort_optimize=ort_optimize,
-                         export=ExportConfig(opset=opset, external_data=external_data),
+                         export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
                          corpus=corpus, index_kind=index_kind,
                          calibration=calibration, calibration_set=CalibrationConfig(corpus=calibration_corpus),
@@ -157,7 +164,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                f"encoder max |diff| {parity['encoder']['max_abs_diff']:.2e}, parity "
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
-    if precision != "fp32":
+    if precision != export_dtype:
         click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}")
 
 
@@ -227,7 +234,7 @@ def engines() -> None:
 @engines.command("ensure")
 @click.option("--build", "build_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Build folder (from `resrank-export build`).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="Which graphs of the build (onnx/<precision>/) to compile.")
 @click.option("--repository", type=click.Path(path_type=Path, file_okay=False),
               help="Triton repository whose tensorrt models receive the plans (cc_model_filenames).")
@@ -267,8 +274,8 @@ def engines_check(builds, report) -> None:
     pairs = []
     for item in builds:
         folder, _, precision = item.rpartition(":")
-        if not folder or precision not in ("fp32", "fp16", "int8"):
-            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision fp32, fp16 or int8")
+        if not folder or precision not in PRECISIONS:
+            raise click.BadParameter(f"{item!r}: expected FOLDER:PRECISION with precision one of {', '.join(PRECISIONS)}")
         pairs.append((Path(folder), precision))
     results = check_builds(pairs, report)
     click.echo(render_checks(results))
@@ -307,8 +314,14 @@ def engines_check(builds, report) -> None:
 @click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True, help="ray: encoder actors.")
 @click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
               help="ray: GPUs per actor (CUDA execution provider when > 0).")
+@click.option("--rows-per-add-task", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="ray, ivf/ivfpq: vectors each Ray task adds to a copy of the trained index before the merge.")
+@click.option("--on-disk-lists", is_flag=True,
+              help="ray, ivf/ivfpq: merge the inverted lists into index.ivfdata (memory-mapped), for indexes "
+                   "larger than RAM.")
 def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, nprobe, hnsw_m, ef_search, pq_m,
-                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor) -> None:
+                  chunk_size, batch_size, from_index, engine, ray_address, actors, gpus_per_actor, rows_per_add_task,
+                  on_disk_lists) -> None:
     """Encode a corpus with the exported encoder and write a FAISS index with the slot vectors."""
     from resrank_export.index.config import IndexConfig
     from resrank_export.index.stage import build_index
@@ -320,7 +333,8 @@ def index_command(build_dir, corpus, out, kind, vector_dtype, texts, nlist, npro
         from resrank_export.index.ray_engine import RayIndexConfig, build_index_ray
 
         info = build_index_ray(RayIndexConfig(index=config, address=ray_address, actors=actors,
-                                              gpus_per_actor=gpus_per_actor))
+                                              gpus_per_actor=gpus_per_actor, rows_per_add_task=rows_per_add_task,
+                                              on_disk_lists=on_disk_lists))
     else:
         info = build_index(config)
     click.echo(f"{info['kind']} index of {info['count']} passages (dim {info['dim']}) written to {out}; "
@@ -367,7 +381,7 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="Model repository folder; replaced atomically.")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python",
               show_default=True, help="Backend of the encoder and reranker models (the others are python).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Which graphs of the build to serve (onnx/<precision>/; plans of engines/<precision>/).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="max_batch_size of the composing models (dynamic batching merges up to this many).")

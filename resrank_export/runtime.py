@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from resrank_export.errors import ResRankExportError
+from resrank_export.errors import NotAvailableError, ResRankExportError
+
+log = logging.getLogger(__name__)
 
 EXECUTION_MODES = ("sequential", "parallel")
 
@@ -62,11 +66,71 @@ class SessionSettings:
 def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0,
                 settings: SessionSettings | None = None):
     """A CPU session unless other providers are asked for; `threads` 0 = ORT's default (ignored
-    when `settings` are given)."""
+    when `settings` are given). A BF16 graph on the CPU alone is refused with a one-line reason
+    (no BF16 MatMul/Add kernels there)."""
     import onnxruntime as ort
 
+    providers = providers or ["CPUExecutionProvider"]
     options = (settings or SessionSettings(threads=threads)).options()
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        if providers == ["CPUExecutionProvider"] and is_bfloat16_graph(path):
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise NotAvailableError(f"{path}: a BF16 graph, which ONNX Runtime's CPU execution provider cannot "
+                                    f"run ({reason[:160]}); run it with the CUDA or TensorRT provider, or serve "
+                                    f"the fp16 graphs on a CPU") from None
+        raise
+
+
+def graph_session(path: str | Path, providers: list[str] | None = None, threads: int = 0):
+    """`ort_session`, except that a BF16 graph on the CPU runs on onnx's reference evaluator:
+    what parity and fidelity use, so BF16 graphs are checked on machines without a GPU (slowly)."""
+    if not providers and is_bfloat16_graph(path):
+        log.warning("%s: BF16 graph on a CPU: checked with onnx's reference evaluator (slow; ONNX Runtime's "
+                    "CPU provider has no BF16 kernels)", Path(path).name)
+        return ReferenceSession(path)
+    return ort_session(path, providers, threads)
+
+
+def is_bfloat16_graph(path: str | Path) -> bool:
+    """Whether the graph computes in BF16 anywhere: a BF16 weight or a Cast to BF16 (the graph
+    structure only; external weight data is not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(init.data_type == bf16 for init in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in node.attribute)
+        for node in model.graph.node)
+
+
+class ReferenceSession:
+    """onnx's ReferenceEvaluator behind the two InferenceSession methods this package calls
+    (`get_inputs`, `run`). Two of its kernels are replaced: GatherElements (its np.choose takes
+    at most 32 choices, fewer than a sequence's positions) and MatMul (numpy has no BF16 matmul;
+    this one accumulates in FP32 and rounds the result to the inputs' type, as GPUs do)."""
+
+    def __init__(self, path: str | Path):
+        from onnx.reference import ReferenceEvaluator
+        from onnx.reference.op_run import OpRun
+
+        class GatherElements(OpRun):
+            def _run(self, data, indices, axis=0):
+                return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+        class MatMul(OpRun):
+            def _run(self, a, b):
+                return (np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype),)
+
+        self._evaluator = ReferenceEvaluator(str(path), new_ops=[GatherElements, MatMul])
+        self._inputs = [SimpleNamespace(name=name) for name in self._evaluator.input_names]
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(out) for out in self._evaluator.run(output_names, feeds)]
 
 
 def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

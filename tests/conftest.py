@@ -103,17 +103,32 @@ def tiny_build(tiny_export) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_index(tiny_build, tmp_path_factory) -> Path:
-    """A 20-passage flat index of the embedded corpus on the tiny export."""
+def stdlib_corpus(tmp_path_factory):
+    """Factory: stdlib_corpus(limit) -> corpus.jsonl of the first `limit` embedded passages, cached."""
     import json
 
-    pytest.importorskip("faiss")
     from resrank_export.data.default_corpus import stdlib_passages
+
+    cache: dict = {}
+
+    def make(limit: int) -> Path:
+        if limit not in cache:
+            path = tmp_path_factory.mktemp(f"corpus-{limit}") / "corpus.jsonl"
+            path.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n"
+                                    for p in stdlib_passages(limit=limit)))
+            cache[limit] = path
+        return cache[limit]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_build, stdlib_corpus, tmp_path_factory) -> Path:
+    """A 20-passage flat index of the embedded corpus on the tiny export."""
+    pytest.importorskip("faiss")
     from resrank_export.index.config import IndexConfig
     from resrank_export.index.stage import build_index
 
     folder = tmp_path_factory.mktemp("tiny-index")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in stdlib_passages(limit=20)))
-    build_index(IndexConfig(build=tiny_build, corpus=corpus, out=folder / "index"))
+    build_index(IndexConfig(build=tiny_build, corpus=stdlib_corpus(20), out=folder / "index"))
     return folder / "index"

@@ -170,3 +170,22 @@ def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
     for name in ("encoder", "reranker"):
         served = tmp_path / "build" / TRITON_REPOSITORY / name / "1" / "model.onnx"
         assert served.read_bytes() == (tmp_path / "build" / "onnx" / "fp32" / f"{name}.ort.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+def test_half_export_dtype_needs_the_same_precision(first_build, tmp_path, precision):
+    """--export-dtype fp16 makes the fp16 graphs themselves: any other --precision is refused
+    before any work, naming both options, and nothing is written."""
+    from resrank_export.export.onnx import ExportConfig
+
+    out = tmp_path / "build"
+    with pytest.raises(ResRankExportError, match=f"--export-dtype fp16 .* --precision fp16 \\(not {precision}"):
+        run_build(BuildConfig(out=out, checkpoint=first_build[0], precision=precision, export=ExportConfig(dtype="fp16")))
+    assert not out.exists()
+
+
+def test_unknown_export_dtype_is_refused():
+    from resrank_export.export.onnx import ExportConfig
+
+    with pytest.raises(ResRankExportError, match="--export-dtype 'fp8': expected one of fp32, fp16, bf16"):
+        ExportConfig(dtype="fp8")

@@ -14,12 +14,12 @@ from pathlib import Path
 from resrank_export.engine.profiles import GIB, BuildGraphs, EngineConfig, prompt_length
 from resrank_export.errors import CheckpointError, InputDataError
 from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # Bytes per weight: INT8 Q/DQ graphs hold the 2-D matmul weights of the transformer layers in
 # INT8 and everything else (embeddings, norms, biases) in FP16.
-_WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "int8": (1, 2)}  # (layer matmuls, rest)
-_ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
+_WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "bf16": (2, 2), "int8": (1, 2)}  # (layer matmuls, rest)
+_ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
 

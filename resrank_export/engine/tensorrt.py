@@ -40,6 +40,9 @@ def _network(trt, builder, precision: str, config) -> tuple[object, bool]:
     mode = typing_mode(trt.__version__)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "flag" else 0
     if mode == "builder_flags":
+        if precision == "bf16":
+            raise EngineError(f"BF16 graphs need TensorRT 9 or newer (strongly typed networks); this is TensorRT "
+                              f"{trt.__version__}: build the fp16 graphs instead")
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":

@@ -1,9 +1,12 @@
 """ONNX export of the encoder and reranker graphs with `torch.onnx.export` (dynamo exporter),
-dynamic batch / sequence / candidate axes, and the tokenizer files next to the graphs."""
+dynamic batch / sequence / candidate axes, and the tokenizer files next to the graphs. The
+weights are exported in `ExportConfig.dtype` (FP32, or FP16/BF16 straight from a half
+checkpoint: `export/half.py`); inputs and outputs are FP32 in every dtype."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import shutil
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resrank_export.errors import ResRankExportError
 from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint
 from resrank_export.model.reference import load_encoder, load_reranker, passage_tokenizer, prompt_builder
 from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
@@ -25,10 +29,18 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 18
     external_data: bool | None = None  # None: decide from the model size
+    dtype: str = "fp32"  # weights of the exported graphs: fp32, or fp16/bf16 without an FP32 copy
+
+    def __post_init__(self):
+        if self.dtype not in EXPORT_DTYPES:
+            raise ResRankExportError(f"--export-dtype {self.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
 
 
 def graph_specs(checkpoint: Checkpoint) -> tuple[GraphSpec, GraphSpec]:
@@ -50,7 +62,8 @@ def _dynamic_shapes(spec: GraphSpec) -> dict:
 
 
 def _export(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, np.ndarray], path: Path,
-            config: ExportConfig) -> None:
+            config: ExportConfig) -> dict | None:
+    """Write one graph; for a half dtype, returns what `keep_fp32` moved back to FP32."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     external = config.external_data if config.external_data is not None else params > EXTERNAL_DATA_THRESHOLD
     args = tuple(torch.from_numpy(inputs[name]) for name in spec.input_names)
@@ -64,13 +77,31 @@ def _export(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, np.ndarr
         )
     log.debug(captured.getvalue())
     program.save(str(path), external_data=external)
+    del program  # its copy of the weights
     import onnx
 
+    report = None
+    if config.dtype != "fp32":
+        from resrank_export.export.half import keep_fp32, precision_by_op
+
+        model = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay in their file
+        moved = keep_fp32(model)
+        report = {"moved_to_fp32": moved, "nodes": precision_by_op(model)}
+        onnx.save(model, str(path))
     onnx.checker.check_model(str(path))
+    return report
 
 
-def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = ExportConfig()) -> dict[str, Path]:
-    """Write encoder.onnx, reranker.onnx, tokenizers and resrank.json under `out`."""
+def graphs_folder(out: Path, config: ExportConfig = ExportConfig()) -> Path:
+    """Where `export_onnx` writes the graphs: out/onnx/<dtype>/."""
+    return Path(out) / "onnx" / config.dtype
+
+
+def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = ExportConfig(),
+                report: dict | None = None) -> dict[str, Path]:
+    """Write encoder.onnx, reranker.onnx (under onnx/<dtype>/), tokenizers and resrank.json under
+    `out`; one PyTorch module is alive at a time. `report`, if given, receives per graph what a
+    half export kept in FP32."""
     out.mkdir(parents=True, exist_ok=True)
     enc_spec, rer_spec = graph_specs(checkpoint)
     texts = _sample_texts()
@@ -81,12 +112,17 @@ def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = Export
     rng = np.random.default_rng(0)
     rer_inputs["passage_embeddings"] = rng.standard_normal((2, k, checkpoint.encoder_dim)).astype(np.float32)
 
-    graphs = out / "onnx" / "fp32"
+    graphs = graphs_folder(out, config)
     graphs.mkdir(parents=True, exist_ok=True)
-    _export(load_encoder(checkpoint), enc_spec, enc_inputs, graphs / enc_spec.filename, config)
-    log.info("exported %s", graphs / enc_spec.filename)
-    _export(load_reranker(checkpoint), rer_spec, rer_inputs, graphs / rer_spec.filename, config)
-    log.info("exported %s", graphs / rer_spec.filename)
+    dtype = EXPORT_DTYPES[config.dtype]
+    for spec, load, inputs in ((enc_spec, load_encoder, enc_inputs), (rer_spec, load_reranker, rer_inputs)):
+        module = load(checkpoint, dtype)
+        kept = _export(module, spec, inputs, graphs / spec.filename, config)
+        del module
+        gc.collect()
+        if report is not None and kept is not None:
+            report[spec.name] = kept
+        log.info("exported %s (%s weights)", graphs / spec.filename, config.dtype)
 
     for role, source in (("encoder", checkpoint.encoder_dir), ("reranker", checkpoint.reranker_dir)):
         target = out / "tokenizer" / role

@@ -29,7 +29,13 @@ ProgressHook = Callable[[int, int], None]  # (chunks done, passages done)
 
 
 def encoder_graph(build_dir: Path) -> Path:
-    return Path(build_dir) / "onnx" / "fp32" / "encoder.onnx"
+    """The exported encoder: onnx/fp32/, or the half graph of a build exported in FP16/BF16
+    (`build --export-dtype`), which has no FP32 graph."""
+    for dtype in ("fp32", "fp16", "bf16"):
+        graph = Path(build_dir) / "onnx" / dtype / "encoder.onnx"
+        if graph.is_file():
+            return graph
+    return Path(build_dir) / "onnx" / "fp32" / "encoder.onnx"  # missing: the caller names it
 
 
 class OnnxEncoder:

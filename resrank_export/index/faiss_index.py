@@ -35,20 +35,64 @@ def _kind_params(config: IndexConfig, count: int, dim: int) -> dict:
     return params
 
 
-def write_faiss(faiss, out: Path, config: IndexConfig, count: int, dim: int) -> dict:
+IVF_KINDS = ("ivf", "ivfpq")  # kinds whose inverted lists merge (per-shard adds on Ray, on-disk lists)
+
+
+def trained_index(faiss, vectors: np.ndarray, config: IndexConfig, count: int, dim: int) -> tuple:
+    """(empty index of `config.kind`, its parameters), IVF/IVF-PQ trained on a seeded sample of `vectors`."""
     params = _kind_params(config, count, dim)
-    vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
     index = _new_index(faiss, config.kind, dim, params)
     if not index.is_trained:
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(count, size=params["train_size"], replace=False))
         index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-    for start in range(0, count, ADD_BLOCK):
-        index.add(np.ascontiguousarray(vectors[start:start + ADD_BLOCK], dtype=np.float32))
-    faiss.write_index(index, str(out / FAISS_FILE))
+    return index, params
+
+
+def add_rows(index, vectors: np.ndarray, start: int, stop: int) -> None:
+    """Add rows [start, stop) of the (memory-mapped) vectors in blocks; FAISS ids are the row
+    numbers, so shards added separately merge into the index one process would have built."""
+    for first in range(start, stop, ADD_BLOCK):
+        block = np.ascontiguousarray(vectors[first:min(stop, first + ADD_BLOCK)], dtype=np.float32)
+        if first == index.ntotal:  # add() numbers rows from ntotal: always so in one process
+            index.add(block)
+        else:
+            index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+
+
+def index_info(config: IndexConfig, count: int, dim: int, params: dict) -> dict:
+    """The index.json content describing the FAISS index (the index stage adds the encoder)."""
     return {"format_version": FORMAT_VERSION, "complete": True, "kind": config.kind, "dim": dim,
             "count": count, "vector_dtype": config.vector_dtype, "metric": "inner_product",
             "params": params}
+
+
+def write_faiss(faiss, out: Path, config: IndexConfig, count: int, dim: int) -> dict:
+    vectors = np.load(out / VECTORS_FILE, mmap_mode="r")
+    index, params = trained_index(faiss, vectors, config, count, dim)
+    add_rows(index, vectors, 0, count)
+    faiss.write_index(index, str(out / FAISS_FILE))
+    return index_info(config, count, dim, params)
+
+
+def read_faiss(faiss, folder: Path, info: dict):
+    """The folder's FAISS index; on-disk inverted lists are opened (memory-mapped) from the
+    folder's own IVF_LISTS_FILE, wherever the folder was moved since it was written."""
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if info["params"].get("on_disk_lists") else 0
+    return faiss.read_index(str(Path(folder) / FAISS_FILE), flags)
+
+
+def empty_copy(faiss, index, info: dict):
+    """An empty in-memory index with `index`'s trained quantizer and codebooks (shards of a split)."""
+    if info["params"].get("on_disk_lists"):  # on-disk lists cannot be cloned: swap in empty memory lists
+        ivf = faiss.extract_index_ivf(index)
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns and frees the lists now, not Python
+        index.ntotal = ivf.ntotal = 0
+    copy = faiss.clone_index(index)
+    copy.reset()
+    return copy
 
 
 def _new_index(faiss, kind: str, dim: int, params: dict):

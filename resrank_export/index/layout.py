@@ -13,6 +13,7 @@ FAISS_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.json"
 TEXTS_FILE = "texts.jsonl"
+IVF_LISTS_FILE = "index.ivfdata"  # on-disk inverted lists (params.on_disk_lists), memory-mapped
 
 
 def read_index_info(folder: Path) -> dict:
@@ -30,7 +31,10 @@ def read_index_info(folder: Path) -> dict:
         raise IndexFormatError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION or info.get("complete") is not True:
         raise IndexFormatError(f"{path}: expected format_version {FORMAT_VERSION} and complete true")
-    for name in (FAISS_FILE, VECTORS_FILE, IDS_FILE) + ((TEXTS_FILE,) if info.get("has_texts") else ()):
+    names = (FAISS_FILE, VECTORS_FILE, IDS_FILE) + ((TEXTS_FILE,) if info.get("has_texts") else ())
+    if isinstance(info.get("params"), dict) and info["params"].get("on_disk_lists"):
+        names += (IVF_LISTS_FILE,)
+    for name in names:
         if not (folder / name).is_file():
             raise IndexFormatError(f"{folder / name}: file not found; the index is incomplete")
     return info

@@ -7,8 +7,10 @@ the unfinished chunks runs `map_batches` with `ChunkEncoder`, a callable class h
 Runtime session of the build's encoder graph, in an actor pool (`--actors`, `--gpus-per-actor`;
 CUDA provider when the actor has a GPU). Each actor writes its chunk's vectors beside the records
 (`NNNNNN.npy`, renamed into place last, so a rerun skips finished chunks and a retried task
-rewrites the same file). The FAISS index, index.json and report are then written by the index
-module's own assembly, so the folder is the layout that `search`, `triton` and `serve` read.
+rewrites the same file). The vectors, index.json and report are then written by the index
+module's own assembly, so the folder is the layout that `search`, `triton` and `serve` read; an
+IVF/IVF-PQ index is trained once there and filled by Ray tasks whose indexes the driver merges
+(`_faiss_on_ray`: in memory, or into on-disk inverted lists).
 
 The chunk folder must be visible to every worker (one machine, or a shared file system).
 """
@@ -21,6 +23,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +35,8 @@ from resrank_export.fs import refuse_foreign_folder
 from resrank_export.index.config import IndexConfig
 from resrank_export.index.encode import (OnnxEncoder, chunk_paths, chunks_of, corpus_identity, corpus_passages,
                                          encoder_graph, open_work_dir)
-from resrank_export.index.layout import INDEX_FILE
+from resrank_export.index.faiss_index import IVF_KINDS, add_rows, index_info, trained_index, write_faiss
+from resrank_export.index.layout import FAISS_FILE, INDEX_FILE, IVF_LISTS_FILE, VECTORS_FILE
 from resrank_export.index.stage import write_index_from_chunks
 from resrank_export.lazy import require
 from resrank_export.runtime import ort_session
@@ -49,14 +53,19 @@ class RayIndexConfig:
     actors: int = 2
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
+    rows_per_add_task: int = 1_000_000  # ivf/ivfpq: vectors one Ray task adds to a copy of the trained index
+    on_disk_lists: bool = False  # ivf/ivfpq: merge the inverted lists into index.ivfdata (mmapped), not RAM
 
     def validate(self) -> None:
         self.index.validate()
         if self.index.source_index is not None:
             raise ResRankExportError("--engine ray encodes a corpus; --from-index reuses vectors without encoding")
-        if self.actors < 1 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
-            raise ResRankExportError(f"expected actors >= 1, gpus per actor >= 0, cpus per actor > 0; got "
-                                     f"{self.actors}, {self.gpus_per_actor}, {self.cpus_per_actor}")
+        if self.actors < 1 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0 or self.rows_per_add_task < 1:
+            raise ResRankExportError(f"expected actors >= 1, gpus per actor >= 0, cpus per actor > 0, rows per add "
+                                     f"task >= 1; got {self.actors}, {self.gpus_per_actor}, {self.cpus_per_actor}, "
+                                     f"{self.rows_per_add_task}")
+        if self.on_disk_lists and self.index.kind not in IVF_KINDS:
+            raise ResRankExportError(f"on-disk inverted lists need --index ivf or ivfpq; got {self.index.kind}")
 
 
 class ChunkEncoder:
@@ -81,6 +90,51 @@ class ChunkEncoder:
             os.replace(partial, vectors_path)
             rows.append(len(texts))
         return {"chunk": batch["chunk"], "rows": np.array(rows, dtype=np.int64)}
+
+
+def _add_shard(trained: np.ndarray, vectors_file: str, start: int, stop: int, out: str, threads: int) -> str:
+    """Ray task: rows [start, stop) added to a copy of the trained empty index, written to `out`
+    (renamed into place, so a retried task rewrites the same file)."""
+    faiss = require("faiss", "adding vectors to a FAISS index")
+    faiss.omp_set_num_threads(threads)
+    index = faiss.deserialize_index(trained)
+    add_rows(index, np.load(vectors_file, mmap_mode="r"), start, stop)
+    written = f"{out}.{os.getpid()}.tmp"
+    faiss.write_index(index, written)
+    os.replace(written, out)
+    return out
+
+
+def _faiss_on_ray(config: RayIndexConfig, faiss, folder: Path, index_config: IndexConfig, count: int,
+                  dim: int) -> dict:
+    """`write_faiss` with the adding spread over Ray tasks (ivf, ivfpq): the quantizer is trained
+    once on a sample, each task adds `rows_per_add_task` rows to a copy and writes it, and the
+    driver merges the copies in row order (`merge_from`, or `merge_ondisk` into IVF_LISTS_FILE).
+    The lists then hold the rows in the order one process adds them: the same index. Flat indexes
+    are one copy of the vectors and HNSW graphs do not merge, so those are written as by one process."""
+    if index_config.kind not in IVF_KINDS:
+        return write_faiss(faiss, folder, index_config, count, dim)
+    ray = _connect(config)  # not connected yet when every chunk was encoded by an earlier run
+    index, params = trained_index(faiss, np.load(folder / VECTORS_FILE, mmap_mode="r"), index_config, count, dim)
+    shards = folder / "faiss-shards"
+    shards.mkdir()
+    threads = max(1, int(config.cpus_per_actor))
+    add = ray.remote(num_cpus=config.cpus_per_actor, max_retries=-1)(_add_shard)
+    trained = ray.put(faiss.serialize_index(index))
+    paths = ray.get([add.remote(trained, str((folder / VECTORS_FILE).resolve()), first,
+                                min(count, first + config.rows_per_add_task),
+                                str((shards / f"{number:06d}.faiss").resolve()), threads)
+                     for number, first in enumerate(range(0, count, config.rows_per_add_task))])
+    if config.on_disk_lists:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(index, paths, str((folder / IVF_LISTS_FILE).resolve()))
+    else:
+        for path in paths:
+            index.merge_from(faiss.read_index(path), 0)
+    faiss.write_index(index, str(folder / FAISS_FILE))
+    shutil.rmtree(shards)
+    return index_info(index_config, count, dim, {**params, "on_disk_lists": True} if config.on_disk_lists else params)
 
 
 def _parquet_passages(path: Path) -> Iterator[Passage]:
@@ -123,15 +177,27 @@ def _write_records(config: IndexConfig, work: Path) -> tuple[int, list[int]]:
     return number + 1, pending
 
 
-def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> int:
-    """Run the actor pool over the unfinished chunks; returns the passages encoded."""
-    ray = require("ray", "encoding on Ray")
-    data = require("ray.data", "encoding on Ray")
+def _connect(config: RayIndexConfig):
+    """The `ray` module, connected to the configured cluster (or the running one)."""
+    ray = require("ray", "index --engine ray")
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _encode_on_ray(config: RayIndexConfig, work: Path, pending: list[int]) -> int:
+    """Run the actor pool over the unfinished chunks; returns the passages encoded."""
+    data = require("ray.data", "encoding on Ray")
+    _connect(config)
     context = data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = data.from_items([{"chunk": n} for n in pending], override_num_blocks=len(pending))
+    # Fault tolerance comes from Ray Data's actor pool defaults, max_restarts=-1 and
+    # max_task_retries=-1: an actor whose process or node dies is restarted, and the chunks it
+    # held are resubmitted, without limit (a resubmitted chunk rewrites the same file). They are
+    # not passed here because map_batches takes them only through `**ray_remote_args`, deprecated
+    # in Ray 2.60 and removed in 2.64; tests/index/test_ray_engine_faults.py fails if they change.
+    # An exception raised by the encoder is not retried (no retry_exceptions): it would fail again.
     encoded = dataset.map_batches(
         ChunkEncoder, batch_size=1, compute=data.ActorPoolStrategy(size=min(config.actors, len(pending))),
         num_cpus=config.cpus_per_actor,
@@ -163,4 +229,4 @@ def build_index_ray(config: RayIndexConfig) -> dict:
     if missing:
         raise ResRankExportError(f"{work}: chunks {missing[:5]} have no vectors after the Ray run; rerun to resume")
     timings = {"encode_seconds": time.perf_counter() - start, "encoded_passages": encoded}
-    return write_index_from_chunks(work, chunks, index, encoder, timings, start)
+    return write_index_from_chunks(work, chunks, index, encoder, timings, start, partial(_faiss_on_ray, config))

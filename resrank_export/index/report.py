@@ -11,7 +11,7 @@ import numpy as np
 from resrank_export.data.evaluation import Run, is_beir_folder, judged_queries, ndcg_at_10, recall_against_exact
 from resrank_export.index.config import IndexConfig
 from resrank_export.index.faiss_index import ADD_BLOCK
-from resrank_export.index.layout import FAISS_FILE, VECTORS_FILE
+from resrank_export.index.layout import FAISS_FILE, IVF_LISTS_FILE, VECTORS_FILE
 from resrank_export.index.retriever import Retriever, SearchResult
 from resrank_export.lazy import require
 
@@ -30,7 +30,8 @@ def index_report(retriever: Retriever, config: IndexConfig, timings: dict) -> di
         "encode_seconds": round(timings["encode_seconds"], 3), "encoded_passages": timings["encoded_passages"],
         "passages_per_second": round(timings["encoded_passages"] / max(timings["encode_seconds"], 1e-9), 1),
         "bytes_per_passage": {name: round((retriever.folder / name).stat().st_size / count, 1)
-                              for name in (FAISS_FILE, VECTORS_FILE)},
+                              for name in (FAISS_FILE, IVF_LISTS_FILE, VECTORS_FILE)
+                              if (retriever.folder / name).is_file()},
     }
     if is_beir_folder(config.corpus):
         _, queries = judged_queries(Path(config.corpus))

@@ -14,7 +14,7 @@ import numpy as np
 from resrank_export.data.readers import read_queries
 from resrank_export.errors import IndexFormatError, ResRankExportError
 from resrank_export.index.encode import OnnxEncoder, encoder_graph
-from resrank_export.index.faiss_index import apply_search_params
+from resrank_export.index.faiss_index import apply_search_params, read_faiss
 from resrank_export.index.layout import FAISS_FILE, IDS_FILE, INDEX_FILE, TEXTS_FILE, VECTORS_FILE, read_index_info
 from resrank_export.lazy import require
 
@@ -48,7 +48,7 @@ class Retriever:
         info = read_index_info(folder)
         faiss = require("faiss", "loading a FAISS index")
         try:
-            index = faiss.read_index(str(folder / FAISS_FILE))
+            index = read_faiss(faiss, folder, info)
         except RuntimeError as exc:  # faiss names neither the file nor a cause a user can act on
             reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).splitlines()[0])
             raise IndexFormatError(f"{folder / FAISS_FILE}: not a readable FAISS index ({reason}); "

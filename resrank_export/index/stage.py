@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 from resrank_export.errors import InputDataError
 from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
@@ -32,6 +33,8 @@ from resrank_export.index.retriever import Retriever, check_encoder_matches
 from resrank_export.lazy import require
 
 log = logging.getLogger(__name__)
+# (faiss, folder holding vectors.npy, config, count, dim) -> index.json's FAISS fields; writes index.faiss
+FaissWriter = Callable[[Any, Path, IndexConfig, int, int], dict]
 
 
 def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> dict:
@@ -64,11 +67,12 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
 
 
 def write_index_from_chunks(work: Path, chunks: int, config: IndexConfig, encoder: OnnxEncoder, timings: dict,
-                            start: float) -> dict:
-    """The index folder from the finished chunks in `work` (then removed); also used by the Ray engine."""
+                            start: float, faiss_writer: FaissWriter = write_faiss) -> dict:
+    """The index folder from the finished chunks in `work` (then removed); also used by the Ray
+    engine, whose `faiss_writer` adds the vectors to IVF indexes in Ray tasks."""
     with atomic_dir(config.out) as tmp:
         count = assemble_chunks(work, chunks, tmp, config.store_texts, encoder.dim, config.vector_dtype)
-        info = _finish_index(tmp, config, encoder, count, config.store_texts, timings, start)
+        info = _finish_index(tmp, config, encoder, count, config.store_texts, timings, start, faiss_writer)
     shutil.rmtree(work, ignore_errors=True)
     return info
 
@@ -91,9 +95,9 @@ def _reindex(source: Path, config: IndexConfig) -> dict:
 
 
 def _finish_index(folder: Path, config: IndexConfig, encoder: OnnxEncoder, count: int, has_texts: bool,
-                  timings: dict, start: float) -> dict:
+                  timings: dict, start: float, faiss_writer: FaissWriter = write_faiss) -> dict:
     """FAISS index, index.json and the report, next to the vectors already in `folder`."""
-    info = write_faiss(require("faiss", "building a FAISS index"), folder, config, count, encoder.dim)
+    info = faiss_writer(require("faiss", "building a FAISS index"), folder, config, count, encoder.dim)
     recorded_build = Path(config.recorded_build or config.build).resolve()
     info.update(encoder_sha256=encoder.sha256, build=str(recorded_build), has_texts=has_texts)
     (folder / INDEX_FILE).write_text(json.dumps(info, indent=2) + "\n")

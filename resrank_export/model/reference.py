@@ -20,14 +20,15 @@ from resrank_export.progress import track
 from resrank_export.runtime import length_batches
 
 
-def load_backbone(model_dir) -> nn.Module:
+def load_backbone(model_dir, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Any Hugging Face model that takes inputs_embeds + attention_mask and returns
-    last_hidden_state. Eager attention: it exports to plain ONNX ops that every runtime and
-    ModelOpt handle, and it is what the parity reference runs too."""
+    last_hidden_state, its weights in `dtype` (loaded tensor by tensor: a BF16 checkpoint read as
+    BF16 never exists in FP32). Eager attention: it exports to plain ONNX ops that every runtime
+    and ModelOpt handle, and it is what the parity reference runs too."""
     from transformers import AutoModel
 
     try:
-        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     except Exception as exc:  # corrupt weights, unknown model_type, ...: a user error, one line
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{model_dir}: cannot be loaded as a Hugging Face model "
@@ -54,7 +55,8 @@ def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderOnnxWrapper(nn.Module):
-    """input_ids, attention_mask -> one pooled (optionally L2-normalised) vector per text."""
+    """input_ids, attention_mask -> one pooled (optionally L2-normalised) FP32 vector per text;
+    pooling and the L2 norm run in FP32 whatever the backbone's dtype."""
 
     def __init__(self, backbone: nn.Module, pooling: str, normalize: bool):
         super().__init__()
@@ -65,7 +67,7 @@ class EncoderOnnxWrapper(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, **_backbone_kwargs(self.backbone)
-        ).last_hidden_state
+        ).last_hidden_state.float()
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -90,7 +92,8 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
 
 class RerankerOnnxWrapper(nn.Module):
     """One forward pass: fill the placeholder slots with projected passage vectors, run the
-    backbone, score each slot by cos(last-token state, alpha * e_i + h_i)."""
+    backbone, score each slot by cos(last-token state, alpha * e_i + h_i). Inputs and scores are
+    FP32 and the residual and cosine run in FP32 whatever the backbone's dtype."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, residual_alpha: float):
         super().__init__()
@@ -106,31 +109,31 @@ class RerankerOnnxWrapper(nn.Module):
         slot_positions: torch.Tensor,
     ) -> torch.Tensor:
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        slot_vectors = self.projector(passage_embeddings).to(embeds.dtype)
+        slot_vectors = self.projector(passage_embeddings.to(embeds.dtype)).to(embeds.dtype)
         index = slot_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
         embeds = embeds.scatter(1, index, slot_vectors)
         hidden = self.backbone(
             inputs_embeds=embeds, attention_mask=attention_mask, **_backbone_kwargs(self.backbone)
-        ).last_hidden_state
-        passages = self.residual_alpha * slot_vectors + _gather_rows(hidden, slot_positions)
+        ).last_hidden_state.float()
+        passages = self.residual_alpha * slot_vectors.float() + _gather_rows(hidden, slot_positions)
         query = _gather_rows(hidden, _last_token_index(attention_mask))
         return nn.functional.cosine_similarity(query, passages, dim=-1)
 
 
-def load_encoder(checkpoint: Checkpoint) -> EncoderOnnxWrapper:
+def load_encoder(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> EncoderOnnxWrapper:
     config = checkpoint.config
-    return EncoderOnnxWrapper(load_backbone(checkpoint.encoder_dir), config.pooling, config.normalize).eval()
+    return EncoderOnnxWrapper(load_backbone(checkpoint.encoder_dir, dtype), config.pooling, config.normalize).eval()
 
 
-def load_reranker(checkpoint: Checkpoint) -> RerankerOnnxWrapper:
+def load_reranker(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> RerankerOnnxWrapper:
     config = checkpoint.config
     projector = build_projector(config.projector, checkpoint.encoder_dim, checkpoint.reranker_hidden)
     if checkpoint.projector_path is not None:
         from safetensors.torch import load_file
 
         projector.load_state_dict(load_file(str(checkpoint.projector_path)))
-    backbone = load_backbone(checkpoint.reranker_dir)
-    return RerankerOnnxWrapper(backbone, projector, config.residual_alpha).eval()
+    backbone = load_backbone(checkpoint.reranker_dir, dtype)
+    return RerankerOnnxWrapper(backbone, projector.to(dtype), config.residual_alpha).eval()
 
 
 def passage_tokenizer(checkpoint: Checkpoint) -> PassageTokenizer:
@@ -157,8 +160,9 @@ class Ranking:
 class ResRankReference:
     """The whole model in PyTorch: encode texts, score candidates, rank."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
         self.checkpoint = checkpoint
+        self.dtype = dtype  # of the weights; the outputs are FP32
         self.passage_tokenizer = passage_tokenizer(checkpoint)
         self.prompt_builder = prompt_builder(checkpoint)
 
@@ -166,11 +170,11 @@ class ResRankReference:
     # keeps one model copy alive at a time (at 4B an FP32 copy is 16 GB).
     @functools.cached_property
     def encoder(self) -> EncoderOnnxWrapper:
-        return load_encoder(self.checkpoint)
+        return load_encoder(self.checkpoint, self.dtype)
 
     @functools.cached_property
     def reranker(self) -> RerankerOnnxWrapper:
-        return load_reranker(self.checkpoint)
+        return load_reranker(self.checkpoint, self.dtype)
 
     def release(self) -> None:
         """Free the loaded PyTorch modules (they load again if used)."""

@@ -17,7 +17,8 @@ from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load
 from resrank_export.lazy import require
 from resrank_export.model.checkpoint import Checkpoint
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
-from resrank_export.runtime import encode_texts, ort_session, run_session
+from resrank_export.precision import HALF_PRECISIONS
+from resrank_export.runtime import encode_texts, graph_session, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
@@ -71,7 +72,7 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
     vectors = {}
     for precision, path in encoders.items():
         log.info("fidelity: encoding %d texts with the %s encoder", len(texts) + len(queries), precision)
-        session = ort_session(path)
+        session = graph_session(path)
         vectors[precision] = np.concatenate([encode_texts(session, tokenizer, texts, config.batch_size),
                                              encode_texts(session, tokenizer.queries, list(queries.values()),
                                                           config.batch_size)])
@@ -107,7 +108,7 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
     scores = {}
     for precision, paths in graphs.items():
         log.info("fidelity: reranking %d queries x %d candidates with the %s reranker", len(data.queries), k, precision)
-        session = ort_session(paths["reranker"])
+        session = graph_session(paths["reranker"])
         rows = []
         for i, query in enumerate(data.queries):
             inputs = builder.batch([query], k)
@@ -155,10 +156,12 @@ def render_markdown(report: dict, title: str = "Precision fidelity vs FP32 (ONNX
 
 
 def _conversion_summary(conversion: dict) -> str:
-    """One line from a convert_fp16 / quantize_int8 report."""
-    if "nodes" in conversion:  # FP16
+    """One line from a convert_half / quantize_int8 report."""
+    if "nodes" in conversion:  # FP16 / BF16
         kept = ", ".join(f"{op} {n}" for op, n in conversion["nodes"]["fp32"].items()) or "nothing"
-        return f"{sum(conversion['nodes']['fp16'].values())} nodes FP16; FP32 kept: {kept}"
+        half = {p: sum(conversion["nodes"].get(p, {}).values()) for p in HALF_PRECISIONS}
+        made = "; ".join(f"{n} nodes {p.upper()}" for p, n in half.items() if n) or "no half-precision node"
+        return f"{made}; FP32 kept: {kept}"
     smooth = conversion.get("smoothquant")
     smooth_text = (f"SmoothQuant α {smooth['alpha']} on {smooth['gemms']} GEMMs ({smooth['inputs']} inputs)"
                    if smooth else "no SmoothQuant")

@@ -1,6 +1,6 @@
-"""FP16 and INT8 graphs made on the CPU with NVIDIA ModelOpt. TensorRT 10 deprecated (and 11
+"""FP16, BF16 and INT8 graphs made on the CPU with NVIDIA ModelOpt. TensorRT 10 deprecated (and 11
 removed) its builder precision flags and implicit INT8 calibrators, so the precision lives in
-the ONNX graph: FP16 by AutoCast (mixed precision, I/O types kept), INT8 by explicit Q/DQ
+the ONNX graph: FP16 and BF16 by AutoCast (mixed precision, I/O types kept), INT8 by explicit Q/DQ
 nodes whose scales come from a calibration set run through ONNX Runtime on the CPU."""
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ import numpy as np
 
 from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.lazy import require
+from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op
+from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.smoothquant import smooth_gemm_inputs, smoothable_groups
 
 log = logging.getLogger(__name__)
 
-# Op types AutoCast leaves in FP32: reductions and normalisations overflow or lose precision in
-# FP16 (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization;
-# the final L2-normalise/cosine as ReduceL2/ReduceSum/Sqrt/Div/Clip), and softmax over long
-# prompts. Measured on the demo graphs: leaving these in FP32 keeps SciFact nDCG@10 within 0.002.
-FP16_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
-                      "Sqrt", "Reciprocal", "ReduceL2", "ReduceSum", "Div", "Clip")
 # ModelOpt's INT8 calibration methods ("percentile" is not offered for INT8 by ModelOpt 0.4x).
 INT8_METHODS = ("entropy", "max")
 CALIBRATION_BATCH = 8  # samples per ONNX Runtime run during calibration
@@ -44,7 +40,7 @@ FFN_ACTIVATION_OPS = ("Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh")
 @dataclass(frozen=True)
 class PrecisionConfig:
     calibration_method: str = "entropy"
-    fp16_keep_fp32_ops: tuple[str, ...] = FP16_KEEP_FP32_OPS
+    half_keep_fp32_ops: tuple[str, ...] = HALF_KEEP_FP32_OPS
     int8_exclude_ops: tuple[str, ...] = ()  # op types left unquantized, e.g. ("Gather",)
     int8_exclude_nodes: tuple[str, ...] = ()  # node-name regexes left unquantized
     int8_keep_ffn_output_fp32: bool = True  # leave GEMMs fed by the FFN activation unquantized
@@ -61,32 +57,6 @@ def check_int8_config(config: PrecisionConfig) -> None:
     alpha = config.int8_smoothquant_alpha
     if alpha is not None and not 0 < alpha <= 1:
         raise ResRankExportError(f"SmoothQuant alpha {alpha}: expected a number in (0, 1] (0.5 is the usual choice)")
-
-
-def _float_types(model) -> dict[str, int]:
-    onnx = require("onnx", "precision conversion")
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    return types
-
-
-def precision_by_op(model) -> dict[str, dict[str, int]]:
-    """{"fp32": {op type: count}, "fp16": {...}} of the non-Cast float nodes, by output type:
-    the record of what a mixed-precision graph really kept in FP32."""
-    onnx = require("onnx", "precision conversion")
-    types = _float_types(model)
-    counts: dict[str, collections.Counter] = {"fp32": collections.Counter(), "fp16": collections.Counter()}
-    for node in model.graph.node:
-        if node.op_type == "Cast":
-            continue
-        out_types = {types.get(o) for o in node.output}
-        if onnx.TensorProto.FLOAT16 in out_types:
-            counts["fp16"][node.op_type] += 1
-        elif onnx.TensorProto.FLOAT in out_types:
-            counts["fp32"][node.op_type] += 1
-    return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
 def _drop_placeholder_dims(model) -> None:
@@ -114,24 +84,28 @@ def _first_samples(calibration: dict[str, np.ndarray], n: int) -> dict[str, np.n
     return {name: array[:n] for name, array in calibration.items()}
 
 
-def convert_fp16(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
-    """Mixed FP16 graph with FP32 inputs/outputs; nodes of `fp16_keep_fp32_ops`, and any node
-    whose values on real calibration inputs exceed FP16's safe range, stay FP32."""
-    autocast = require("modelopt.onnx.autocast", "FP16 conversion")
-    onnx = require("onnx", "FP16 conversion")
+def convert_half(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig,
+                 precision: str = "fp16") -> dict:
+    """Mixed FP16 or BF16 (`precision`) graph with FP32 inputs/outputs; nodes of
+    `half_keep_fp32_ops`, and any node whose values on real calibration inputs exceed the type's
+    safe range, stay FP32."""
+    if precision not in HALF_PRECISIONS:
+        raise ResRankExportError(f"half precision {precision!r}: expected one of {', '.join(HALF_PRECISIONS)}")
+    autocast = require("modelopt.onnx.autocast", f"{precision.upper()} conversion")
+    onnx = require("onnx", f"{precision.upper()} conversion")
     with _private_copy(src) as copy:
         sample = copy.parent / "autocast.npz"
         np.savez(sample, **_first_samples(calibration, config.autocast_samples))
         model = autocast.convert_to_mixed_precision(
-            onnx_path=str(copy), low_precision_type="fp16", keep_io_types=True,
-            op_types_to_exclude=list(config.fp16_keep_fp32_ops), calibration_data=str(sample),
+            onnx_path=str(copy), low_precision_type=precision, keep_io_types=True,
+            op_types_to_exclude=list(config.half_keep_fp32_ops), calibration_data=str(sample),
             providers=["cpu"])
     _drop_placeholder_dims(model)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
-    report = {"keep_fp32_op_types": list(config.fp16_keep_fp32_ops), "nodes": precision_by_op(model)}
-    log.info("fp16 %s: %d fp16 nodes, fp32 kept: %s", Path(dst).name, sum(report["nodes"]["fp16"].values()),
-             report["nodes"]["fp32"])
+    report = {"keep_fp32_op_types": list(config.half_keep_fp32_ops), "nodes": precision_by_op(model)}
+    log.info("%s %s: %d %s nodes, fp32 kept: %s", precision, Path(dst).name, sum(report["nodes"][precision].values()),
+             precision, report["nodes"]["fp32"])
     return report
 
 

@@ -1,4 +1,4 @@
-"""The build stages after parity for --precision fp16|int8: calibration set -> precision graphs
+"""The build stages after parity for --precision fp16|bf16|int8: calibration set -> precision graphs
 -> fidelity report, chained inside a build folder by `build.py`."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from resrank_export.export.onnx import graph_specs
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.manifest import StageRunner
 from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.calibration import CARD_FILE, CalibrationConfig, build_calibration_set, load_calibration
 from resrank_export.precision.fidelity import FidelityConfig, measure_fidelity, render_markdown
-from resrank_export.precision.graphs import PrecisionConfig, check_int8_config, convert_fp16, quantize_int8
+from resrank_export.precision.graphs import PrecisionConfig, check_int8_config, convert_half, quantize_int8
 
 CALIBRATION_DIR = "calibration"
 FIDELITY_JSON, FIDELITY_MD = "fidelity.json", "fidelity.md"
@@ -22,7 +23,7 @@ FIDELITY_JSON, FIDELITY_MD = "fidelity.json", "fidelity.md"
 
 @dataclass(frozen=True)
 class PrecisionStagesConfig:
-    """What the stages after parity need for --precision fp16|int8 (`build.BuildConfig` composes it)."""
+    """What the stages after parity need for --precision fp16|bf16|int8 (`build.BuildConfig` composes it)."""
 
     precision: str
     calibration: Path | None = None  # a calibration folder made by `calibrate`; None: build one
@@ -53,8 +54,12 @@ def check_precision_inputs(checkpoint: Checkpoint, config: PrecisionStagesConfig
 def make_precision_graphs(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], calibration_dir: Path,
                           precision: str, out: Path, config: PrecisionConfig) -> dict[str, dict]:
     """Each graph of `fp32_graphs` converted to `precision` as out/<graph file>; {graph: conversion report}."""
-    make = convert_fp16 if precision == "fp16" else quantize_int8
-    return {spec.name: make(fp32_graphs[spec.name], out / spec.filename, load_calibration(calibration_dir, spec), config)
+    def make(src: Path, dst: Path, calibration: dict) -> dict:
+        if precision in HALF_PRECISIONS:
+            return convert_half(src, dst, calibration, config, precision)
+        return quantize_int8(src, dst, calibration, config)
+
+    return {spec.name: make(fp32_graphs[spec.name], out / spec.filename, load_calibration(calibration_dir, spec))
             for spec in graph_specs(checkpoint)}
 
 
@@ -120,7 +125,7 @@ def _precision_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, co
                 "report": report}
 
     settings = vars(config.graphs) if precision == "int8" else \
-        {"fp16_keep_fp32_ops": config.graphs.fp16_keep_fp32_ops,
+        {"half_keep_fp32_ops": config.graphs.half_keep_fp32_ops,
          "autocast_samples": config.graphs.autocast_samples}
     runner.run(f"precision_{precision}", {"graphs": runner.output_hashes("export"),
                                           "calibration": runner.output_hashes("calibration"),

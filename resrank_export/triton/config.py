@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.errors import ResRankExportError
+from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.lazy import require
+from resrank_export.precision import PRECISIONS
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
 from resrank_export.runtime import EXECUTION_MODES, SessionSettings
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -70,8 +71,12 @@ class TritonConfig:
                                      f"{' or '.join(EXECUTION_MODES)}")
         if self.backend not in BACKENDS:
             raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise ResRankExportError(f"--precision {self.precision!r}: expected fp32, fp16 or int8")
+        if self.precision not in PRECISIONS:
+            raise ResRankExportError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision == "bf16" and self.backend == "python":
+            raise NotAvailableError("--precision bf16 with the python backend: its ONNX Runtime sessions run on the CPU, "
+                                    "which has no BF16 kernels; serve bf16 with --backend tensorrt (or onnxruntime on "
+                                    "a GPU), or fp16 on a CPU")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
         for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads", "index_shards"):

@@ -49,10 +49,14 @@ def encoder_dim(build: Path) -> int:
     """The embedding size, read from encoder.onnx's output (weights are not loaded)."""
     import onnx
 
-    graph = onnx.load(str(_graph_path(build, "encoder")), load_external_data=False).graph  # dims of every precision
-    dims = graph.output[0].type.tensor_type.shape.dim
+    from resrank_export.index.encode import encoder_graph
+
+    path = encoder_graph(build)  # the exported graph, whatever its dtype: every precision has its dims
+    if not path.is_file():
+        _graph_path(build, "encoder")  # the one-line error naming it
+    dims = onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
     if len(dims) != 2 or not dims[1].dim_value:
-        raise ResRankExportError(f"{_graph_path(build, 'encoder')}: output is not [batch, dim]")
+        raise ResRankExportError(f"{path}: output is not [batch, dim]")
     return dims[1].dim_value
 
 

@@ -3,7 +3,8 @@ index` writes) per contiguous slice of the rows, and the merge of the shards' to
 `faiss_lookup` router model returns.
 
 Each shard's FAISS index is the source index emptied (`reset`: an IVF/IVF-PQ index keeps its
-trained quantizer and codebooks) and refilled with the shard's rows. Flat, IVF and IVF-PQ shards
+trained quantizer and codebooks) and refilled with the shard's rows, in memory (also when the
+source keeps its inverted lists on disk). Flat, IVF and IVF-PQ shards
 therefore score every vector as the source does, and the merged top-k equals the source's: IVF
 shards probe the same lists. HNSW graphs are rebuilt per shard, so their merge is as
 approximate as HNSW itself.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.index.faiss_index import empty_copy, read_faiss
 from resrank_export.index.layout import FAISS_FILE, IDS_FILE, INDEX_FILE, TEXTS_FILE, VECTORS_FILE, read_index_info
 from resrank_export.lazy import require
 
@@ -42,16 +44,16 @@ def split_index(source: Path, folders: list[Path]) -> list[dict]:
     info = read_index_info(source)
     bounds = shard_bounds(int(info["count"]), len(folders))
     faiss = require("faiss", "splitting a FAISS index")
-    full = faiss.read_index(str(source / FAISS_FILE))
+    full = read_faiss(faiss, source, info)
     vectors = np.load(source / VECTORS_FILE, mmap_mode="r")
     ids = json.loads((source / IDS_FILE).read_text(encoding="utf-8"))
+    in_memory_params = {k: v for k, v in info["params"].items() if k != "on_disk_lists"}  # shards hold their lists
     infos = []
     for number, (folder, (start, stop)) in enumerate(zip(folders, bounds)):
         folder.mkdir(parents=True, exist_ok=True)
         shard = np.lib.format.open_memmap(folder / VECTORS_FILE, mode="w+", dtype=vectors.dtype,
                                           shape=(stop - start, vectors.shape[1]))
-        index = faiss.clone_index(full)
-        index.reset()
+        index = empty_copy(faiss, full, info)
         for row in range(start, stop, _COPY_BLOCK):
             block = vectors[row:min(stop, row + _COPY_BLOCK)]
             shard[row - start:row - start + len(block)] = block
@@ -60,7 +62,7 @@ def split_index(source: Path, folders: list[Path]) -> list[dict]:
         del shard
         faiss.write_index(index, str(folder / FAISS_FILE))
         (folder / IDS_FILE).write_text(json.dumps(ids[start:stop], ensure_ascii=False) + "\n", encoding="utf-8")
-        shard_info = {**info, "count": stop - start,
+        shard_info = {**info, "count": stop - start, "params": in_memory_params,
                       "shard": {"number": number, "of": len(folders), "first_row": start, "source_count": info["count"]}}
         (folder / INDEX_FILE).write_text(json.dumps(shard_info, indent=2) + "\n")
         infos.append(shard_info)

@@ -52,9 +52,9 @@ def test_fit_decision_at_its_boundary(tiny_checkpoint):
 
 def test_precisions_order_their_totals(tiny_checkpoint):
     plan = plan_memory(tiny_checkpoint(), PlanConfig(16 * GIB))
-    totals = [p.total for p in plan.precisions]
-    assert [p.precision for p in plan.precisions] == ["fp32", "fp16", "int8"]
-    assert totals[0] > totals[1] > totals[2]
+    totals = {p.precision: p.total for p in plan.precisions}
+    assert list(totals) == ["fp32", "fp16", "bf16", "int8"]
+    assert totals["fp32"] > totals["fp16"] == totals["bf16"] > totals["int8"]  # BF16 and FP16: 2 bytes a value
 
 
 @pytest.mark.parametrize("text, expected", [("16GiB", 16 << 30), ("24GB", 24 * 10**9), ("1.5 GiB", 3 << 29),
@@ -80,4 +80,4 @@ def test_plan_command_prints_json(tiny_checkpoint):
     data = json.loads(result.output)
     assert data["gpu_memory"] == 16 << 30
     assert data["encoder_parameters"] == ModelShape.from_dir(checkpoint.encoder_dir).parameters
-    assert [p["precision"] for p in data["precisions"]] == ["fp32", "fp16", "int8"]
+    assert [p["precision"] for p in data["precisions"]] == ["fp32", "fp16", "bf16", "int8"]

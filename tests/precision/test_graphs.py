@@ -1,4 +1,5 @@
-"""FP16 and INT8 graphs of the tiny checkpoints, run on ONNX Runtime CPU against FP32."""
+"""FP16, BF16 and INT8 graphs of the tiny checkpoints against FP32 (ONNX Runtime CPU; BF16 on onnx's
+reference evaluator) and BF16 against PyTorch in BF16."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-from resrank_export.errors import ResRankExportError
+from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.export.onnx import graph_specs
 from resrank_export.export.parity import _row_cosine
 from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
-from resrank_export.precision.graphs import PrecisionConfig, convert_fp16, quantize_int8
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.precision.graphs import PrecisionConfig, convert_half, quantize_int8
+from resrank_export.runtime import ReferenceSession, graph_session, is_bfloat16_graph, ort_session, run_session
 
 
 @pytest.fixture(scope="module", params=["qwen3", "bert"])
@@ -31,25 +32,70 @@ def _io_types(path):
     return [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.output]]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def _convert(precision, src, dst, calibration, config):
+    if precision == "int8":
+        return quantize_int8(src, dst, calibration, config)
+    return convert_half(src, dst, calibration, config, precision)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
 def test_precision_graphs_track_fp32_and_keep_io(exported, precision):
     checkpoint, graphs, calib, held, root = exported
     for name, src in graphs.items():
         dst = root / precision / f"{name}.onnx"
-        make = convert_fp16 if precision == "fp16" else quantize_int8
-        report = make(src, dst, calib[name], PrecisionConfig(calibration_method="max"))
+        report = _convert(precision, src, dst, calib[name], PrecisionConfig(calibration_method="max"))
         assert _io_types(dst) == _io_types(src)
         ref = run_session(ort_session(src), held[name])[0]
-        got = run_session(ort_session(dst), held[name])[0]
-        floor = 0.999 if precision == "fp16" else 0.95
+        got = run_session(graph_session(dst), held[name])[0]  # bf16: onnx's reference evaluator
+        floor = {"fp16": 0.999, "bf16": 0.995, "int8": 0.95}[precision]
         assert _row_cosine(ref, got).min() > floor, (name, precision)
-        if precision == "fp16":
+        assert not np.array_equal(ref, got)
+        if precision in ("fp16", "bf16"):
             kept = report["nodes"]["fp32"]
-            assert report["nodes"]["fp16"].get("MatMul", 0) > 0
-            assert kept.get("Softmax", 0) + kept.get("LayerNormalization", 0) + kept.get("ReduceMean", 0) > 0
+            assert report["nodes"][precision].get("MatMul", 0) > 0
+            assert not report["nodes"]["bf16" if precision == "fp16" else "fp16"]
+            # RMSNorm / LayerNorm, softmax and the final cosine / L2 norm stay FP32
+            assert kept.get("Softmax", 0) > 0
+            assert kept.get("LayerNormalization", 0) + kept.get("ReduceMean", 0) > 0
             assert set(kept) & {"ReduceL2", "ReduceSum"}
         else:
-            assert report["quantize_nodes"] > 0 and not np.array_equal(ref, got)
+            assert report["quantize_nodes"] > 0
+
+
+def test_bf16_graphs_match_pytorch_in_bf16(exported):
+    """The BF16 graphs (run by onnx's reference evaluator, since ONNX Runtime's CPU provider has no
+    BF16 kernels) against the same model run by PyTorch in BF16: closer to it than to nothing, and
+    the evaluator itself reproduces ONNX Runtime on the FP32 graph."""
+    import torch
+
+    from resrank_export.model.reference import load_encoder, load_reranker
+
+    checkpoint, graphs, calib, held, root = exported
+    for name, load in (("encoder", load_encoder), ("reranker", load_reranker)):
+        dst = root / "bf16-vs-torch" / f"{name}.onnx"
+        convert_half(graphs[name], dst, calib[name], PrecisionConfig(), "bf16")
+        feeds = {k: v[:4] for k, v in held[name].items()}
+        module = load(checkpoint, torch.bfloat16)
+        with torch.inference_mode():
+            torch_bf16 = module(*(torch.from_numpy(feeds[i.name]) for i in ort_session(graphs[name]).get_inputs()))
+        assert torch_bf16.dtype == torch.float32  # FP32 outputs whatever the weights' dtype
+        graph_bf16 = run_session(graph_session(dst), feeds)[0]
+        fp32 = run_session(ort_session(graphs[name]), feeds)[0]
+        assert _row_cosine(torch_bf16.numpy(), graph_bf16).min() > 0.995, name
+        assert np.abs(torch_bf16.numpy() - graph_bf16).max() < 0.05, name
+        assert np.abs(torch_bf16.numpy() - fp32).max() > 0, name  # PyTorch really ran in BF16
+        evaluated = run_session(ReferenceSession(graphs[name]), feeds)[0]
+        np.testing.assert_allclose(evaluated, fp32, atol=1e-5)
+
+
+def test_bf16_graph_on_onnx_runtime_cpu_is_refused_with_the_file(exported):
+    _, graphs, calib, _, root = exported
+    dst = root / "bf16-refused" / "encoder.onnx"
+    convert_half(graphs["encoder"], dst, calib["encoder"], PrecisionConfig(), "bf16")
+    assert is_bfloat16_graph(dst) and not is_bfloat16_graph(graphs["encoder"])
+    with pytest.raises(NotAvailableError, match=r"encoder\.onnx: a BF16 graph.*CUDA or TensorRT"):
+        ort_session(dst)
+    assert isinstance(graph_session(dst), ReferenceSession)
 
 
 def test_int8_exclusions_leave_those_nodes_unquantized(exported):

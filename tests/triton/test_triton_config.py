@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from resrank_export.errors import ResRankExportError  # noqa: E402
+from resrank_export.errors import NotAvailableError, ResRankExportError  # noqa: E402
 from resrank_export.triton.config import TritonConfig, parse_config  # noqa: E402
 from resrank_export.triton.repository import MARKER_FILE, write_repository  # noqa: E402
 
@@ -137,6 +137,16 @@ def test_repository_serves_the_requested_precision(build_dir, tmp_path):
         served = (tmp_path / "repo" / name / "1" / "model.onnx").read_bytes()
         assert served == (build / "onnx" / "int8" / f"{name}.onnx").read_bytes()
         assert served != (build / "onnx" / "fp32" / f"{name}.onnx").read_bytes()
+
+
+def test_bf16_on_the_python_backend_is_refused_before_writing(build_dir, tmp_path):
+    """The python backend runs its graphs on ONNX Runtime's CPU provider, which has no BF16
+    kernels: refused up front, nothing written; the onnxruntime backend (a GPU server) may serve it."""
+    with pytest.raises(NotAvailableError, match="bf16 with the python backend"):
+        write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision="bf16"))
+    assert not (tmp_path / "repo").exists()
+    with pytest.raises(ResRankExportError, match=r"onnx/bf16/encoder\.onnx: graph not found"):
+        write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision="bf16", backend="onnxruntime"))
 
 
 def test_tensorrt_flavour_takes_the_recorded_plans(build_dir, tmp_path):
