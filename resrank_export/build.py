@@ -50,6 +50,7 @@ class BuildConfig:
     corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
+    ort_optimize: bool = False  # also write ORT-fused graphs (onnx/<precision>/*.ort.onnx), parity-checked
 
     def to_json(self) -> dict:
         """Every setting, resolved (the manifest records it): paths as strings, tuples as lists."""
@@ -82,6 +83,9 @@ def run_build(config: BuildConfig) -> dict:
         raise ResRankExportError(
             f"--export-dtype {config.export.dtype} makes the {config.export.dtype} graphs straight from PyTorch: use it "
             f"with --precision {config.export.dtype} (not {config.precision}; int8 is quantized from fp32 graphs)")
+    if config.ort_optimize and "bf16" in (config.precision, config.export.dtype):
+        raise ResRankExportError("--ort-optimize with bf16 graphs: ONNX Runtime's CPU provider has no BF16 kernels "
+                                 "to fuse for; use it with fp32, fp16 or int8")
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
     runtime = _engine_runtime(config)
     out = Path(config.out)
@@ -131,6 +135,8 @@ def _run_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint, inputs:
         log.info("--export-dtype %s: the exported graphs are the %s graphs; parity compared them with PyTorch in %s "
                  "(no fp32 graph, so no fidelity report against fp32)", config.precision, config.precision,
                  config.precision)
+    if config.ort_optimize:
+        _ort_optimize_stage(runner, work, checkpoint, config)
     _engine_stages(runner, work, config, runtime)
     if config.corpus is not None or config.checkpoint is None:
         _index_stage(runner, work, config)
@@ -200,6 +206,37 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
 
     runner.run("parity", {"graphs": runner.output_hashes("export"), "gate": vars(config.parity.gate(config.export.dtype)),
                           "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
+
+
+def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
+    """onnx/<precision>/*.ort.onnx for the exported dtype and the build's precision (resrank_export/precision/
+    ort_optimize.py). The fused FP32 graphs pass the same parity gate as the plain ones; a fused
+    FP16/INT8 graph's parity to the reference is recorded (its gate is the fidelity stage's)."""
+    import onnxscript
+
+    from resrank_export.model.reference import ResRankReference
+    from resrank_export.precision.ort_optimize import make_ort_graphs, ort_graph_path
+
+    exported = config.export.dtype
+    precisions = tuple(dict.fromkeys((exported, config.precision)))
+    graphs = {p: {name: work / "onnx" / p / f"{name}.onnx" for name in ("encoder", "reranker")} for p in precisions}
+
+    def optimize() -> dict:
+        report = {}
+        for precision, plain in graphs.items():
+            fused = {name: ort_graph_path(path) for name, path in plain.items()}
+            reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported])
+            report[precision] = {"graphs": make_ort_graphs(plain),
+                                 "parity": check_parity(reference, fused, config.parity, gate=precision == exported)}
+        return {"outputs": sorted(p for plain in graphs.values() for path in plain.values()
+                                  for p in path.parent.glob(ort_graph_path(path).name + "*")),
+                "report": report}
+
+    sources = {**runner.output_hashes("export"),
+               **(runner.output_hashes(f"precision_{config.precision}") if config.precision != exported else {})}
+    runner.run("ort_optimize", {"graphs": sources, "onnxscript": onnxscript.__version__,
+                                "gate": vars(config.parity.gate(exported)), **_parity_data_identity(config.parity)},
+               optimize)
 
 
 # --- engine stages (TensorRT; see resrank_export/engine) -------------------------------------
@@ -285,14 +322,16 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     def triton() -> dict:
         triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
-                                     backend=config.triton_backend, precision=config.precision)
+                                     backend=config.triton_backend, precision=config.precision,
+                                     ort_fused=config.ort_optimize)
         report = write_repository(triton_config)  # before listing its files: they are the outputs
         return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": report}
 
     from resrank_export import __version__
 
     graphs_stage = "export" if config.precision == config.export.dtype else f"precision_{config.precision}"
-    runner.run("triton", {"graphs": runner.output_hashes(graphs_stage), "precision": config.precision,
+    fused = runner.output_hashes("ort_optimize") if config.ort_optimize else {}
+    runner.run("triton", {"graphs": {**runner.output_hashes(graphs_stage), **fused}, "precision": config.precision,
                           "backend": config.triton_backend,
                           "package": __version__,
                           "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

@@ -119,12 +119,15 @@ def main(verbose: bool) -> None:
               help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
+@click.option("--ort-optimize", is_flag=True,
+              help="Also write graphs fused for ONNX Runtime (onnx/<precision>/*.ort.onnx: Attention, "
+                   "SkipLayerNormalization, RMSNorm, ...), parity-checked; the Triton repository serves them.")
 @click.pass_context
 def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, export_dtype,
           force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
-          fidelity_retrieval_data, fidelity_rerank_data) -> None:
+          fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -143,6 +146,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
+                         ort_optimize=ort_optimize,
                          export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
                          corpus=corpus, index_kind=index_kind,
@@ -543,13 +547,18 @@ def query(text, top_k, passages, url, grpc) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Intra-op threads for torch and ONNX Runtime; 0: library defaults.")
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed repeats (default: the preset's).")
-def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats) -> None:
+@click.option("--encoder-passages", type=click.IntRange(min=1), help="Passages of the encoder benchmark "
+              "(default: the preset's).")
+@click.option("--reranker-k", "reranker_ks", multiple=True, type=click.IntRange(min=1),
+              help="Candidate count of the reranker benchmark (repeatable; default: the preset's).")
+def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encoder_passages, reranker_ks) -> None:
     """Run the benchmarks: encoder throughput, reranker latency vs k, served pipeline, FLOPs."""
     from resrank_export.bench.config import BenchConfig
     from resrank_export.bench.run import run_bench
 
     preset = BenchConfig.smoke if smoke else BenchConfig.full
-    overrides = {"repeats": repeats} if repeats else {}
+    overrides = {name: value for name, value in (("repeats", repeats), ("encoder_passages", encoder_passages),
+                                                 ("reranker_ks", tuple(reranker_ks))) if value}
     config = preset(out=out, only=tuple(n.strip() for n in only.split(",") if n.strip()), build=build_dir,
                     checkpoint=checkpoint, data=data, threads=threads, **overrides)
     run_bench(config, command=" ".join(["resrank-export", *sys.argv[1:]]))

@@ -3,26 +3,75 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from resrank_export.errors import NotAvailableError
+from resrank_export.errors import NotAvailableError, ResRankExportError
 
 log = logging.getLogger(__name__)
 
+EXECUTION_MODES = ("sequential", "parallel")
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0):
-    """A CPU session unless other providers are asked for; `threads` 0 = ORT's default. A BF16
-    graph on the CPU alone is refused with a one-line reason (no BF16 MatMul/Add kernels there)."""
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """ONNX Runtime session options that matter on a shared CPU. Defaults are ORT's; the Triton
+    repository writes its own (triton/config.py) as model parameters ORT_<FIELD>."""
+
+    threads: int = 0  # intra-op threads; 0: ORT's default (one per physical core)
+    inter_op_threads: int = 0  # parallel mode only; 0: ORT's default
+    spinning: bool = True  # idle intra-op threads spin-wait (session.intra_op.allow_spinning)
+    arena: bool = True  # CPU memory arena (enable_cpu_mem_arena)
+    execution_mode: str = "sequential"  # or "parallel": independent branches on inter-op threads
+
+    def __post_init__(self):
+        if self.execution_mode not in EXECUTION_MODES:
+            raise ResRankExportError(f"ONNX Runtime execution mode {self.execution_mode!r}: expected "
+                                     f"{' or '.join(EXECUTION_MODES)}")
+        if self.threads < 0 or self.inter_op_threads < 0:
+            raise ResRankExportError("ONNX Runtime thread counts must be >= 0 (0: ORT's default)")
+
+    def to_parameters(self) -> dict[str, str]:
+        return {f"ORT_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "SessionSettings":
+        """The settings `to_parameters` wrote (missing keys: the defaults)."""
+        values = {}
+        for f in fields(cls):
+            text = params.get(f"ORT_{f.name.upper()}")
+            if text is not None:
+                values[f.name] = text == "True" if f.type == "bool" else int(text) if f.type == "int" else text
+        return cls(**values)
+
+    def options(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.inter_op_threads:
+            options.inter_op_num_threads = self.inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.enable_cpu_mem_arena = self.arena
+        options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.execution_mode == "parallel"
+                                  else ort.ExecutionMode.ORT_SEQUENTIAL)
+        return options
+
+
+def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0,
+                settings: SessionSettings | None = None):
+    """A CPU session unless other providers are asked for; `threads` 0 = ORT's default (ignored
+    when `settings` are given). A BF16 graph on the CPU alone is refused with a one-line reason
+    (no BF16 MatMul/Add kernels there)."""
     import onnxruntime as ort
 
     providers = providers or ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options = (settings or SessionSettings(threads=threads)).options()
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:

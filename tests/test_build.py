@@ -3,6 +3,7 @@ ones, and never leaving partial output or touching folders that are not builds."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -159,6 +160,16 @@ def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
     second = run_build(config)
     assert second["stages"]["triton"]["status"] == "skipped"
     assert second["stages"]["triton"]["outputs"] == first["stages"]["triton"]["outputs"]
+    # --ort-optimize on the same folder: only the fusion stage and the repository run, and the
+    # repository serves the fused graphs (fusions themselves: tests/precision/test_ort_optimize.py)
+    fused = run_build(dataclasses.replace(config, ort_optimize=True))
+    assert {k: v["status"] for k, v in fused["stages"].items() if v["status"] == "ran"} == \
+        {"ort_optimize": "ran", "triton": "ran"}
+    report = fused["stages"]["ort_optimize"]["report"]["fp32"]
+    assert report["parity"]["passed"] and report["graphs"]["encoder"]["fused_ops"].get("Attention", 0) > 0
+    for name in ("encoder", "reranker"):
+        served = tmp_path / "build" / TRITON_REPOSITORY / name / "1" / "model.onnx"
+        assert served.read_bytes() == (tmp_path / "build" / "onnx" / "fp32" / f"{name}.ort.onnx").read_bytes()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])

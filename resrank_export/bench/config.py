@@ -126,12 +126,16 @@ class BenchContext:
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# Graph rows of the encoder and reranker benchmarks: (row suffix, precision, ORT-fused graph).
+GRAPH_VARIANTS = (("fp32", "fp32", False), ("fp32-fused", "fp32", True), ("fp16", "fp16", False),
+                  ("int8", "int8", False), ("int8-fused", "int8", True))
 
 
-def graph_file(build: Path, precision: str, name: str) -> tuple[Path | None, str]:
-    """(<build>/onnx/<precision>/<name>.onnx, "") or (None, why it is not available)."""
-    path = Path(build) / "onnx" / precision / f"{name}.onnx"
+def graph_file(build: Path, precision: str, name: str, fused: bool = False) -> tuple[Path | None, str]:
+    """(<build>/onnx/<precision>/<name>[.ort].onnx, "") or (None, why it is not available)."""
+    path = Path(build) / "onnx" / precision / f"{name}{'.ort' if fused else ''}.onnx"
     if path.is_file():
         return path, ""
-    hint = "" if precision == "fp32" else f" (made by `resrank-export build --precision {precision}`)"
+    options = ([f"--precision {precision}"] if precision != "fp32" else []) + (["--ort-optimize"] if fused else [])
+    hint = f" (made by `resrank-export build {' '.join(options)}`)" if options else ""
     return None, f"{path} not found{hint}"

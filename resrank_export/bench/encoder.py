@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from resrank_export.bench.config import BenchConfig, BenchContext, graph_file
+from resrank_export.bench.config import GRAPH_VARIANTS, BenchConfig, BenchContext, graph_file
 from resrank_export.bench.timing import measure
 from resrank_export.lazy import require
 
@@ -128,8 +128,10 @@ LABELS = {
     "sentence-transformers-onnx": "sentence-transformers, ONNX backend",
     "sentence-transformers-onnx-int8": "sentence-transformers, dynamic INT8 ONNX",
     "onnx-fp32": "exported graph, ONNX Runtime FP32",
+    "onnx-fp32-fused": "exported graph, ONNX Runtime FP32, ORT-fused (--ort-optimize)",
     "onnx-fp16": "exported graph, ONNX Runtime FP16 (precision stage)",
     "onnx-int8": "exported graph, ONNX Runtime INT8 (precision stage, ModelOpt Q/DQ)",
+    "onnx-int8-fused": "exported graph, ONNX Runtime INT8 (ModelOpt Q/DQ), ORT-fused (--ort-optimize)",
     "onnx-dynamic-int8": "exported graph, ONNX Runtime dynamic INT8 (quantize_dynamic)",
 }
 
@@ -143,9 +145,9 @@ def _encoders(config: BenchConfig, context: BenchContext, work: Path) -> dict[st
         "sentence-transformers": _st_encoder(st_folder, batch),
         **_st_onnx_encoders(st_folder, batch, context.machine["cpu_flags"]),
     }
-    for precision in ("fp32", "fp16", "int8"):
-        graph, reason = graph_file(context.build, precision, "encoder")
-        encoders[f"onnx-{precision}"] = onnx_encoder(graph, context, batch) if graph else reason
+    for suffix, precision, fused in GRAPH_VARIANTS:
+        graph, reason = graph_file(context.build, precision, "encoder", fused)
+        encoders[f"onnx-{suffix}"] = onnx_encoder(graph, context, batch) if graph else reason
     fp32_graph, reason = graph_file(context.build, "fp32", "encoder")
     encoders["onnx-dynamic-int8"] = (
         onnx_encoder(dynamic_int8_graph(fp32_graph, work / "encoder.int8-dynamic.onnx"), context, batch)

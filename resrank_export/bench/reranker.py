@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from resrank_export.bench.config import BenchConfig, BenchContext, graph_file
+from resrank_export.bench.config import GRAPH_VARIANTS, BenchConfig, BenchContext, graph_file
 from resrank_export.bench.encoder import onnx_encoder
 from resrank_export.bench.timing import Timing, measure
 from resrank_export.model.text import PASSAGES_MARKER, QUERY_MARKER
@@ -21,8 +21,10 @@ BASELINE = "fulltext-pytorch"
 LABELS = {
     "resrank-pytorch": "ResRank, PyTorch eager (SDPA attention)",
     "resrank-onnx-fp32": "ResRank graph, ONNX Runtime FP32",
+    "resrank-onnx-fp32-fused": "ResRank graph, ONNX Runtime FP32, ORT-fused",
     "resrank-onnx-fp16": "ResRank graph, ONNX Runtime FP16 (precision stage)",
     "resrank-onnx-int8": "ResRank graph, ONNX Runtime INT8 (precision stage)",
+    "resrank-onnx-int8-fused": "ResRank graph, ONNX Runtime INT8, ORT-fused",
     "fulltext-pytorch": "full-text listwise, same backbone, PyTorch eager, SDPA (baseline)",
 }
 Score = Callable[[dict], np.ndarray]  # prepared inputs of one request -> scores [k]
@@ -107,9 +109,9 @@ def _onnx_scorer(graph, threads: int) -> Score:
 
 def _scorers(context: BenchContext) -> dict[str, Score | str]:
     scorers: dict[str, Score | str] = {"resrank-pytorch": _resrank_pytorch_scorer(context)}
-    for precision in ("fp32", "fp16", "int8"):
-        graph, reason = graph_file(context.build, precision, "reranker")
-        scorers[f"resrank-onnx-{precision}"] = _onnx_scorer(graph, context.threads) if graph else reason
+    for suffix, precision, fused in GRAPH_VARIANTS:
+        graph, reason = graph_file(context.build, precision, "reranker", fused)
+        scorers[f"resrank-onnx-{suffix}"] = _onnx_scorer(graph, context.threads) if graph else reason
     scorers[BASELINE] = _fulltext_scorer(load_torch_backbone(context.checkpoint.reranker_dir))
     return scorers
 

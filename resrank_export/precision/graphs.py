@@ -21,7 +21,7 @@ from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op, save_graph
 from resrank_export.precision import HALF_PRECISIONS
-from resrank_export.precision.smoothquant import smooth_gemm_inputs
+from resrank_export.precision.smoothquant import smooth_gemm_inputs, smoothable_groups
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class PrecisionConfig:
     int8_attention_qdq: bool = False  # quantize the attention score/value GEMMs too
     int8_smoothquant_alpha: float | None = 0.5  # SmoothQuant migration strength; None: no smoothing
     autocast_samples: int = 8  # calibration samples AutoCast's range check runs
+    int8_seven_bit_weights: bool = True  # weights in [-64, 64]: ORT's x86 integer GEMMs saturate otherwise
 
 
 def check_int8_config(config: PrecisionConfig) -> None:
@@ -136,15 +137,18 @@ def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) 
             and n.name not in kept_fp32 and not any(p.match(n.name) for p in patterns)}
 
 
-def _smooth_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float) -> dict:
+def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float | None) -> tuple:
+    """SmoothQuant (when `alpha`) then GEMM merging on the private copy ModelOpt will quantize;
+    (smoothing report or None, {merged node: members})."""
     onnx = require("onnx", "INT8 quantization")
     model = onnx.load(str(path))
     side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
-    report = smooth_gemm_inputs(model, gemms, calibration, alpha, CALIBRATION_BATCH)
+    smoothing = smooth_gemm_inputs(model, gemms, calibration, alpha, CALIBRATION_BATCH) if alpha is not None else None
+    merged = merge_shared_input_gemms(model, gemms)
     for side_file in side_files:
         side_file.unlink()
     onnx.save(model, str(path), save_as_external_data=bool(side_files), location=f"{path.name}.data")
-    return report
+    return smoothing, merged
 
 
 def unshare_dequantized_activations(model) -> int:
@@ -167,6 +171,66 @@ def unshare_dequantized_activations(model) -> int:
     return rewired
 
 
+def merge_shared_input_gemms(model, gemm_names: set[str]) -> dict[str, list[str]]:
+    """One MatMul (weights side by side) + Split for each group of the named GEMMs that read the
+    same tensor (Q/K/V projections; Qwen3's gate/up). ModelOpt gives such a group one shared
+    Q/DQ pair, and ONNX Runtime's CPU EP turns Q/DQ + MatMul into an integer kernel
+    (MatMulIntegerToFloat) only where the quantized activation has one consumer: measured on
+    all-MiniLM-L6-v2, 12 of its 30 INT8 GEMMs fused, the QKV GEMMs ran as dequantize + FP32
+    MatMul. Exact in FP32; INT8 scales are unchanged too (per output channel for the weight, one
+    per-tensor scale for the shared input). Rewrites `model` in place; {merged node: members}."""
+    onnx = require("onnx", "INT8 quantization")
+    numpy_helper = onnx.numpy_helper
+    weights = {init.name: init for init in model.graph.initializer}
+    groups = {nodes[0].name: nodes for nodes in smoothable_groups(model, gemm_names).values() if len(nodes) > 1}
+    members = {node.name for nodes in groups.values() for node in nodes}
+    merged, ordered = {}, []
+    for node in model.graph.node:
+        if node.name not in members:
+            ordered.append(node)
+            continue
+        nodes = groups.get(node.name)
+        if nodes is None:  # a later member: its output now comes from the first member's Split
+            continue
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        name = f"{node.name}_merged"
+        model.graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{name}_weight"))
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{name}_split"))
+        ordered.append(onnx.helper.make_node("MatMul", [node.input[0], f"{name}_weight"], [f"{name}_output"], name=name))
+        ordered.append(onnx.helper.make_node("Split", [f"{name}_output", f"{name}_split"],
+                                             [n.output[0] for n in nodes], name=f"{name}_split", axis=-1))
+        merged[name] = [n.name for n in nodes]
+    kept = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(kept, ordered):
+        copy.CopyFrom(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    old = {w for nodes in groups.values() for n in nodes for w in n.input[1:2]}
+    kept_weights = [init for init in model.graph.initializer if init.name not in old]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_weights)
+    return merged
+
+
+def seven_bit_weights(model) -> int:
+    """Doubles the scale of every constant weight's Q/DQ pair, so INT8 weights span [-64, 64].
+    ONNX Runtime's x86 CPU kernels for the fused Q/DQ GEMMs (u8 activations x s8 weights) add
+    pairs of products in int16 without VNNI (AVX2 vpmaddubsw), saturating past 2 x 255 x 64: on
+    all-MiniLM-L6-v2, running the QKV GEMMs as integer kernels dropped the min embedding cosine
+    from 0.998 to 0.986, and 7-bit weights bring it back to 0.998 (ONNX Runtime's own quantizer
+    calls this reduce_range). Per-channel weight scales keep the cost to one bit of weight
+    precision; returns the number of weights changed."""
+    numpy_helper = require("onnx", "INT8 quantization").numpy_helper
+    initializers = {init.name: init for init in model.graph.initializer}
+    scales = {node.input[1] for node in model.graph.node
+              if node.op_type == "QuantizeLinear" and node.input[0] in initializers}
+    for name in scales:
+        scale = numpy_helper.to_array(initializers[name])
+        initializers[name].CopyFrom(numpy_helper.from_array((scale * 2).astype(scale.dtype), name))
+    return len(scales)
+
+
 def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
     """INT8 Q/DQ graph (TensorRT's explicit quantization); scales calibrated on the CPU with
     ONNX Runtime; unquantized ops stay FP32."""
@@ -183,13 +247,11 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     down_projections = ffn_output_gemms(fp32_graph)
     kept_fp32 = down_projections if config.int8_keep_ffn_output_fp32 else []
     exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
-    smoothing = None
     with _private_copy(src) as copy:
-        if config.int8_smoothquant_alpha is not None:
-            # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
-            # and quantizing them drops the min embedding cosine to 0.83
-            gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
-            smoothing = _smooth_copy(copy, gemms, calibration, config.int8_smoothquant_alpha)
+        # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
+        # and quantizing them drops the min embedding cosine to 0.83
+        gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
+        smoothing, merged = _prepare_copy(copy, gemms, calibration, config.int8_smoothquant_alpha)
         quantization.quantize(
             onnx_path=str(copy), quantize_mode="int8", calibration_data=calibration,
             calibration_method=config.calibration_method, calibration_shapes=_calibration_shapes(calibration),
@@ -199,12 +261,14 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
             use_external_data_format=large, output_path=str(dst), log_level="WARNING")
     model = onnx.load(str(dst))
     rewired = unshare_dequantized_activations(model)
+    seven_bit = seven_bit_weights(model) if config.int8_seven_bit_weights else 0
     save_graph(model, dst)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),
               "exclude_ops": list(config.int8_exclude_ops), "exclude_nodes": list(config.int8_exclude_nodes),
               "ffn_output_gemms_kept_fp32": kept_fp32, "attention_qdq": config.int8_attention_qdq,
               "smoothquant": smoothing, "fp32_consumers_rewired": rewired,
+              "merged_gemms": merged, "seven_bit_weights": seven_bit,
               "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"]}
     log.info("int8 %s: %d Q/DQ pairs (%s)", Path(dst).name, ops["QuantizeLinear"], config.calibration_method)
     return report

@@ -12,6 +12,7 @@ from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.precision import PRECISIONS
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
+from resrank_export.runtime import EXECUTION_MODES, SessionSettings
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -47,6 +48,11 @@ class TritonConfig:
     instances: int = 1
     gpu: bool = False  # instance groups KIND_GPU instead of KIND_CPU for the graph models
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
+    # python backend's ORT sessions (runtime.SessionSettings; defaults measured, docs/benchmarks.md)
+    ort_spinning: bool = False
+    ort_arena: bool = True
+    ort_execution_mode: str = "sequential"
+    ort_fused: bool = False  # ONNX flavours serve the build's ORT-fused graphs (onnx/<precision>/*.ort.onnx)
     ort_accelerator: str | None = None  # onnxruntime backend: "tensorrt" or "cuda" execution accelerator
     trt_precision: str = "FP16"  # precision_mode of the ORT TensorRT accelerator
     cc_model_filenames: dict[str, str] = field(default_factory=dict)  # tensorrt: {"9.0": "model_sm90.plan"}
@@ -54,7 +60,15 @@ class TritonConfig:
     index_shards: int = 1  # > 1: faiss_lookup_<i> per slice of the index behind a faiss_lookup router
     shard_urls: tuple[str, ...] = ()  # gRPC host:port serving faiss_lookup_<i>, one per shard; (): this server
 
+    @property
+    def session_settings(self) -> SessionSettings:
+        return SessionSettings(threads=self.ort_threads, spinning=self.ort_spinning, arena=self.ort_arena,
+                               execution_mode=self.ort_execution_mode)
+
     def validate(self) -> None:
+        if self.ort_execution_mode not in EXECUTION_MODES:
+            raise ResRankExportError(f"ort_execution_mode {self.ort_execution_mode!r}: expected "
+                                     f"{' or '.join(EXECUTION_MODES)}")
         if self.backend not in BACKENDS:
             raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
@@ -176,7 +190,7 @@ def graph_model_config(spec: GraphSpec, config: TritonConfig, max_batch_size: in
     """The encoder or reranker in the chosen backend flavour."""
     if config.backend == "python":
         return python_model_config(spec, config, {"RESRANK_MODEL": "onnx_graph", "GRAPH": "model.onnx",
-                                                  "THREADS": str(config.ort_threads),
+                                                  **config.session_settings.to_parameters(),
                                                   "MAX_BATCH_TOKENS": str(config.max_batch_tokens)},
                                    max_batch_size)
     model = _batched(spec, config, max_batch_size, gpu=config.gpu)

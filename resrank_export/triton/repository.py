@@ -15,6 +15,7 @@ from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
 from resrank_export.index.layout import read_index_info
 from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.model.specs import GraphSpec
+from resrank_export.precision.ort_optimize import ort_graph_path
 from resrank_export.triton.config import (
     RERANK_ENSEMBLE,
     RERANK_OUTPUTS,
@@ -89,7 +90,13 @@ def _graph_model(config: TritonConfig, spec: GraphSpec) -> tuple[TritonConfig, d
     build's precision; the tensorrt flavour takes the plans recorded in the build's engine
     manifest (one per GPU architecture, chosen by Triton through cc_model_filenames)."""
     if config.backend != "tensorrt":
-        return config, {"model.onnx": _graph_path(config.build, spec.name, config.precision)}
+        graph = _graph_path(config.build, spec.name, config.precision)
+        if config.ort_fused:
+            graph = ort_graph_path(graph)
+            if not graph.is_file():
+                raise ResRankExportError(f"{graph}: fused graph not found; run `resrank-export build --out "
+                                         f"{config.build} --precision {config.precision} --ort-optimize` first")
+        return config, {"model.onnx": graph}
     from resrank_export.engine.manifest import cc_model_filenames, read_engine_manifest
     from resrank_export.engine.stage import engines_dir
 
@@ -140,7 +147,8 @@ def write_repository(config: TritonConfig) -> dict:
         "rank_sort": ({}, {}),
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
-    summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None}
+    summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None,
+               "ort_fused": config.ort_fused and config.backend != "tensorrt"}
     if config.index is not None:
         index = Path(config.index)
         meta = read_index_info(index)

@@ -177,3 +177,25 @@ def test_tensorrt_flavour_takes_the_recorded_plans(build_dir, tmp_path):
         assert dict(configs[graph].cc_model_filenames) == expected
         for cc, plan in expected.items():
             assert (tmp_path / "repo" / graph / "1" / plan).read_bytes() == f"{graph} {cc}".encode()
+
+
+def test_session_settings_reach_the_python_models_sessions(build_dir, tmp_path):
+    """The parameters written to config.pbtxt, read the way the python model reads them (Triton's
+    JSON of the config -> entry.py's string values), give a session with exactly those options."""
+    from google.protobuf import json_format
+
+    from resrank_export.runtime import SessionSettings, ort_session
+
+    write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", ort_threads=2, ort_spinning=False,
+                                  ort_arena=False, ort_execution_mode="parallel"))
+    config = json_format.MessageToDict(_configs(tmp_path / "repo")["encoder"], preserving_proto_field_name=True)
+    params = {key: value["string_value"] for key, value in config["parameters"].items()}
+    settings = SessionSettings.from_parameters(params)
+    assert settings == SessionSettings(threads=2, spinning=False, arena=False, execution_mode="parallel")
+    options = ort_session(tmp_path / "repo" / "encoder" / "1" / params["GRAPH"], settings=settings) \
+        .get_session_options()
+    assert options.intra_op_num_threads == 2 and not options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.execution_mode.name == "ORT_PARALLEL"
+    with pytest.raises(ResRankExportError, match="'eager'.*sequential or parallel"):
+        TritonConfig(build=build_dir, out=tmp_path / "bad", ort_execution_mode="eager").validate()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import SessionSettings, ort_session, run_session
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS, merger, plan_runs
 from resrank_export.triton.models.common import RequestError, input_array, refusal, tensors, version_dir
 
@@ -19,7 +19,7 @@ def _error(exc: Exception):
 
 class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
-        self.session = ort_session(version_dir(args) / params["GRAPH"], threads=int(params.get("THREADS", "0")))
+        self.session = ort_session(version_dir(args) / params["GRAPH"], settings=SessionSettings.from_parameters(params))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.merge = merger(self.input_names)

@@ -1,0 +1,91 @@
+"""ORT-fused graphs (onnxscript's ort_fusions) and integer INT8 kernels on the tiny checkpoint
+(BERT encoder, Qwen3 reranker): fused graphs against the plain graphs and the PyTorch reference,
+kernels counted in ONNX Runtime's own optimized model."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from resrank_export.export.onnx import graph_specs
+from resrank_export.export.parity import ParityConfig, check_parity
+from resrank_export.model.reference import ResRankReference
+from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
+from resrank_export.precision.graphs import PrecisionConfig, merge_shared_input_gemms, quantize_int8
+from resrank_export.precision.ort_optimize import make_ort_graphs, ort_graph_path, session_kernels
+from resrank_export.runtime import ort_session, run_session
+
+pytest.importorskip("onnxscript.rewriter.ort_fusions")
+
+# Fusions the tiny graphs must get (the demo graphs get the same kinds; docs/precision.md).
+EXPECTED = {"encoder": ("Attention", "SkipLayerNormalization", "BiasGelu"),
+            "reranker": ("MultiHeadAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")}
+
+
+@pytest.fixture(scope="module")
+def copied(tiny_export, tmp_path_factory):
+    """The tiny graphs copied (fused files go beside them) with calibration inputs for both."""
+    checkpoint, graphs = tiny_export()
+    root = tmp_path_factory.mktemp("ort")
+    local = {}
+    for name, path in graphs.items():
+        local[name] = root / "fp32" / path.name
+        local[name].parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, local[name])
+    build_calibration_set(checkpoint, root / "calib", CalibrationConfig(encoder_samples=16, reranker_queries=8,
+                                                                        retrieval_pool=100))
+    calib = {spec.name: load_calibration(root / "calib", spec) for spec in graph_specs(checkpoint)}
+    return checkpoint, local, calib, root
+
+
+def test_fused_graphs_fuse_and_pass_the_parity_gate(copied):
+    checkpoint, graphs, calib, _ = copied
+    reports = make_ort_graphs(graphs)
+    fused = {name: ort_graph_path(path) for name, path in graphs.items()}
+    for name, ops in EXPECTED.items():
+        for op in ops:
+            assert reports[name]["fused_ops"].get(op, 0) > 0, (name, op, reports[name]["fused_ops"])
+            assert reports[name]["session_kernels"]["fused"].get(op, 0) > 0, (name, op)
+        assert reports[name]["nodes"][1] < reports[name]["nodes"][0]
+        plain = run_session(ort_session(graphs[name]), calib[name])[0]
+        got = run_session(ort_session(fused[name]), calib[name])[0]
+        assert np.abs(plain - got).max() <= ParityConfig().gate("fp32").atol, name
+    report = check_parity(ResRankReference(checkpoint), fused, ParityConfig())  # raises ParityError on failure
+    assert report["passed"]
+
+
+def test_gemm_merge_is_exact_in_fp32(copied, tmp_path):
+    _, graphs, calib, _ = copied
+    for name, path in graphs.items():
+        model = onnx.load(str(path))
+        merged = merge_shared_input_gemms(model, {n.name for n in model.graph.node if n.op_type == "MatMul"})
+        assert merged and all(len(members) > 1 for members in merged.values())
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        plain = run_session(ort_session(path), calib[name])[0]
+        got = run_session(ort_session(tmp_path / f"{name}.onnx"), calib[name])[0]
+        assert np.abs(plain - got).max() < 1e-5, name
+
+
+def test_int8_encoder_runs_every_quantized_gemm_as_an_integer_kernel(copied):
+    _, graphs, calib, root = copied
+    int8 = root / "int8" / "encoder.onnx"
+    report = quantize_int8(graphs["encoder"], int8, calib["encoder"], PrecisionConfig(calibration_method="max"))
+    assert report["merged_gemms"] and report["seven_bit_weights"] > 0
+    model = onnx.load(str(int8))
+    weights = {i.name for i in model.graph.initializer}
+    dq_of_weight = {n.output[0] for n in model.graph.node
+                    if n.op_type == "DequantizeLinear" and _quantized_from(model, n.input[0], weights)}
+    quantized_gemms = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dq_of_weight]
+    kernels = session_kernels(int8)
+    assert quantized_gemms and kernels.get("MatMulIntegerToFloat", 0) == len(quantized_gemms), kernels
+    fused = make_ort_graphs({"encoder": int8})["encoder"]
+    assert fused["session_kernels"]["fused"].get("MatMulIntegerToFloat", 0) == len(quantized_gemms)
+
+
+def _quantized_from(model, tensor: str, weights: set[str]) -> bool:
+    """`tensor` is a QuantizeLinear output of a constant (a weight's Q of a Q/DQ pair)."""
+    return any(n.op_type == "QuantizeLinear" and n.output[0] == tensor and n.input[0] in weights
+               for n in model.graph.node)
