@@ -115,6 +115,10 @@ def main(verbose: bool) -> None:
               show_default=True, help="int8: SmoothQuant migration strength for GEMM inputs (outlier channels "
                                       "moved into the weights).")
 @click.option("--no-int8-smoothquant", is_flag=True, help="int8: quantize without SmoothQuant.")
+@click.option("--int8-cpu-kernels", is_flag=True,
+              help="int8: lay the graph out for ONNX Runtime's CPU integer kernels (GEMMs sharing an input "
+                   "merged, 7-bit weights): every quantized GEMM runs as MatMulIntegerToFloat, at a small "
+                   "fidelity cost (docs/precision.md).")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
@@ -127,7 +131,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
           force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
-          fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
+          int8_cpu_kernels, fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -155,7 +159,8 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                                                           int8_exclude_ops=tuple(int8_exclude_op),
                                                           int8_exclude_nodes=tuple(int8_exclude_node),
                                                           int8_smoothquant_alpha=None if no_int8_smoothquant
-                                                          else int8_smoothquant_alpha),
+                                                          else int8_smoothquant_alpha,
+                                                          int8_cpu_integer_kernels=int8_cpu_kernels),
                          fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
                                                  rerank_data=fidelity_rerank_data))
     manifest = run_build(config)

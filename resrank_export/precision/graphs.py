@@ -47,7 +47,10 @@ class PrecisionConfig:
     int8_attention_qdq: bool = False  # quantize the attention score/value GEMMs too
     int8_smoothquant_alpha: float | None = 0.5  # SmoothQuant migration strength; None: no smoothing
     autocast_samples: int = 8  # calibration samples AutoCast's range check runs
-    int8_seven_bit_weights: bool = True  # weights in [-64, 64]: ORT's x86 integer GEMMs saturate otherwise
+    # For ONNX Runtime's CPU integer kernels: GEMMs sharing an input merged (else ORT dequantizes
+    # them) and 7-bit weights (ORT's non-VNNI x86 kernels saturate on 8). Off by default: on the
+    # SciFact fidelity gate it costs ΔnDCG@10 0.00504 (> 0.005), and TensorRT only loses the 8th bit.
+    int8_cpu_integer_kernels: bool = False
 
 
 def check_int8_config(config: PrecisionConfig) -> None:
@@ -137,14 +140,15 @@ def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) 
             and n.name not in kept_fp32 and not any(p.match(n.name) for p in patterns)}
 
 
-def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float | None) -> tuple:
-    """SmoothQuant (when `alpha`) then GEMM merging on the private copy ModelOpt will quantize;
-    (smoothing report or None, {merged node: members})."""
+def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float | None,
+                  merge: bool) -> tuple:
+    """SmoothQuant (when `alpha`) then GEMM merging (when `merge`) on the private copy ModelOpt will
+    quantize; (smoothing report or None, {merged node: members})."""
     onnx = require("onnx", "INT8 quantization")
     model = onnx.load(str(path))
     side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
     smoothing = smooth_gemm_inputs(model, gemms, calibration, alpha, CALIBRATION_BATCH) if alpha is not None else None
-    merged = merge_shared_input_gemms(model, gemms)
+    merged = merge_shared_input_gemms(model, gemms) if merge else {}
     for side_file in side_files:
         side_file.unlink()
     onnx.save(model, str(path), save_as_external_data=bool(side_files), location=f"{path.name}.data")
@@ -251,7 +255,8 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
         # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
         # and quantizing them drops the min embedding cosine to 0.83
         gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
-        smoothing, merged = _prepare_copy(copy, gemms, calibration, config.int8_smoothquant_alpha)
+        smoothing, merged = _prepare_copy(copy, gemms, calibration, config.int8_smoothquant_alpha,
+                                          config.int8_cpu_integer_kernels)
         quantization.quantize(
             onnx_path=str(copy), quantize_mode="int8", calibration_data=calibration,
             calibration_method=config.calibration_method, calibration_shapes=_calibration_shapes(calibration),
@@ -261,7 +266,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
             use_external_data_format=large, output_path=str(dst), log_level="WARNING")
     model = onnx.load(str(dst))
     rewired = unshare_dequantized_activations(model)
-    seven_bit = seven_bit_weights(model) if config.int8_seven_bit_weights else 0
+    seven_bit = seven_bit_weights(model) if config.int8_cpu_integer_kernels else 0
     save_graph(model, dst)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),

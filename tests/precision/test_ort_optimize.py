@@ -72,7 +72,8 @@ def test_gemm_merge_is_exact_in_fp32(copied, tmp_path):
 def test_int8_encoder_runs_every_quantized_gemm_as_an_integer_kernel(copied):
     _, graphs, calib, root = copied
     int8 = root / "int8" / "encoder.onnx"
-    report = quantize_int8(graphs["encoder"], int8, calib["encoder"], PrecisionConfig(calibration_method="max"))
+    report = quantize_int8(graphs["encoder"], int8, calib["encoder"],
+                           PrecisionConfig(calibration_method="max", int8_cpu_integer_kernels=True))
     assert report["merged_gemms"] and report["seven_bit_weights"] > 0
     model = onnx.load(str(int8))
     weights = {i.name for i in model.graph.initializer}
