@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/resrank-export build --out $(OUT) $(if $(PARITY_DATA),--parity-data $(PARITY_DATA))
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 # The newest set that pyproject.toml's ranges admit (what `pip install '.[all]'` resolves today),
 # checked where a wrong range breaks silently: the served pipeline (tritonserver's python-backend
