@@ -128,10 +128,13 @@ def graph_session(path: str | Path, providers: list[str] | None = None, threads:
 
 def is_bfloat16_graph(path: str | Path) -> bool:
     """Whether the graph computes in BF16 anywhere: a BF16 weight or a Cast to BF16 (the graph
-    structure only; external weight data is not read)."""
+    structure only; external weight data is not read). False for a file onnx cannot parse."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: not this check's to report; the session's own error names the file
+        return False
     bf16 = onnx.TensorProto.BFLOAT16
     return any(init.data_type == bf16 for init in model.graph.initializer) or any(
         node.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in node.attribute)
