@@ -10,6 +10,9 @@ import os
 
 from resrank_export.lazy import require
 
+# Protobuf caps a single ONNX file at 2 GiB; past this many parameter bytes weights go to a
+# side file (`<graph>.onnx.data`).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
 # Op types kept in FP32 in every FP16 and BF16 graph (AutoCast's exclusions, and `keep_fp32`):
 # reductions and normalisations overflow (FP16) or lose precision (both) in half precision
 # (RMSNorm is exported as Pow/ReduceMean/Sqrt/Reciprocal; LayerNorm as LayerNormalization; the
@@ -50,14 +53,13 @@ def weight_bytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_graph(model, path, threshold: int = 1 << 30) -> None:
+def save_graph(model, path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
     """onnx.save, with the weights in `<file>.data` beside the graph when they pass `threshold`
     (a precision graph of a 1.7B+ model passes protobuf's 2 GiB limit)."""
     onnx = require("onnx", "saving a graph")
     external = weight_bytes(model) > threshold
-    for stale in (f"{path}.data",):
-        if os.path.exists(stale):
-            os.remove(stale)
+    if os.path.exists(f"{path}.data"):  # a previous graph's weights
+        os.remove(f"{path}.data")
     onnx.save(model, str(path), save_as_external_data=external, location=f"{os.path.basename(path)}.data")
 
 

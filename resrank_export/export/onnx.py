@@ -17,15 +17,13 @@ import numpy as np
 import torch
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD
 from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint
 from resrank_export.model.reference import load_encoder, load_reranker, passage_tokenizer, prompt_builder
 from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
 
 log = logging.getLogger(__name__)
 
-# Protobuf caps a single ONNX file at 2 GiB; past this many parameter bytes weights go to a
-# side file (`<graph>.onnx.data`).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 

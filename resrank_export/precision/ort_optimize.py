@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from resrank_export.errors import ResRankExportError
+from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD
 from resrank_export.lazy import require
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLaye
              "FastGelu", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding")
 # ORT CPU kernels that compute a GEMM on integers.
 INTEGER_GEMM_OPS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm")
-# Past this many initializer bytes the fused graph's weights go to a side file (protobuf's 2 GiB cap).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 def ort_graph_path(graph: Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD
 from resrank_export.lazy import require
 from resrank_export.runtime import ort_session, run_session
 
@@ -52,7 +53,7 @@ def channel_absmax(model, tensors: list[str], calibration: dict[str, np.ndarray]
     amax = {name: None for name in tensors}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        onnx.save(probe, str(path), save_as_external_data=probe.ByteSize() > 1 << 30, location="probe.onnx.data")
+        onnx.save(probe, str(path), save_as_external_data=probe.ByteSize() > EXTERNAL_DATA_THRESHOLD, location="probe.onnx.data")
         session = ort_session(path)
         names = [o.name for o in session.get_outputs()]
         for start in range(0, samples, batch):

@@ -51,9 +51,8 @@ def encoder_dim(build: Path) -> int:
 
     from resrank_export.index.encode import encoder_graph
 
-    path = encoder_graph(build)  # the exported graph, whatever its dtype: every precision has its dims
-    if not path.is_file():
-        _graph_path(build, "encoder")  # the one-line error naming it
+    # the exported graph, whatever its dtype (every precision has its dims); missing: a one-line error
+    path = _graph_path(build, "encoder", encoder_graph(build).parent.name)
     dims = onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
     if len(dims) != 2 or not dims[1].dim_value:
         raise ResRankExportError(f"{path}: output is not [batch, dim]")
