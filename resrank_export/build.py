@@ -6,6 +6,7 @@ Ctrl-C) also keeps its finished stages in `.<out>.partial`, which the next build
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
-from resrank_export.export.onnx import EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
+from resrank_export.export.onnx import AUTO, EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
 from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
@@ -38,7 +39,7 @@ class BuildConfig:
     out: Path
     checkpoint: Path | None = None  # None: the cached demo checkpoint
     precision: str = "fp32"
-    export: ExportConfig = field(default_factory=ExportConfig)
+    export: ExportConfig = field(default_factory=lambda: ExportConfig(dtype=AUTO))  # resolved by run_build
     parity: ParityConfig = field(default_factory=ParityConfig)
     calibration: Path | None = None  # a calibration folder made by `calibrate`; None: build one
     calibration_set: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -79,21 +80,24 @@ def run_build(config: BuildConfig) -> dict:
     """Run the build stages into `config.out`; returns the manifest."""
     if config.precision not in PRECISIONS:
         raise ResRankExportError(f"--precision {config.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if config.export.dtype not in ("fp32", config.precision):
+    if config.export.dtype not in (AUTO, "fp32", config.precision):
         raise ResRankExportError(
             f"--export-dtype {config.export.dtype} makes the {config.export.dtype} graphs straight from PyTorch: use it "
             f"with --precision {config.export.dtype} (not {config.precision}; int8 is quantized from fp32 graphs)")
     if config.ort_optimize and "bf16" in (config.precision, config.export.dtype):
         raise ResRankExportError("--ort-optimize with bf16 graphs: ONNX Runtime's CPU provider has no BF16 kernels "
                                  "to fuse for; use it with fp32, fp16 or int8")
-    # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here.
+    # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here, and
+    # so does --device cuda where PyTorch or ONNX Runtime sees no GPU.
     runtime = _engine_runtime(config)
+    _check_devices(config)
     out = Path(config.out)
     resume = out.absolute().parent / f".{out.name}.partial"  # finished stages of an interrupted build
     with output_lock(out):  # a second build into the same --out is refused here, before any work
         refuse_foreign_folder(out, MANIFEST_FILE, "a resrank-export build folder")
         _report_killed_builds(out)
         checkpoint = load_checkpoint(_checkpoint_dir(config))
+        config = _resolve_export_dtype(config, checkpoint)
         check_precision_inputs(checkpoint, config.precision_stages)
         inputs = {"checkpoint": {"path": str(checkpoint.root.resolve()), "sha256": sha256_tree(checkpoint.root)},
                   "precision": config.precision}
@@ -114,6 +118,27 @@ def run_build(config: BuildConfig) -> dict:
             manifest = runner.write()
         shutil.rmtree(resume, ignore_errors=True)
     return manifest
+
+
+def _check_devices(config: BuildConfig) -> None:
+    from resrank_export.model.reference import torch_device
+    from resrank_export.runtime import execution_providers
+
+    devices = {config.export.device, config.parity.device, config.calibration_set.device,
+               config.precision_graphs.calibration_device}
+    for device in sorted(devices):
+        torch_device(device)
+    if "cuda" in (config.parity.device, config.precision_graphs.calibration_device):
+        execution_providers("cuda")
+
+
+def _resolve_export_dtype(config: BuildConfig, checkpoint: Checkpoint) -> BuildConfig:
+    export = config.export.for_precision(config.precision, checkpoint)
+    if config.export.dtype == AUTO and export.dtype != "fp32":
+        log.info("--export-dtype auto: the checkpoint stores half weights, so the %s graphs are exported in %s "
+                 "(no FP32 copy; --export-dtype fp32 exports FP32 graphs and adds a fidelity report against them)",
+                 config.precision, export.dtype)
+    return dataclasses.replace(config, export=export)
 
 
 def _checkpoint_dir(config: BuildConfig) -> Path:
@@ -198,7 +223,8 @@ def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, confi
         from resrank_export.model.reference import ResRankReference
 
         graphs = {name: graphs_folder(work, config.export) / f"{name}.onnx" for name in ("encoder", "reranker")}
-        reference = ResRankReference(checkpoint, EXPORT_DTYPES[config.export.dtype])  # the graphs' own dtype
+        reference = ResRankReference(checkpoint, EXPORT_DTYPES[config.export.dtype],  # the graphs' own dtype
+                                     device=config.parity.device)
         report = check_parity(reference, graphs, config.parity)
         (work / PARITY_FILE).unlink(missing_ok=True)
         (work / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -225,7 +251,7 @@ def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint,
         report = {}
         for precision, plain in graphs.items():
             fused = {name: ort_graph_path(path) for name, path in plain.items()}
-            reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported])
+            reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported], device=config.parity.device)
             report[precision] = {"graphs": make_ort_graphs(plain),
                                  "parity": check_parity(reference, fused, config.parity, gate=precision == exported)}
         return {"outputs": sorted(p for plain in graphs.values() for path in plain.values()

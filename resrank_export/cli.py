@@ -85,10 +85,15 @@ def main(verbose: bool) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
-@click.option("--export-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--export-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="Weights of the exported graphs. fp16/bf16: exported straight from PyTorch in that dtype (no FP32 "
-                   "copy of a half checkpoint; for models too large to hold in FP32), with --precision of the same "
-                   "dtype; parity compares with PyTorch in that dtype.")
+                   "copy of a half checkpoint), with --precision of the same dtype; parity compares with the "
+                   "checkpoint's weights computed in FP32. auto: the --precision fp16/bf16 dtype when the checkpoint "
+                   "stores half weights (the Qwen3 releases), else fp32 (then the half graphs are converted from FP32 "
+                   "ones and get a fidelity report against them).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where export, parity and calibration run: cuda puts the PyTorch modules on the GPU and runs the "
+                   "graphs of parity and INT8 calibration on ONNX Runtime's CUDA provider (onnxruntime-gpu).")
 @click.option("--force", is_flag=True, help="Run every stage even if its inputs are unchanged.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build TensorRT plans for this machine's GPU (needs TensorRT and a GPU).")
@@ -128,7 +133,7 @@ def main(verbose: bool) -> None:
                    "SkipLayerNormalization, RMSNorm, ...), parity-checked; the Triton repository serves them.")
 @click.pass_context
 def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_queries, opset, external_data, export_dtype,
-          force, backend,
+          device, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
           int8_cpu_kernels, fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
@@ -151,16 +156,19 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
                          triton_backend=None if triton_backend == "none" else triton_backend,
                          ort_optimize=ort_optimize,
-                         export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype),
-                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries),
+                         export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype,
+                                             device=device),
+                         parity=ParityConfig(data_dir=parity_data, queries=parity_queries, device=device),
                          corpus=corpus, index_kind=index_kind,
-                         calibration=calibration, calibration_set=CalibrationConfig(corpus=calibration_corpus),
+                         calibration=calibration,
+                         calibration_set=CalibrationConfig(corpus=calibration_corpus, device=device),
                          precision_graphs=PrecisionConfig(calibration_method=calibration_method,
                                                           int8_exclude_ops=tuple(int8_exclude_op),
                                                           int8_exclude_nodes=tuple(int8_exclude_node),
                                                           int8_smoothquant_alpha=None if no_int8_smoothquant
                                                           else int8_smoothquant_alpha,
-                                                          int8_cpu_integer_kernels=int8_cpu_kernels),
+                                                          int8_cpu_integer_kernels=int8_cpu_kernels,
+                                                          calibration_device=device),
                          fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
                                                  rerank_data=fidelity_rerank_data))
     manifest = run_build(config)
@@ -169,7 +177,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                f"encoder max |diff| {parity['encoder']['max_abs_diff']:.2e}, parity "
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
-    if precision != export_dtype:
+    if precision != manifest["stages"]["export"]["report"]["dtype"]:
         click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}")
 
 
@@ -579,18 +587,21 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encod
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for encoder.npz, reranker.npz and card.json (written atomically).")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="ResRank checkpoint whose FP32 encoder makes the slot vectors. Default: the demo checkpoint.")
+              help="ResRank checkpoint whose encoder (PyTorch, FP32 arithmetic) makes the slot vectors. Default: the "
+                   "demo checkpoint.")
 @click.option("--encoder-samples", type=int, default=64, show_default=True, help="Passages in the encoder set.")
 @click.option("--reranker-queries", type=int, default=16, show_default=True, help="Queries in the reranker set.")
 @click.option("--candidates", type=click.IntRange(min=1),
               help="Candidates per reranker query. Default: the checkpoint's max_candidates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")
-def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed) -> None:
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the PyTorch encoder making the slot vectors runs.")
+def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed, device) -> None:
     """Write INT8 calibration sets for both graphs from real text."""
     from resrank_export.precision.calibration import CalibrationConfig, calibrate_checkpoint
 
     card = calibrate_checkpoint(checkpoint, out, CalibrationConfig(
         corpus=corpus, encoder_samples=encoder_samples, reranker_queries=reranker_queries,
-        candidates=candidates, seed=seed))
+        candidates=candidates, seed=seed, device=device))
     click.echo(f"calibration set written to {out}: {card['encoder']['samples']} passages, "
                f"{card['reranker']['queries']} queries x {card['reranker']['candidates']} candidates")

@@ -187,5 +187,61 @@ def test_half_export_dtype_needs_the_same_precision(first_build, tmp_path, preci
 def test_unknown_export_dtype_is_refused():
     from resrank_export.export.onnx import ExportConfig
 
-    with pytest.raises(ResRankExportError, match="--export-dtype 'fp8': expected one of fp32, fp16, bf16"):
+    with pytest.raises(ResRankExportError, match="--export-dtype 'fp8': expected one of auto, fp32, fp16, bf16"):
         ExportConfig(dtype="fp8")
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
+    """A tiny Qwen3-shaped checkpoint stored in BF16, as the releases are."""
+    from resrank_export.model.demo import build_qwen3_checkpoint
+
+    return build_qwen3_checkpoint(tmp_path_factory.mktemp("bf16") / "ck", qwen3_tokenizer_dir, shape="tiny",
+                                  dtype="bf16", max_candidates=12)
+
+
+@pytest.mark.parametrize(("stored", "precision", "exported"), [
+    ("bf16", "fp16", "fp16"), ("bf16", "bf16", "bf16"), ("bf16", "int8", "fp32"), ("bf16", "fp32", "fp32"),
+    ("fp32", "fp16", "fp32"), ("fp32", "bf16", "fp32")])
+def test_export_dtype_auto_exports_a_half_target_from_half_weights(first_build, bf16_checkpoint, stored, precision,
+                                                                   exported):
+    """auto: a BF16 checkpoint built for fp16/bf16 is exported in that dtype (no FP32 copy); int8
+    needs FP32 graphs, and an FP32 checkpoint keeps the FP32 export and its fidelity report."""
+    from resrank_export.export.onnx import AUTO, ExportConfig
+    from resrank_export.model.checkpoint import load_checkpoint, stored_dtype
+
+    root = bf16_checkpoint if stored == "bf16" else first_build[0]
+    checkpoint = load_checkpoint(root)
+    assert stored_dtype(checkpoint.encoder_dir) == stored_dtype(checkpoint.reranker_dir) == stored
+    assert ExportConfig(dtype=AUTO).for_precision(precision, checkpoint).dtype == exported
+    assert ExportConfig(dtype="fp32").for_precision(precision, checkpoint).dtype == "fp32"  # an explicit choice stays
+
+
+def test_default_fp16_build_of_a_bf16_checkpoint_exports_fp16_graphs(bf16_checkpoint, tmp_path):
+    """`build --precision fp16` with default options on a BF16 checkpoint: FP16 graphs straight from
+    the BF16 weights, parity against them computed in FP32 under the FP16 gate, no FP32 graph."""
+    from resrank_export.export.parity import PARITY_GATES
+
+    out = tmp_path / "build"
+    manifest = run_build(BuildConfig(out=out, checkpoint=bf16_checkpoint, precision="fp16", triton_backend=None))
+    assert manifest["stages"]["export"]["report"]["dtype"] == "fp16"
+    assert manifest["config"]["export"]["dtype"] == "fp16"  # the manifest records what was resolved
+    assert (out / "onnx" / "fp16" / "encoder.onnx").is_file() and not (out / "onnx" / "fp32").exists()
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["dtype"] == "fp16" and parity["gate"] == vars(PARITY_GATES["fp16"])
+    assert 0 < parity["reranker"]["max_abs_diff"] <= PARITY_GATES["fp16"].atol
+    assert "precision_fp16" not in manifest["stages"]
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_any_output(first_build, tmp_path):
+    import torch
+
+    from resrank_export.errors import NotAvailableError
+    from resrank_export.export.onnx import ExportConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "build"
+    with pytest.raises(NotAvailableError, match="--device cuda: PyTorch sees no CUDA GPU"):
+        run_build(BuildConfig(out=out, checkpoint=first_build[0], export=ExportConfig(device="cuda")))
+    assert not out.exists()

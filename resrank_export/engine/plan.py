@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from resrank_export.engine.profiles import GIB, BuildGraphs, EngineConfig, prompt_length
 from resrank_export.errors import CheckpointError, InputDataError
-from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.checkpoint import Checkpoint, safetensors_header, safetensors_headers
 from resrank_export.precision import PRECISIONS
 
 # Bytes per weight: INT8 Q/DQ graphs hold the 2-D matmul weights of the transformer layers in
@@ -33,22 +32,11 @@ def parse_size(text: str) -> int:
 
 
 def _header_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from one safetensors header (no weights are loaded)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:  # truncated or not safetensors
-        raise CheckpointError(f"{path.parent}: cannot be loaded ({path.name}: no readable safetensors header, "
-                              f"{type(exc).__name__})") from None
+    return {name: info["shape"] for name, info in safetensors_header(path).items()}
 
 
 def _safetensors_shapes(model_dir: Path) -> dict[str, list[int]]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors file; the planner reads parameter counts from them")
-    return {name: shape for path in files for name, shape in _header_shapes(path).items()}
+    return {name: info["shape"] for name, info in safetensors_headers(model_dir).items()}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ checkpoint: `export/half.py`); inputs and outputs are FP32 in every dtype."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import logging
@@ -18,8 +19,8 @@ import torch
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD
-from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint
-from resrank_export.model.reference import load_encoder, load_reranker, passage_tokenizer, prompt_builder
+from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint, stored_dtype
+from resrank_export.model.reference import TORCH_DTYPES, load_encoder, load_reranker, passage_tokenizer, prompt_builder, torch_device
 from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
 
 log = logging.getLogger(__name__)
@@ -27,18 +28,31 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXPORT_DTYPES = TORCH_DTYPES
+AUTO = "auto"  # build only: `ExportConfig.for_precision` picks the dtype from the checkpoint
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 18
     external_data: bool | None = None  # None: decide from the model size
-    dtype: str = "fp32"  # weights of the exported graphs: fp32, or fp16/bf16 without an FP32 copy
+    dtype: str = "fp32"  # weights of the exported graphs: fp32, or fp16/bf16 without an FP32 copy; or AUTO
+    device: str = "cpu"  # where PyTorch traces the modules (cuda: a GPU's memory holds the weights)
 
     def __post_init__(self):
-        if self.dtype not in EXPORT_DTYPES:
-            raise ResRankExportError(f"--export-dtype {self.dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+        if self.dtype not in (AUTO, *EXPORT_DTYPES):
+            raise ResRankExportError(f"--export-dtype {self.dtype!r}: expected one of {AUTO}, {', '.join(EXPORT_DTYPES)}")
+
+    def for_precision(self, precision: str, checkpoint: Checkpoint) -> "ExportConfig":
+        """AUTO resolved: an FP16/BF16 target of a checkpoint whose backbones store half weights (the
+        Qwen3 releases: BF16) is exported in that dtype, so no FP32 copy of the weights is made (at
+        4B one is 16 GB); anything else (fp32, int8, which ModelOpt quantizes from FP32 graphs, or an
+        FP32 checkpoint) in FP32, which also gives the half graphs a fidelity report against FP32."""
+        if self.dtype != AUTO:
+            return self
+        half = precision in ("fp16", "bf16") and all(
+            stored_dtype(d) != "fp32" for d in (checkpoint.encoder_dir, checkpoint.reranker_dir))
+        return dataclasses.replace(self, dtype=precision if half else "fp32")
 
 
 def graph_specs(checkpoint: Checkpoint) -> tuple[GraphSpec, GraphSpec]:
@@ -64,7 +78,8 @@ def _export(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, np.ndarr
     """Write one graph; for a half dtype, returns what `keep_fp32` moved back to FP32."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     external = config.external_data if config.external_data is not None else params > EXTERNAL_DATA_THRESHOLD
-    args = tuple(torch.from_numpy(inputs[name]) for name in spec.input_names)
+    device = next(module.parameters()).device
+    args = tuple(torch.from_numpy(inputs[name]).to(device) for name in spec.input_names)
     captured = io.StringIO()
     # The exporter prints progress lines; keep them for --verbose instead of the terminal.
     with contextlib.redirect_stdout(captured), torch.inference_mode(False), torch.no_grad():
@@ -110,11 +125,14 @@ def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = Export
     rng = np.random.default_rng(0)
     rer_inputs["passage_embeddings"] = rng.standard_normal((2, k, checkpoint.encoder_dim)).astype(np.float32)
 
+    if config.dtype == AUTO:
+        raise ResRankExportError("--export-dtype auto is a build option (it follows --precision); export takes "
+                                 f"one of {', '.join(EXPORT_DTYPES)}")
     graphs = graphs_folder(out, config)
     graphs.mkdir(parents=True, exist_ok=True)
-    dtype = EXPORT_DTYPES[config.dtype]
+    dtype, device = EXPORT_DTYPES[config.dtype], torch_device(config.device)
     for spec, load, inputs in ((enc_spec, load_encoder, enc_inputs), (rer_spec, load_reranker, rer_inputs)):
-        module = load(checkpoint, dtype)
+        module = load(checkpoint, dtype).to(device)
         kept = _export(module, spec, inputs, graphs / spec.filename, config)
         del module
         gc.collect()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,47 @@ def _hidden_size(model_dir: Path, role: str) -> int:
             f"{model_dir / 'tokenizer.json'}: file not found; the {role} needs a fast tokenizer file"
         )
     return size
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {"dtype", "shape", ...} from one safetensors header (no weights are read)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        return {name: {"dtype": info["dtype"], "shape": list(info["shape"])}
+                for name, info in header.items() if name != "__metadata__"}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:  # truncated, not safetensors
+        raise CheckpointError(f"{path.parent}: cannot be loaded ({path.name}: no readable safetensors header, "
+                              f"{type(exc).__name__})") from None
+
+
+def safetensors_headers(model_dir: Path) -> dict[str, dict]:
+    """`safetensors_header` of every *.safetensors file of a (sharded) Hugging Face model folder."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors file (the weights' shapes and dtype are read from it)")
+    return {name: info for path in files for name, info in safetensors_header(path).items()}
+
+
+_SAFETENSORS_FLOATS = {"F32": ("fp32", 4), "F16": ("fp16", 2), "BF16": ("bf16", 2), "F64": ("fp32", 8)}
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """"fp32", "fp16" or "bf16": the float type holding most of a model folder's weight bytes (the
+    Qwen3 releases store BF16; `build --export-dtype auto` exports a half target from half weights).
+    A folder with only pytorch_model.bin says "fp32": its dtype is unknown without unpickling it."""
+    if not any(Path(model_dir).glob("*.safetensors")):
+        return "fp32"
+    totals: dict[str, int] = {}
+    for info in safetensors_headers(model_dir).values():
+        if info["dtype"] in _SAFETENSORS_FLOATS:
+            name, size = _SAFETENSORS_FLOATS[info["dtype"]]
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            totals[name] = totals.get(name, 0) + count * size
+    return max(totals, key=totals.get) if totals else "fp32"
 
 
 def _placeholder_id(reranker_dir: Path, token: str) -> int:

@@ -14,10 +14,13 @@ import torch
 from torch import nn
 
 from resrank_export.errors import CheckpointError
-from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.checkpoint import Checkpoint, stored_dtype
 from resrank_export.model.text import PassageTokenizer, PromptBuilder
 from resrank_export.progress import track
 from resrank_export.runtime import length_batches
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_backbone(model_dir, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -34,6 +37,40 @@ def load_backbone(model_dir, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise CheckpointError(f"{model_dir}: cannot be loaded as a Hugging Face model "
                               f"({type(exc).__name__}: {reason})") from None
     return model.eval()
+
+
+def compute_in_fp32(module: nn.Module) -> nn.Module:
+    """Run a half-weight module's arithmetic in FP32 without keeping an FP32 copy of its weights:
+    each leaf module's parameters are upcast for its own call only (an embedding table is looked
+    up in half and its rows upcast, which is exact). The activations stay FP32 end to end, so the
+    result is the checkpoint's own function, against which a half graph's rounding is measured.
+    Written here because PyTorch's autocast only lowers precision; and on a CPU without AVX-512
+    PyTorch's FP16/BF16 matmuls are far slower than its FP32 ones (a 0.6B FP16 parity reference
+    ran for over 30 minutes)."""
+
+    def upcast_inputs(leaf, args, kwargs):
+        widen = (lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+        leaf._half_parameters = dict(leaf._parameters)
+        for name, param in leaf._half_parameters.items():
+            if param is not None:
+                leaf._parameters[name] = param.float()
+        return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
+
+    def restore(leaf, args, kwargs, output):
+        leaf._parameters.update(leaf.__dict__.pop("_half_parameters"))
+
+    def upcast_rows(leaf, args, output):
+        return output.float()
+
+    for leaf in module.modules():
+        if not any(p.is_floating_point() and p.dtype != torch.float32 for p in leaf.parameters(recurse=False)):
+            continue
+        if isinstance(leaf, nn.Embedding):
+            leaf.register_forward_hook(upcast_rows)
+        else:
+            leaf.register_forward_pre_hook(upcast_inputs, with_kwargs=True)
+            leaf.register_forward_hook(restore, with_kwargs=True)
+    return module
 
 
 def _backbone_kwargs(backbone: nn.Module) -> dict:
@@ -157,24 +194,46 @@ class Ranking:
     scores: np.ndarray  # score of each candidate, in input order
 
 
-class ResRankReference:
-    """The whole model in PyTorch: encode texts, score candidates, rank."""
+def torch_device(name: str) -> torch.device:
+    """`--device cpu|cuda` as a torch device, refused in one line where PyTorch sees no GPU."""
+    from resrank_export.errors import NotAvailableError
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+    if name not in ("cpu", "cuda"):
+        raise NotAvailableError(f"--device {name!r}: expected cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise NotAvailableError(f"--device cuda: PyTorch sees no CUDA GPU (torch {torch.__version__}, {build}); "
+                                "run on a machine with a GPU and a CUDA build of torch, or use --device cpu")
+    return torch.device(name)
+
+
+class ResRankReference:
+    """The whole model in PyTorch: encode texts, score candidates, rank. `dtype` is the dtype of the
+    graphs it is compared with: FP16/BF16 weights are held in that dtype, FP32 ones in the dtype
+    the checkpoint stores (a BF16 release upcast to FP32 holds exactly the same numbers); either
+    way the arithmetic is FP32 (`compute_in_fp32`), so it is the model's own function."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.checkpoint = checkpoint
-        self.dtype = dtype  # of the weights; the outputs are FP32
+        self.dtype = dtype  # of the graphs compared with; the arithmetic and the outputs are FP32
+        self.device = torch_device(device)
         self.passage_tokenizer = passage_tokenizer(checkpoint)
         self.prompt_builder = prompt_builder(checkpoint)
+
+    def weights_dtype(self, model_dir) -> torch.dtype:
+        return self.dtype if self.dtype != torch.float32 else TORCH_DTYPES[stored_dtype(model_dir)]
 
     # Loaded on first use and freed by `release`: a stage that compares graphs with the reference
     # keeps one model copy alive at a time (at 4B an FP32 copy is 16 GB).
     @functools.cached_property
     def encoder(self) -> EncoderOnnxWrapper:
-        return load_encoder(self.checkpoint, self.dtype)
+        encoder = load_encoder(self.checkpoint, self.weights_dtype(self.checkpoint.encoder_dir))
+        return compute_in_fp32(encoder.to(self.device))
 
     @functools.cached_property
     def reranker(self) -> RerankerOnnxWrapper:
-        return load_reranker(self.checkpoint, self.dtype)
+        reranker = load_reranker(self.checkpoint, self.weights_dtype(self.checkpoint.reranker_dir))
+        return compute_in_fp32(reranker.to(self.device))
 
     def release(self) -> None:
         """Free the loaded PyTorch modules (they load again if used)."""
@@ -200,20 +259,18 @@ class ResRankReference:
         lengths = inputs["attention_mask"].sum(1)
         for rows in track(length_batches(lengths, batch_size), f"PyTorch reference encoder ({len(texts)} texts)"):
             width = int(lengths[rows].max())
-            ids, mask = (torch.from_numpy(inputs[n][rows, :width]) for n in ("input_ids", "attention_mask"))
-            vectors[rows] = self.encoder(ids, mask).float().numpy()
+            ids, mask = (torch.from_numpy(inputs[n][rows, :width]).to(self.device)
+                         for n in ("input_ids", "attention_mask"))
+            vectors[rows] = self.encoder(ids, mask).float().cpu().numpy()
         return vectors
 
     @torch.inference_mode()
     def score(self, queries: list[str], passage_embeddings: np.ndarray) -> np.ndarray:
         """queries [B], passage_embeddings [B, k, De] -> scores [B, k]."""
         inputs = self.prompt_builder.batch(queries, passage_embeddings.shape[1])
-        return self.reranker(
-            torch.from_numpy(inputs["input_ids"]),
-            torch.from_numpy(inputs["attention_mask"]),
-            torch.from_numpy(np.ascontiguousarray(passage_embeddings, dtype=np.float32)),
-            torch.from_numpy(inputs["slot_positions"]),
-        ).numpy()
+        inputs["passage_embeddings"] = np.ascontiguousarray(passage_embeddings, dtype=np.float32)
+        names = ("input_ids", "attention_mask", "passage_embeddings", "slot_positions")
+        return self.reranker(*(torch.from_numpy(inputs[n]).to(self.device) for n in names)).cpu().numpy()
 
     def rank(self, query: str, passages: list[str]) -> Ranking:
         scores = self.score([query], self.encode(passages)[None])[0]

