@@ -1,0 +1,53 @@
+"""benchmarks/scale.py: what it measures of a child process (wall time, peak RSS, a stop at the
+timeout) against known allocations, and the table it renders from rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_rss_of_a_child_is_its_own_high_water_mark(scale, tmp_path):
+    """A child that holds 300 MB then frees it: the measured peak includes the 300 MB, and a child
+    holding 30 MB measures well below it (the parent's own memory is not counted)."""
+    code = "import time; b = bytearray({n} * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3); del b"
+    big = scale.run_measured([sys.executable, "-c", code.format(n=300)], tmp_path / "big.log", timeout_s=60)
+    small = scale.run_measured([sys.executable, "-c", code.format(n=30)], tmp_path / "small.log", timeout_s=60)
+    assert big["exit_code"] == small["exit_code"] == 0 and not big["timed_out"]
+    assert big["peak_rss_bytes"] >= 300 * 2**20
+    assert big["peak_rss_bytes"] - small["peak_rss_bytes"] >= 200 * 2**20
+    assert big["wall_s"] >= 0.3
+
+
+def test_a_child_past_the_timeout_is_stopped_with_sigterm(scale, tmp_path):
+    result = scale.run_measured([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "slow.log",
+                                timeout_s=1)
+    assert result["timed_out"] and result["exit_code"] == -15 and result["wall_s"] < 30
+
+
+def test_stage_dtype_and_markdown_rows(scale):
+    assert scale._stage_dtype("export", "fp16") == "fp16"
+    assert scale._stage_dtype("precision_int8", "fp32") == "fp32"
+    assert scale._stage_dtype("calibration", "bf16") == "bf16"
+    stage = {"status": "ran", "seconds": 90.0, "peak_rss_bytes": 3 * 2**30, "rss_bound_bytes": 4 * 2**30,
+             "within_bound": True}
+    row = {"shape": "0.6b", "precision": "fp16", "exported_dtype": "fp16", "wall_s": 600.0, "exit_code": 0,
+           "timed_out": False, "peak_rss_bytes": 3 * 2**30, "parity": {"passed": True},
+           "stages": {"export": stage, "parity": {**stage, "seconds": 200.0}},
+           "graphs": {"fp16": {"encoder": {"bytes": 2**30, "planned_bytes": 2**30, "plan_error": 0.0}}}}
+    text = scale.render_markdown({"machine": {"cpu": "x", "logical_cores": 2, "memory_gib": 24}, "rows": [row]})
+    assert "| 0.6b | fp16 | fp16 | 10.0 (ok) | 3.00 | passed | parity | True |" in text
+    assert "export 90 s / 3.00 / 4.00" in text and "encoder 1.00 GiB (plan +0.0%)" in text
