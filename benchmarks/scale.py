@@ -90,23 +90,25 @@ def _stage_dtype(stage: str, exported: str) -> str:
     return exported if stage in ("export", "parity") or exported != "fp32" else "fp32"
 
 
-def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_s: float) -> dict:
+def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_s: float,
+              options: tuple[str, ...] = ()) -> dict:
     from resrank_export.engine.plan import graph_weight_bytes
     from resrank_export.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(work / f"ckpt-{shape}")
-    out = work / f"build-{shape}-{precision}"
+    name = "-".join([f"build-{shape}-{precision}", *("".join(c for c in o if c.isalnum()) for o in options)])
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     load_before = os.getloadavg()
     result = run_measured([*CLI, "build", "--checkpoint", str(work / f"ckpt-{shape}"), "--precision", precision,
-                           "--triton-backend", "none", "--out", str(out)], work / f"build-{shape}-{precision}.log",
-                          timeout_s)
+                           "--triton-backend", "none", "--out", str(out), *options],
+                          work / f"{name}.log", timeout_s)
     manifest = _manifest(out)
     stages = {name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_bytes")}
               for name, entry in manifest.get("stages", {}).items()}
     exported = (manifest.get("stages", {}).get("export", {}).get("report") or {}).get("dtype")
-    weights = {p: graph_weight_bytes(ckpt, p) for p in ("fp32", "fp16", "int8")}
+    weights = {p: graph_weight_bytes(ckpt, p) for p in ("fp32", "fp16")}
     for name, stage in stages.items():
         dtype = _stage_dtype(name, exported or "fp32")
         bound = 1.5 * max(weights["fp16" if dtype == "bf16" else dtype].values()) + 2 * GIB
@@ -120,18 +122,36 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
                                               "plan_error": round(predicted[name] / size - 1, 4)}
                                        for name, size in measured.items()}
     parity = (manifest.get("stages", {}).get("parity", {}).get("report") or {})
-    row = {"shape": shape, "precision": precision, "exported_dtype": exported, **result,
+    row = {"shape": shape, "precision": precision, "options": list(options), "exported_dtype": exported, **result,
            "load_average_before": [round(x, 2) for x in load_before],
            "load_average_after": [round(x, 2) for x in os.getloadavg()],
            "checkpoint": checkpoint, "stages": stages, "graphs": graphs,
            "parity": {k: parity.get(k) for k in ("dtype", "passed", "gate")} | {
                "encoder_max_abs_diff": (parity.get("encoder") or {}).get("max_abs_diff"),
                "reranker_max_abs_diff": (parity.get("reranker") or {}).get("max_abs_diff")}}
+    add_plan(row, work)
     if result["exit_code"] != 0:
-        row["error_tail"] = (work / f"build-{shape}-{precision}.log").read_text().strip().splitlines()[-5:]
+        row["error_tail"] = (work / f"{name}.log").read_text().strip().splitlines()[-5:]
     shutil.rmtree(out, ignore_errors=True)  # graphs of GBs; the row keeps what was measured
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     return row
+
+
+def add_plan(row: dict, work: Path) -> None:
+    """The planner's predicted peak RSS beside each measured stage (engine/build_plan.py), and its
+    error; rerun with --replan after the planner's factors change."""
+    from resrank_export.engine.build_plan import build_plans
+
+    if row.get("options"):  # the planner plans default options only
+        return
+    plan = next(p for p in build_plans(work / f"ckpt-{row['shape']}")[1] if p.precision == row["precision"])
+    planned = {s.stage: s.peak_rss for s in plan.stages}
+    row["planned_peak_rss_bytes"] = plan.peak_rss
+    for name, stage in row["stages"].items():
+        key = "fidelity" if name.startswith("fidelity") else name
+        if key in planned and stage["peak_rss_bytes"]:
+            stage["planned_peak_rss_bytes"] = planned[key]
+            stage["plan_error"] = round(planned[key] / stage["peak_rss_bytes"] - 1, 4)
 
 
 def _gib(value) -> str:
@@ -149,15 +169,16 @@ def render_markdown(result: dict) -> str:
         stages = row["stages"]
         slowest = max(stages, key=lambda n: stages[n]["seconds"] or 0) if stages else "-"
         status = "stopped (timeout)" if row["timed_out"] else ("ok" if row["exit_code"] == 0 else "failed")
-        lines.append(f"| {row['shape']} | {row['precision']} | {row['exported_dtype']} | {row['wall_s'] / 60:.1f} "
+        lines.append(f"| {row['shape']} | {' '.join([row['precision'], *row.get('options', [])])} | {row['exported_dtype']} | {row['wall_s'] / 60:.1f} "
                      f"({status}) | {_gib(row['peak_rss_bytes'])} | "
                      f"{'passed' if row['parity'].get('passed') else row['parity'].get('passed')} | {slowest} | "
                      f"{all(s['within_bound'] for s in stages.values())} |")
-    lines += ["", "Per stage (seconds / peak RSS GiB / bound GiB):", ""]
+    lines += ["", "Per stage (seconds / peak RSS GiB / bound GiB / planner's error on the peak):", ""]
     for row in result["rows"]:
         cells = ", ".join(f"{name} {s['seconds'] or 0:.0f} s / {_gib(s['peak_rss_bytes'])} / {_gib(s['rss_bound_bytes'])}"
+                          + (f" / {s['plan_error']:+.0%}" if "plan_error" in s else "")
                           for name, s in row["stages"].items())
-        lines.append(f"- **{row['shape']} {row['precision']}**: {cells}")
+        lines.append(f"- **{row['shape']} {' '.join([row['precision'], *row.get('options', [])])}**: {cells}")
     lines += ["", "Graph bytes on disk against the planner (`engine/plan.py: graph_weight_bytes`):", ""]
     for row in result["rows"]:
         for precision, graphs in row["graphs"].items():
@@ -174,7 +195,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['shape']}\n{r['precision']}" for r in rows]
+    labels = [f"{r['shape']}\n{' '.join([r['precision'], *r.get('options', [])])}" for r in rows]
     names = list(dict.fromkeys(n for r in rows for n in r["stages"]))
     bottom = [0.0] * len(rows)
     for name in names:
@@ -200,6 +221,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("scale-work"))
     parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "tokenizers" / "qwen3")
     parser.add_argument("--timeout-min", type=float, default=90.0)
+    parser.add_argument("--replan", action="store_true",
+                        help="only recompute the planner's predictions of the recorded rows (checkpoints under --work)")
+    parser.add_argument("--build-option", action="append", default=[],
+                        help="extra `build` option, repeatable (e.g. --build-option=--export-dtype=fp32): a row of its own")
     args = parser.parse_args()
     from resrank_export.bench.timing import machine_info
 
@@ -208,12 +233,20 @@ def main() -> None:
     path = args.results / "scale.json"
     result = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     result["machine"] = machine_info({})
+    if args.replan:
+        for row in result["rows"]:
+            add_plan(row, args.work)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        (args.results / "scale.md").write_text(render_markdown(result))
+        return
     for shape in args.shapes.split(","):
         checkpoint = make_checkpoint(shape, args.work, args.tokenizer, args.timeout_min * 60)
         for precision in args.precisions.split(","):
             print(f"building {shape} {precision} ...", flush=True)
-            row = build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60)
-            result["rows"] = [r for r in result["rows"] if (r["shape"], r["precision"]) != (shape, precision)] + [row]
+            options = tuple(args.build_option)
+            row = build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60, options)
+            key = (shape, precision, list(options))
+            result["rows"] = [r for r in result["rows"] if (r["shape"], r["precision"], r.get("options", [])) != key] + [row]
             path.write_text(json.dumps(result, indent=2) + "\n")
             (args.results / "scale.md").write_text(render_markdown(result))
             plot(result, args.results / "scale.png")

@@ -16,7 +16,7 @@ from pathlib import Path
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.onnx import AUTO, EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
-from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity
+from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity, compare_graphs, reference_outputs
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
 from resrank_export.interrupt import INTERRUPTIONS, note_kept
@@ -248,12 +248,13 @@ def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint,
     graphs = {p: {name: work / "onnx" / p / f"{name}.onnx" for name in ("encoder", "reranker")} for p in precisions}
 
     def optimize() -> dict:
+        reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported], device=config.parity.device)
+        expected = reference_outputs(reference, config.parity)  # once, for every precision's fused graphs
         report = {}
         for precision, plain in graphs.items():
             fused = {name: ort_graph_path(path) for name, path in plain.items()}
-            reference = ResRankReference(checkpoint, EXPORT_DTYPES[exported], device=config.parity.device)
             report[precision] = {"graphs": make_ort_graphs(plain),
-                                 "parity": check_parity(reference, fused, config.parity, gate=precision == exported)}
+                                 "parity": compare_graphs(expected, fused, config.parity, gate=precision == exported)}
         return {"outputs": sorted(p for plain in graphs.values() for path in plain.values()
                                   for p in path.parent.glob(ort_graph_path(path).name + "*")),
                 "report": report}

@@ -224,19 +224,32 @@ def qwen3_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: str, see
 # --- TensorRT engines and memory planning ----------------------------------------------------
 
 @main.command("plan")
-@click.option("--gpu-memory", required=True, help="GPU memory to plan for, e.g. 16GiB, 24GB, 80GiB.")
+@click.option("--gpu-memory", help="GPU memory to plan the TensorRT engines for, e.g. 16GiB, 24GB, 80GiB.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="ResRank checkpoint folder. Default: the demo checkpoint.")
+@click.option("--qwen3-shape", type=click.Choice(["0.6b", "1.7b", "4b", "8b"]),
+              help="Plan the build of a released Qwen3-Embedding + Qwen3 size (BF16) instead of a checkpoint folder.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Request batch to plan for.")
 @click.option("--workspace", default="4GiB", show_default=True, help="TensorRT builder workspace limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(gpu_memory, checkpoint, max_batch, workspace, as_json) -> None:
-    """Estimate GPU memory (weights + activations + workspace) per precision and the largest batch / k that fit."""
+def plan(gpu_memory, checkpoint, qwen3_shape, max_batch, workspace, as_json) -> None:
+    """Estimate the build's host memory and graph bytes per precision and, with --gpu-memory, GPU memory
+    (weights + activations + workspace) and the largest batch / k that fit."""
+    from resrank_export.engine.build_plan import build_plans, render_build_plans
     from resrank_export.engine.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
     from resrank_export.engine.profiles import EngineConfig
 
-    result = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
-        max_batch=max_batch, workspace_bytes=parse_size(workspace))))
-    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render_plan(result))
+    if qwen3_shape and (checkpoint or gpu_memory):
+        raise click.UsageError("--qwen3-shape plans the build's host memory of a released size; it takes no "
+                               "--checkpoint or --gpu-memory")
+    stored, plans = build_plans(checkpoint, qwen3_shape)
+    result = {"build": [p.to_json() for p in plans], "weights_stored": stored}
+    text = [render_build_plans(plans, stored)]
+    if gpu_memory:
+        gpu = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
+            max_batch=max_batch, workspace_bytes=parse_size(workspace))))
+        result.update(gpu.to_json())
+        text.insert(0, render_plan(gpu))
+    click.echo(json.dumps(result, indent=2) if as_json else "\n\n".join(text))
 
 
 @main.group()

@@ -21,6 +21,9 @@ _WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "bf16": (2, 2), "int8": (1, 2)}
 _ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
+# FFN down-projections (Qwen3/Llama mlp.down_proj, BERT layer.N.output.dense): the INT8 stage keeps
+# them FP32 (precision/graphs.py: int8_keep_ffn_output_fp32).
+_FFN_OUTPUT = re.compile(r"(mlp\.down_proj|\.\d+\.output\.dense)\.weight$")
 
 
 def parse_size(text: str) -> int:
@@ -45,6 +48,7 @@ class ModelShape:
 
     parameters: int  # all stored tensors the graph uses (a causal LM's lm_head excluded)
     layer_matmul_parameters: int  # 2-D weights inside the transformer layers (INT8 in Q/DQ graphs)
+    ffn_output_parameters: int  # of those, the FFN down-projections (FP32 in our INT8 ONNX graphs)
     hidden: int
     intermediate: int
     heads: int
@@ -55,15 +59,37 @@ class ModelShape:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         shapes = {n: s for n, s in _safetensors_shapes(model_dir).items() if not n.startswith("lm_head.")}
         numel = {name: _product(shape) for name, shape in shapes.items()}
-        layer = sum(n for name, n in numel.items() if len(shapes[name]) == 2 and _LAYER_MATMUL.search(name))
+        layer = {name for name in numel if len(shapes[name]) == 2 and _LAYER_MATMUL.search(name)}
         hidden = config["hidden_size"]
-        return cls(parameters=sum(numel.values()), layer_matmul_parameters=layer, hidden=hidden,
+        return cls(parameters=sum(numel.values()), layer_matmul_parameters=sum(numel[n] for n in layer),
+                   ffn_output_parameters=sum(numel[n] for n in layer if _FFN_OUTPUT.search(n)), hidden=hidden,
                    intermediate=config.get("intermediate_size", 4 * hidden),
                    heads=config["num_attention_heads"], layers=config["num_hidden_layers"])
 
+    @classmethod
+    def qwen3(cls, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+              vocab: int) -> "ModelShape":
+        """A Qwen3 backbone's shape from its config numbers alone (the released sizes: what a build
+        of a checkpoint not at hand would need): tied embeddings, q/k norms, no biases."""
+        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o; k, v
+        mlp = 3 * hidden * intermediate
+        norms = 2 * hidden + 2 * head_dim
+        return cls(parameters=vocab * hidden + layers * (attention + mlp + norms) + hidden,
+                   layer_matmul_parameters=layers * (attention + mlp), ffn_output_parameters=layers * hidden * intermediate,
+                   hidden=hidden, intermediate=intermediate, heads=heads, layers=layers)
+
     def weight_bytes(self, precision: str) -> int:
+        """Weights in a TensorRT engine (INT8: layer matmuls INT8, the rest FP16)."""
         matmul, rest = _WEIGHT_BYTES[precision]
         return self.layer_matmul_parameters * matmul + (self.parameters - self.layer_matmul_parameters) * rest
+
+    def onnx_weight_bytes(self, precision: str) -> int:
+        """Weights in the build's ONNX graph of `precision`: the INT8 Q/DQ graph holds the quantized
+        layer matmuls in INT8 and the FFN down-projections, embeddings and norms in FP32."""
+        if precision != "int8":
+            return self.weight_bytes(precision)
+        quantized = self.layer_matmul_parameters - self.ffn_output_parameters
+        return quantized + (self.parameters - quantized) * 4
 
     def activation_bytes(self, batch: int, length: int, precision: str) -> int:
         """Peak activations of one forward pass: TensorRT reuses memory across layers, so about
@@ -159,14 +185,15 @@ def plan_memory(checkpoint: Checkpoint, config: PlanConfig) -> MemoryPlan:
 
 
 def graph_weight_bytes(checkpoint: Checkpoint, precision: str) -> dict[str, int]:
-    """Bytes of the weights the encoder and reranker graphs store at `precision` (the build's
-    disk-space check; the projector is part of the reranker graph)."""
+    """Bytes of the weights the encoder and reranker ONNX graphs store at `precision` (the build's
+    disk-space check; the projector is part of the reranker graph, FP32 in an INT8 one)."""
     projector = 0
     if checkpoint.projector_path is not None:
         projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
-    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).weight_bytes(precision),
-            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).weight_bytes(precision)
-            + projector * _WEIGHT_BYTES[precision][1]}
+    projector_bytes = 4 if precision == "int8" else _WEIGHT_BYTES[precision][1]
+    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).onnx_weight_bytes(precision),
+            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).onnx_weight_bytes(precision)
+            + projector * projector_bytes}
 
 
 def _largest(fits, upper: int) -> int:

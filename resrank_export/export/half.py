@@ -22,6 +22,12 @@ HALF_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Sof
                       "Sqrt", "Reciprocal", "ReduceL2", "ReduceSum", "Div", "Clip")
 
 
+def auto_export_dtype(precision: str, stored: list[str]) -> str:
+    """`--export-dtype auto`: the half target itself when every backbone stores half weights (see
+    export/onnx.py: ExportConfig.for_precision), else FP32."""
+    return precision if precision in ("fp16", "bf16") and "fp32" not in stored else "fp32"
+
+
 def _float_types(model) -> dict[str, int]:
     onnx = require("onnx", "half-precision graphs")
     inferred = onnx.shape_inference.infer_shapes(model)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from resrank_export.errors import ResRankExportError
-from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD
+from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, auto_export_dtype
 from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint, stored_dtype
 from resrank_export.model.reference import TORCH_DTYPES, load_encoder, load_reranker, passage_tokenizer, prompt_builder, torch_device
 from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
@@ -50,9 +50,8 @@ class ExportConfig:
         FP32 checkpoint) in FP32, which also gives the half graphs a fidelity report against FP32."""
         if self.dtype != AUTO:
             return self
-        half = precision in ("fp16", "bf16") and all(
-            stored_dtype(d) != "fp32" for d in (checkpoint.encoder_dir, checkpoint.reranker_dir))
-        return dataclasses.replace(self, dtype=precision if half else "fp32")
+        stored = [stored_dtype(d) for d in (checkpoint.encoder_dir, checkpoint.reranker_dir)]
+        return dataclasses.replace(self, dtype=auto_export_dtype(precision, stored))
 
 
 def graph_specs(checkpoint: Checkpoint) -> tuple[GraphSpec, GraphSpec]:

@@ -13,6 +13,7 @@ import numpy as np
 from resrank_export.data.readers import iter_passages, read_queries, read_trec_run
 from resrank_export.errors import InputDataError, ParityError
 from resrank_export.model.reference import ResRankReference
+from resrank_export.model.text import PassageTokenizer
 from resrank_export.progress import track
 from resrank_export.runtime import encode_texts, execution_providers, graph_session, run_session
 
@@ -129,26 +130,36 @@ def _graph_outputs(path: Path, batches: list[dict[str, np.ndarray]], description
     return [run_session(session, inputs)[0] for inputs in track(batches, description)]
 
 
-def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: ParityConfig,
-                 gate: bool = True) -> dict:
-    """Compare encoder and reranker graphs with the reference (its dtype picks the gate); returns
-    the JSON report. Every reference output is computed first and the PyTorch modules freed before
-    a graph is loaded, so one model copy is alive at a time."""
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """What the PyTorch reference produced for the parity inputs: computed once, compared with
+    any number of graphs (the plain and the ORT-fused ones)."""
+
+    dtype: str  # of the graphs compared with, which picks the gate
+    tokenizer: PassageTokenizer  # the checkpoint's (the graphs get the same token ids)
+    data: ParityData
+    passages: list[str]
+    embeddings: np.ndarray  # passages, then queries
+    cases: list[tuple[str, list[str], np.ndarray]]  # (name, queries, slot vectors)
+    reranker_batches: list[dict[str, np.ndarray]]
+    scores: list[np.ndarray]
+
+
+def reference_outputs(reference: ResRankReference, config: ParityConfig) -> ReferenceOutputs:
+    """Every reference output of the parity check; the PyTorch modules are freed on return, so a
+    graph loaded afterwards is the only model copy alive."""
     import torch
 
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[reference.dtype]
-    rule = config.gate(dtype)
-    ck = reference.checkpoint.config
-    k_max = ck.max_candidates
+    k_max = reference.checkpoint.config.max_candidates
     data = load_parity_data(config, k_max)
 
     # Encoder: every candidate passage and every query (each with its template).
     passages = [t for cands in data.candidates for t in cands]
-    tokenizer = reference.passage_tokenizer
     ref_emb = np.concatenate([reference.encode(passages, config.batch_size),
                               reference.encode_queries(data.queries, config.batch_size)])
     n_q = len(data.queries)
-    ref_q, ref_p = ref_emb[-n_q:], ref_emb[:-n_q].reshape(n_q, k_max, -1)
+    ref_p = ref_emb[:-n_q].reshape(n_q, k_max, -1)
 
     # Reranker: several shapes, slot vectors from the reference encoder.
     k_mid = min(10, k_max)
@@ -167,6 +178,29 @@ def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: P
     reference.release()  # the encoder
     ref_scores = [reference.score(queries, slots) for _, queries, slots in track(cases, "PyTorch reference reranker")]
     reference.release()
+    return ReferenceOutputs(dtype, reference.passage_tokenizer, data, passages, ref_emb, cases, reranker_batches,
+                            ref_scores)
+
+
+def check_parity(reference: ResRankReference, graphs: dict[str, Path], config: ParityConfig,
+                 gate: bool = True) -> dict:
+    """Compare encoder and reranker graphs with the reference (its dtype picks the gate); returns
+    the JSON report. Every reference output is computed first and the PyTorch modules freed before
+    a graph is loaded, so one model copy is alive at a time."""
+    return compare_graphs(reference_outputs(reference, config), graphs, config, gate)
+
+
+def compare_graphs(expected: ReferenceOutputs, graphs: dict[str, Path], config: ParityConfig,
+                   gate: bool = True) -> dict:
+    """The parity report of `graphs` against reference outputs computed earlier; raises
+    ParityError below the gate of the outputs' dtype when `gate`."""
+    dtype, data, passages, ref_emb = expected.dtype, expected.data, expected.passages, expected.embeddings
+    rule = config.gate(dtype)
+    n_q = len(data.queries)
+    k_max = len(data.candidates[0])
+    ref_q, ref_p = ref_emb[-n_q:], ref_emb[:-n_q].reshape(n_q, k_max, -1)
+    cases, reranker_batches, ref_scores = expected.cases, expected.reranker_batches, expected.scores
+    tokenizer = expected.tokenizer
 
     log.info("parity: ONNX Runtime encoder on %d texts", len(passages) + n_q)
     session = _graph_session(graphs["encoder"], config.device)

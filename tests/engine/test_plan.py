@@ -81,3 +81,21 @@ def test_plan_command_prints_json(tiny_checkpoint):
     assert data["gpu_memory"] == 16 << 30
     assert data["encoder_parameters"] == ModelShape.from_dir(checkpoint.encoder_dir).parameters
     assert [p["precision"] for p in data["precisions"]] == ["fp32", "fp16", "bf16", "int8"]
+
+
+def test_qwen3_shape_from_its_config_numbers_matches_a_written_checkpoint(qwen3_tokenizer_dir, tmp_path):
+    """ModelShape.qwen3 (the released sizes without a checkpoint) counts what a written Qwen3
+    checkpoint's safetensors hold, and finds its FFN down-projections."""
+    from dataclasses import asdict
+
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.demo import QWEN3_SHAPES, build_qwen3_checkpoint
+
+    checkpoint = load_checkpoint(build_qwen3_checkpoint(tmp_path / "ck", qwen3_tokenizer_dir, shape="tiny"))
+    for folder in (checkpoint.encoder_dir, checkpoint.reranker_dir):
+        config = json.loads((folder / "config.json").read_text())
+        written = ModelShape.from_dir(folder)
+        assert written == ModelShape.qwen3(**asdict(QWEN3_SHAPES["tiny"]), vocab=config["vocab_size"])
+        assert written.ffn_output_parameters == config["num_hidden_layers"] * config["hidden_size"] * config["intermediate_size"]
+        quantized = written.layer_matmul_parameters - written.ffn_output_parameters
+        assert written.onnx_weight_bytes("int8") == quantized + 4 * (written.parameters - quantized)

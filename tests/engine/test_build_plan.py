@@ -1,0 +1,54 @@
+"""engine/build_plan.py: which stages a default build runs for each precision and stored dtype,
+the dtype each holds, the peak it predicts from the measured factors, and `plan --qwen3-shape`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from resrank_export.engine.build_plan import HOST_BASE_BYTES, HOST_STAGE_FACTORS, QWEN3_VOCAB, plan_build
+from resrank_export.engine.plan import ModelShape
+from resrank_export.model.demo import QWEN3_SHAPES
+
+SHAPE = asdict(QWEN3_SHAPES["0.6b"])
+
+
+@pytest.mark.parametrize(("precision", "stored", "stages"), [
+    ("fp16", "bf16", [("export", "fp16"), ("parity", "fp16")]),
+    ("bf16", "bf16", [("export", "bf16"), ("parity", "bf16")]),
+    ("int8", "bf16", [("export", "fp32"), ("parity", "fp32"), ("calibration", "bf16"), ("precision_int8", "fp32"),
+                      ("fidelity", "fp32")]),
+    ("fp16", "fp32", [("export", "fp32"), ("parity", "fp32"), ("calibration", "fp32"), ("precision_fp16", "fp32"),
+                      ("fidelity", "fp32")]),
+    ("fp32", "bf16", [("export", "fp32"), ("parity", "fp32")])])
+def test_stages_and_their_weights_dtype_follow_export_dtype_auto(precision, stored, stages):
+    encoder, reranker = ModelShape.qwen3(**SHAPE, vocab=QWEN3_VOCAB), ModelShape.qwen3(**SHAPE, vocab=QWEN3_VOCAB + 1)
+    plan = plan_build(encoder, reranker, precision, stored)
+    assert [(s.stage, s.weights_dtype) for s in plan.stages] == stages
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}
+    for stage in plan.stages:  # base + factor x the larger model's weights in the stage's dtype
+        expected = HOST_BASE_BYTES + HOST_STAGE_FACTORS[stage.stage] * reranker.parameters * width[stage.weights_dtype]
+        assert stage.peak_rss == int(expected)
+    assert plan.peak_rss == max(s.peak_rss for s in plan.stages)
+    assert plan.graph_bytes[plan.exported_dtype] == encoder.onnx_weight_bytes(plan.exported_dtype) \
+        + reranker.onnx_weight_bytes(plan.exported_dtype)
+
+
+def test_plan_command_for_a_released_qwen3_size(tmp_path):
+    """`plan --qwen3-shape 4b --json`: no checkpoint needed; the FP16 build writes 2 bytes per
+    parameter of both 4B models, and exports FP16 straight from the BF16 weights."""
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+
+    result = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    fp16 = next(p for p in data["build"] if p["precision"] == "fp16")
+    params = sum(ModelShape.qwen3(**asdict(QWEN3_SHAPES["4b"]), vocab=v).parameters for v in (QWEN3_VOCAB, QWEN3_VOCAB + 1))
+    assert 3.9e9 < params / 2 < 4.1e9  # Qwen3-4B's published size
+    assert fp16["exported_dtype"] == "fp16" and fp16["graph_bytes"] == {"fp16": 2 * params}
+    refused = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", "--gpu-memory", "16GiB"])
+    assert refused.exit_code != 0 and "--qwen3-shape plans" in refused.output
