@@ -35,8 +35,8 @@ CLI = [sys.executable, "-m", "resrank_export"]
 
 
 def run_measured(command: list[str], log_path: Path, timeout_s: float) -> dict:
-    """Run `command` (output to `log_path`); wall seconds, peak RSS (the process's own high-water
-    mark from wait4), exit code, and whether it was stopped at `timeout_s`."""
+    """Run `command` (output to `log_path`); wall seconds, peak RSS (the process's high-water mark
+    from wait4: since its last reset, for a build), exit code, and whether it was stopped at `timeout_s`."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -107,6 +107,9 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
     manifest = _manifest(out)
     stages = {name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_bytes")}
               for name, entry in manifest.get("stages", {}).items()}
+    # The build resets the kernel's high-water mark at each stage start (manifest.PeakRss), so
+    # wait4 sees only the last stage's peak: the build's peak is the largest of them all.
+    result["peak_rss_bytes"] = max([result["peak_rss_bytes"], *(s["peak_rss_bytes"] or 0 for s in stages.values())])
     exported = (manifest.get("stages", {}).get("export", {}).get("report") or {}).get("dtype")
     weights = {p: graph_weight_bytes(ckpt, p) for p in ("fp32", "fp16")}
     for name, stage in stages.items():

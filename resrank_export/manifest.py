@@ -57,12 +57,20 @@ SAMPLE_SECONDS = 2.0  # how often a running stage's peak RSS is written to the m
 
 class PeakRss:
     """Peak resident memory of this process since `reset`: Linux resets the kernel's high-water
-    mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak."""
+    mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak.
+    A child process the stage ran and waited for (isolated.py) counts once it has ended, when it
+    grew larger than every earlier child (getrusage keeps only the largest)."""
 
     def __init__(self):
         self._resettable = Path("/proc/self/clear_refs").exists()
+        self._children_at_reset = 0
+
+    def _children(self) -> int:
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
     def reset(self) -> None:
+        self._children_at_reset = self._children()
         if self._resettable:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
@@ -70,13 +78,14 @@ class PeakRss:
                 self._resettable = False
 
     def bytes(self) -> int:
+        children = self._children()
+        child = children if children > self._children_at_reset else 0
         if self._resettable:
             for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+                    return max(int(line.split()[1]) * 1024, child)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(peak if sys.platform == "darwin" else peak * 1024, children)  # macOS reports bytes, Linux KiB
 
 
 def _now() -> str:

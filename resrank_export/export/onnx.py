@@ -19,6 +19,7 @@ import torch
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, auto_export_dtype
+from resrank_export.isolated import run_isolated
 from resrank_export.model.checkpoint import CONFIG_FILE, Checkpoint, stored_dtype
 from resrank_export.model.reference import TORCH_DTYPES, load_encoder, load_reranker, passage_tokenizer, prompt_builder, torch_device
 from resrank_export.model.specs import BATCH, CANDIDATES, SEQUENCE, GraphSpec, encoder_spec, reranker_spec
@@ -30,6 +31,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 EXPORT_DTYPES = TORCH_DTYPES
 AUTO = "auto"  # build only: `ExportConfig.for_precision` picks the dtype from the checkpoint
+# Checkpoints whose weights pass this many bytes export each graph in a process of its own, which
+# returns the memory the exporter keeps (isolated.py); smaller ones (the demo, tests) skip the
+# few seconds a fresh process takes to import torch.
+ISOLATE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ExportConfig:
     external_data: bool | None = None  # None: decide from the model size
     dtype: str = "fp32"  # weights of the exported graphs: fp32, or fp16/bf16 without an FP32 copy; or AUTO
     device: str = "cpu"  # where PyTorch traces the modules (cuda: a GPU's memory holds the weights)
+    isolate: bool | None = None  # each graph exported in its own process (isolated.py); None: past ISOLATE_BYTES
 
     def __post_init__(self):
         if self.dtype not in (AUTO, *EXPORT_DTYPES):
@@ -104,6 +110,23 @@ def _export(module: torch.nn.Module, spec: GraphSpec, inputs: dict[str, np.ndarr
     return report
 
 
+def _weights_bytes(checkpoint: Checkpoint) -> int:
+    return sum(p.stat().st_size for d in (checkpoint.encoder_dir, checkpoint.reranker_dir)
+               for p in [*d.glob("*.safetensors"), *d.glob("*.bin")])
+
+
+def _export_graph(checkpoint: Checkpoint, spec: GraphSpec, inputs: dict[str, np.ndarray], path: Path,
+                  config: ExportConfig) -> dict | None:
+    """Load one module (encoder or reranker, by `spec`) in the export dtype and write its graph."""
+    load = load_encoder if spec.name == "encoder" else load_reranker
+    module = load(checkpoint, EXPORT_DTYPES[config.dtype]).to(torch_device(config.device))
+    try:
+        return _export(module, spec, inputs, path, config)
+    finally:
+        del module
+        gc.collect()
+
+
 def graphs_folder(out: Path, config: ExportConfig = ExportConfig()) -> Path:
     """Where `export_onnx` writes the graphs: out/onnx/<dtype>/."""
     return Path(out) / "onnx" / config.dtype
@@ -112,8 +135,9 @@ def graphs_folder(out: Path, config: ExportConfig = ExportConfig()) -> Path:
 def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = ExportConfig(),
                 report: dict | None = None) -> dict[str, Path]:
     """Write encoder.onnx, reranker.onnx (under onnx/<dtype>/), tokenizers and resrank.json under
-    `out`; one PyTorch module is alive at a time. `report`, if given, receives per graph what a
-    half export kept in FP32."""
+    `out`; one PyTorch module is alive at a time, in a process of its own past ISOLATE_BYTES (its
+    memory then returns to the OS with it). `report`, if given, receives per graph what a half
+    export kept in FP32."""
     out.mkdir(parents=True, exist_ok=True)
     enc_spec, rer_spec = graph_specs(checkpoint)
     texts = _sample_texts()
@@ -129,12 +153,11 @@ def export_onnx(checkpoint: Checkpoint, out: Path, config: ExportConfig = Export
                                  f"one of {', '.join(EXPORT_DTYPES)}")
     graphs = graphs_folder(out, config)
     graphs.mkdir(parents=True, exist_ok=True)
-    dtype, device = EXPORT_DTYPES[config.dtype], torch_device(config.device)
-    for spec, load, inputs in ((enc_spec, load_encoder, enc_inputs), (rer_spec, load_reranker, rer_inputs)):
-        module = load(checkpoint, dtype).to(device)
-        kept = _export(module, spec, inputs, graphs / spec.filename, config)
-        del module
-        gc.collect()
+    torch_device(config.device)  # a missing GPU is refused here, not in a child process
+    isolate = config.isolate if config.isolate is not None else _weights_bytes(checkpoint) > ISOLATE_BYTES
+    for spec, inputs in ((enc_spec, enc_inputs), (rer_spec, rer_inputs)):
+        args = (checkpoint, spec, inputs, graphs / spec.filename, config)
+        kept = run_isolated(_export_graph, *args, what=f"export of {spec.name}") if isolate else _export_graph(*args)
         if report is not None and kept is not None:
             report[spec.name] = kept
         log.info("exported %s (%s weights)", graphs / spec.filename, config.dtype)

@@ -164,3 +164,14 @@ def test_half_export_holds_half_weights_keeps_norms_fp32_and_matches_pytorch_in_
         got = run_session(graph_session(graphs["encoder"]), reference.passage_tokenizer(TEXTS))[0]
         diff = np.abs(got - reference.encode(TEXTS)).max()
         assert 0 < diff <= PARITY_GATES[dtype].atol
+
+
+def test_isolated_export_writes_the_same_graphs_from_child_processes(tiny_export, tmp_path):
+    """isolate=True (automatic past ISOLATE_BYTES of weights): each graph exported in a spawned
+    process gives the same outputs as the in-process export."""
+    checkpoint, graphs = tiny_export()
+    isolated = export_onnx(checkpoint, tmp_path, ExportConfig(isolate=True))
+    tokens = ResRankReference(checkpoint).passage_tokenizer(TEXTS)
+    ours = run_session(ort_session(isolated["encoder"]), tokens)[0]
+    np.testing.assert_array_equal(ours, run_session(ort_session(graphs["encoder"]), tokens)[0])
+    assert isolated["reranker"].is_file() and onnx.load(str(isolated["reranker"])).graph.node

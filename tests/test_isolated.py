@@ -1,0 +1,54 @@
+"""isolated.run_isolated: a step in a fresh process returns its result or re-raises its error, a
+killed child is a one-line error, and the stage's peak RSS counts the child's memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from resrank_export.errors import CheckpointError, ResRankExportError
+from resrank_export.isolated import run_isolated
+from resrank_export.manifest import PeakRss
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    return os.getpid(), x * x
+
+
+def _fail(path: str) -> None:
+    raise CheckpointError(f"{path}: cannot be loaded")
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hold(megabytes: int) -> int:
+    block = bytearray(megabytes << 20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    return len(block)
+
+
+def test_result_comes_back_from_another_process():
+    pid, square = run_isolated(_pid_and_square, 12)
+    assert square == 144 and pid != os.getpid()
+
+
+def test_the_childs_error_is_reraised_with_its_message():
+    with pytest.raises(CheckpointError, match="ckpt/encoder: cannot be loaded"):
+        run_isolated(_fail, "ckpt/encoder")
+
+
+def test_a_killed_child_is_a_one_line_error_naming_the_signal():
+    with pytest.raises(ResRankExportError, match=r"export of encoder: its process ended with exit code -9"):
+        run_isolated(_killed, what="export of encoder")
+
+
+def test_stage_peak_rss_counts_the_child():
+    peak = PeakRss()
+    peak.reset()
+    before = peak.bytes()
+    run_isolated(_hold, 400)
+    assert peak.bytes() >= 400 << 20 > before
