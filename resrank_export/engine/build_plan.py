@@ -8,20 +8,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from resrank_export.engine.plan import ModelShape, render_table
-from resrank_export.export.half import auto_export_dtype
 from resrank_export.engine.profiles import GIB
+from resrank_export.export.half import auto_export_dtype
+from resrank_export.runtime import BATCH_TOKENS
 
-# Peak RSS of a stage = HOST_BASE_BYTES + factor x the larger model's weight bytes in the dtype
-# the stage holds (one model copy alive at a time). Measured with benchmarks/scale.py on this
-# project's 2-core machine (docs/scale.md): the base is a tiny Qwen3-shaped build's peak (torch,
-# transformers, ONNX Runtime, ModelOpt and the 151k-token tokenizers loaded); the factors come
-# from the Qwen3-0.6B-shape builds (export: the dynamo exporter's program beside the module and
-# the graph being written; parity: the reference's weights, then one ORT session whose CPU
-# provider also holds FP32 copies of FP16 weights it casts; INT8: ModelOpt's model, its
-# calibration session and the quantized graph).
-HOST_BASE_BYTES = int(0.75 * GIB)
-HOST_STAGE_FACTORS = {"export": 2.9, "parity": 3.3, "calibration": 1.2, "precision_fp16": 3.0, "precision_bf16": 3.0,
-                      "precision_int8": 3.0, "fidelity": 2.2}
+# Peak RSS of a stage, from what it holds (one model copy alive at a time, the larger model's
+# bytes), with the constants measured by benchmarks/scale.py on the Qwen3-0.6B-shape checkpoint
+# (docs/scale.md, "Planner"):
+# - every stage: HOST_BASE_BYTES, a process with torch, transformers and ONNX Runtime imported and
+#   the 151k-id tokenizers loaded (0.37 GiB measured);
+# - export (a process per graph): the weights as stored beside the module converted to the export
+#   dtype (FP16 from BF16: 2.59 GiB measured, 2.62 planned; FP32: 3.70 measured, 3.73 planned);
+# - parity and calibration: the PyTorch reference (weights in the graph's half dtype, else as
+#   stored) plus its FP32 activations, which grow with heads x batch tokens x the longest text
+#   (eager attention's scores), then one ONNX Runtime session of ORT_SESSION_FACTOR x its graph;
+# - precision and fidelity stages: STAGE_FACTORS x the FP32 graph's weights.
+HOST_BASE_BYTES = int(0.4 * GIB)
+ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
+REFERENCE_ACTIVATION_FACTOR = 4.5  # x heads x batch tokens x longest text x 4 bytes (0.6B FP16 parity: 3.95 GiB)
+STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "precision_int8": 3.0, "fidelity": 2.2}
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QWEN3_VOCAB = 151_669  # the real Qwen3 tokenizer's ids; the reranker adds its placeholder token
 
@@ -46,16 +51,33 @@ class BuildPlan:
         return asdict(self)
 
 
-def plan_build(encoder: ModelShape, reranker: ModelShape, precision: str, stored: str = "bf16") -> BuildPlan:
-    """Stages of a default-options build of `precision` from weights stored in `stored`, each with
-    its predicted peak RSS (`HOST_STAGE_FACTORS`); the build's peak is the largest."""
+def _stage_peak(stage: str, model: ModelShape, stored: str, exported: str, max_tokens: int) -> int:
+    def weights(dtype: str) -> int:
+        return model.parameters * _BYTES[dtype]
+
+    activations = int(REFERENCE_ACTIVATION_FACTOR * model.heads * BATCH_TOKENS * max_tokens * 4)
+    reference = weights(exported if exported != "fp32" else stored) + activations
+    if stage == "export":
+        held = weights(stored) + weights(exported)
+    elif stage == "parity":
+        held = max(reference, int(ORT_SESSION_FACTOR * weights(exported)))
+    elif stage == "calibration":
+        held = weights(stored) + activations
+    else:
+        held = int(STAGE_FACTORS[stage] * weights("fp32"))
+    return HOST_BASE_BYTES + held
+
+
+def plan_build(encoder: ModelShape, reranker: ModelShape, precision: str, stored: str = "bf16",
+               max_tokens: int = 512) -> BuildPlan:
+    """Stages of a default-options build of `precision` from weights stored in `stored` (texts up to
+    `max_tokens`), each with its predicted peak RSS; the build's peak is the largest."""
     exported = auto_export_dtype(precision, [stored])
-    largest = max(encoder.parameters, reranker.parameters)
+    model = max(encoder, reranker, key=lambda m: m.parameters)
     stages = [("export", exported), ("parity", exported)]
     if precision != exported:  # half or INT8 graphs made from the FP32 ones
         stages += [("calibration", stored), (f"precision_{precision}", "fp32"), ("fidelity", "fp32")]
-    planned = [StagePlan(name, dtype, int(HOST_BASE_BYTES + HOST_STAGE_FACTORS[name] * largest * _BYTES[dtype]))
-               for name, dtype in stages]
+    planned = [StagePlan(name, dtype, _stage_peak(name, model, stored, exported, max_tokens)) for name, dtype in stages]
     peak = max(planned, key=lambda s: s.peak_rss)
     graphs = {p: encoder.onnx_weight_bytes(p) + reranker.onnx_weight_bytes(p) for p in dict.fromkeys((exported, precision))}
     return BuildPlan(precision, exported, planned, peak.peak_rss, peak.stage, graphs)
@@ -65,8 +87,8 @@ def render_build_plans(plans: list[BuildPlan], stored: str) -> str:
     rows = [("precision", "exported", "peak RSS GiB", "at stage", "graphs written GiB")]
     rows += [(p.precision, p.exported_dtype, f"{p.peak_rss / GIB:.1f}", p.peak_stage,
               " + ".join(f"{size / GIB:.1f} ({name})" for name, size in p.graph_bytes.items())) for p in plans]
-    note = (f"host memory of `build --precision P` with default options, weights stored in {stored}: base "
-            f"{HOST_BASE_BYTES / GIB:.2f} GiB + a per-stage factor x the larger model's weights (measured, docs/scale.md)")
+    note = (f"host memory of `build --precision P` with default options, weights stored in {stored}: what each "
+            "stage holds of the larger model, with constants measured at 0.6B (docs/scale.md, 'Planner')")
     return "\n".join([render_table(rows), note])
 
 
@@ -80,12 +102,12 @@ def build_plans(checkpoint_dir=None, qwen3_shape: str | None = None) -> tuple[st
 
         shape = asdict(QWEN3_SHAPES[qwen3_shape])
         encoder, reranker = ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB), ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB + 1)
-        stored = "bf16"
+        stored, max_tokens = "bf16", 512  # build_qwen3_checkpoint's max_passage_tokens
     else:
         from resrank_export.model.checkpoint import load_checkpoint, stored_dtype
         from resrank_export.model.demo import default_checkpoint
 
         checkpoint = load_checkpoint(checkpoint_dir or default_checkpoint())
         encoder, reranker = ModelShape.from_dir(checkpoint.encoder_dir), ModelShape.from_dir(checkpoint.reranker_dir)
-        stored = stored_dtype(checkpoint.encoder_dir)
-    return stored, [plan_build(encoder, reranker, p, stored) for p in PRECISIONS]
+        stored, max_tokens = stored_dtype(checkpoint.encoder_dir), checkpoint.config.max_passage_tokens
+    return stored, [plan_build(encoder, reranker, p, stored, max_tokens) for p in PRECISIONS]

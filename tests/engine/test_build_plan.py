@@ -8,7 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
-from resrank_export.engine.build_plan import HOST_BASE_BYTES, HOST_STAGE_FACTORS, QWEN3_VOCAB, plan_build
+from resrank_export.engine.build_plan import (HOST_BASE_BYTES, ORT_SESSION_FACTOR, REFERENCE_ACTIVATION_FACTOR,
+                                              STAGE_FACTORS, QWEN3_VOCAB, plan_build)
+from resrank_export.runtime import BATCH_TOKENS
 from resrank_export.engine.plan import ModelShape
 from resrank_export.model.demo import QWEN3_SHAPES
 
@@ -27,10 +29,16 @@ def test_stages_and_their_weights_dtype_follow_export_dtype_auto(precision, stor
     encoder, reranker = ModelShape.qwen3(**SHAPE, vocab=QWEN3_VOCAB), ModelShape.qwen3(**SHAPE, vocab=QWEN3_VOCAB + 1)
     plan = plan_build(encoder, reranker, precision, stored)
     assert [(s.stage, s.weights_dtype) for s in plan.stages] == stages
-    width = {"fp32": 4, "fp16": 2, "bf16": 2}
-    for stage in plan.stages:  # base + factor x the larger model's weights in the stage's dtype
-        expected = HOST_BASE_BYTES + HOST_STAGE_FACTORS[stage.stage] * reranker.parameters * width[stage.weights_dtype]
-        assert stage.peak_rss == int(expected)
+    weights = {dtype: reranker.parameters * width for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2))}
+    activations = int(REFERENCE_ACTIVATION_FACTOR * reranker.heads * BATCH_TOKENS * 512 * 4)
+    exported = plan.exported_dtype
+    expected = {"export": weights[stored] + weights[exported],  # the file as stored beside the converted module
+                "parity": max(weights[exported if exported != "fp32" else stored] + activations,
+                              int(ORT_SESSION_FACTOR * weights[exported])),
+                "calibration": weights[stored] + activations,
+                **{name: int(factor * weights["fp32"]) for name, factor in STAGE_FACTORS.items()}}
+    for stage in plan.stages:  # the larger model (the reranker, one placeholder id more)
+        assert stage.peak_rss == HOST_BASE_BYTES + expected[stage.stage]
     assert plan.peak_rss == max(s.peak_rss for s in plan.stages)
     assert plan.graph_bytes[plan.exported_dtype] == encoder.onnx_weight_bytes(plan.exported_dtype) \
         + reranker.onnx_weight_bytes(plan.exported_dtype)
