@@ -36,7 +36,8 @@ CLI = [sys.executable, "-m", "resrank_export"]
 
 def run_measured(command: list[str], log_path: Path, timeout_s: float) -> dict:
     """Run `command` (output to `log_path`); wall seconds, peak RSS (the process's high-water mark
-    from wait4: since its last reset, for a build), exit code, and whether it was stopped at `timeout_s`."""
+    from wait4: since its last reset, for a build; Linux starts it from this process's own at exec,
+    about 0.2 GB here), exit code, and whether it was stopped at `timeout_s`."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
