@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from resrank_export.errors import CheckpointError, ResRankExportError
 from resrank_export.isolated import run_isolated
-from resrank_export.manifest import PeakRss
 
 
 def _pid_and_square(x: int) -> tuple[int, int]:
@@ -23,12 +24,6 @@ def _fail(path: str) -> None:
 
 def _killed() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _hold(megabytes: int) -> int:
-    block = bytearray(megabytes << 20)
-    block[::4096] = b"x" * len(block[::4096])  # touch every page
-    return len(block)
 
 
 def test_result_comes_back_from_another_process():
@@ -46,9 +41,18 @@ def test_a_killed_child_is_a_one_line_error_naming_the_signal():
         run_isolated(_killed, what="export of encoder")
 
 
-def test_stage_peak_rss_counts_the_child():
-    peak = PeakRss()
-    peak.reset()
-    before = peak.bytes()
-    run_isolated(_hold, 400)
-    assert peak.bytes() >= 400 << 20 > before
+def test_stage_peak_rss_counts_the_child(tmp_path):
+    """Measured from a small parent process: Linux starts a child's high-water mark from its
+    parent's when it execs, and this test process holds GBs."""
+    (tmp_path / "holder.py").write_text(
+        "def hold(megabytes):\n"
+        "    block = bytearray(megabytes << 20)\n"
+        "    block[::4096] = b'x' * len(block[::4096])\n"
+        "    return len(block)\n")
+    driver = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from holder import hold; "
+              "from resrank_export.isolated import run_isolated; from resrank_export.manifest import PeakRss; "
+              "peak = PeakRss(); peak.reset(); before = peak.bytes(); run_isolated(hold, 400); "
+              "print(before, peak.bytes())")
+    before, after = map(int, subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert after >= 400 << 20 > before
