@@ -29,7 +29,6 @@ HOST_BASE_BYTES = int(0.4 * GIB)
 ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
 REFERENCE_ACTIVATION_FACTOR = 4.5  # x heads x batch tokens x longest text x 4 bytes (0.6B FP16 parity: 3.95 GiB)
 STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "precision_int8": 3.0, "fidelity": 2.2}
-_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QWEN3_VOCAB = 151_669  # the real Qwen3 tokenizer's ids; the reranker adds its placeholder token
 
 
@@ -54,19 +53,16 @@ class BuildPlan:
 
 
 def _stage_peak(stage: str, model: ModelShape, stored: str, exported: str, max_tokens: int) -> int:
-    def weights(dtype: str) -> int:
-        return model.parameters * _BYTES[dtype]
-
     activations = int(REFERENCE_ACTIVATION_FACTOR * model.heads * BATCH_TOKENS * max_tokens * 4)
-    reference = weights(exported if exported != "fp32" else stored) + activations
+    reference = model.weight_bytes(exported if exported != "fp32" else stored) + activations
     if stage == "export":
-        held = weights(stored) + weights(exported)
+        held = model.weight_bytes(stored) + model.weight_bytes(exported)
     elif stage == "parity":
-        held = max(reference, int(ORT_SESSION_FACTOR * weights(exported)))
+        held = max(reference, int(ORT_SESSION_FACTOR * model.weight_bytes(exported)))
     elif stage == "calibration":
-        held = weights(stored) + activations
+        held = model.weight_bytes(stored) + activations
     else:
-        held = int(STAGE_FACTORS[stage] * weights("fp32"))
+        held = int(STAGE_FACTORS[stage] * model.weight_bytes("fp32"))
     return HOST_BASE_BYTES + held
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,10 +205,7 @@ def stored_dtype(model_dir: Path) -> str:
     for info in safetensors_headers(model_dir).values():
         if info["dtype"] in _SAFETENSORS_FLOATS:
             name, size = _SAFETENSORS_FLOATS[info["dtype"]]
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            totals[name] = totals.get(name, 0) + count * size
+            totals[name] = totals.get(name, 0) + math.prod(info["shape"]) * size
     return max(totals, key=totals.get) if totals else "fp32"
 
 
