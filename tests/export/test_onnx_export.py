@@ -175,3 +175,12 @@ def test_isolated_export_writes_the_same_graphs_from_child_processes(tiny_export
     ours = run_session(ort_session(isolated["encoder"]), tokens)[0]
     np.testing.assert_array_equal(ours, run_session(ort_session(graphs["encoder"]), tokens)[0])
     assert isolated["reranker"].is_file() and onnx.load(str(isolated["reranker"])).graph.node
+
+
+def test_export_refuses_auto_dtype_in_one_line(tiny_checkpoint, tmp_path):
+    """auto follows --precision, which only `build` has: export itself says so, and writes no graph."""
+    from resrank_export.errors import ResRankExportError
+
+    with pytest.raises(ResRankExportError, match="--export-dtype auto is a build option"):
+        export_onnx(tiny_checkpoint(), tmp_path, ExportConfig(dtype="auto"))
+    assert not (tmp_path / "onnx").exists()
