@@ -209,6 +209,26 @@ def stored_dtype(model_dir: Path) -> str:
     return max(totals, key=totals.get) if totals else "fp32"
 
 
+def parameter_count(model_dir: Path) -> int:
+    """Weight elements of a model folder, from its safetensors headers (no weights are read); a
+    folder with only pytorch_model.bin is counted at 4 bytes an element."""
+    if any(Path(model_dir).glob("*.safetensors")):
+        return sum(math.prod(info["shape"]) for info in safetensors_headers(model_dir).values())
+    return sum(path.stat().st_size for path in Path(model_dir).glob("*.bin")) // 4
+
+
+SAMPLE_BUDGET_PARAMETERS = 50_000_000
+
+
+def scaled_sample_size(count: int, checkpoint: "Checkpoint", floor: int) -> int:
+    """A default sample size tuned on the demo (a 23M-parameter encoder), kept up to 50M encoder
+    parameters and divided by the parameter ratio beyond: every sampled text costs about 2 x
+    parameters FLOPs a token through the FP32 reference or graph, so a 0.6B build's default checks
+    cost what the demo's did, not 12 times as much. Never below `floor`, never above `count`."""
+    parameters = max(parameter_count(checkpoint.encoder_dir), SAMPLE_BUDGET_PARAMETERS)
+    return min(count, max(floor, math.ceil(count * SAMPLE_BUDGET_PARAMETERS / parameters)))
+
+
 def _placeholder_id(reranker_dir: Path, token: str) -> int:
     from tokenizers import Tokenizer
 

@@ -16,12 +16,13 @@ from resrank_export.data.readers import Passage, iter_passages, read_queries, re
 from resrank_export.errors import InputDataError
 from resrank_export.export.parity import RUN_FILE
 from resrank_export.fs import atomic_dir, sha256_file
-from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.specs import GraphSpec, numpy_dtype
 
 log = logging.getLogger(__name__)
 CARD_FILE = "card.json"
 PSEUDO_QUERY_WORDS = 12
+RETRIEVAL_POOL = 2000  # the default pool at demo size
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class CalibrationConfig:
     encoder_samples: int = 64
     reranker_queries: int = 16
     candidates: int | None = None  # per reranker query; None = the checkpoint's max_candidates
-    retrieval_pool: int = 2000  # passages searched for candidates when there is no run file
+    # passages searched for candidates when there is no run file; None: 2000, fewer for models past
+    # 50M parameters (model.checkpoint.scaled_sample_size), never fewer than the candidates
+    retrieval_pool: int | None = None
     seed: int = 0
     device: str = "cpu"  # where the PyTorch reference makes the slot vectors (cuda: on the GPU)
 
@@ -109,7 +112,8 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
         raise InputDataError("calibration sizes must be >= 1 (encoder_samples, reranker_queries)")
     rng = np.random.default_rng(config.seed)
     source, passages = _source_passages(config)
-    pool_size = max(config.encoder_samples, config.retrieval_pool)
+    k = min(config.candidates or checkpoint.config.max_candidates, checkpoint.config.max_candidates)
+    pool_size = max(config.encoder_samples, config.retrieval_pool or scaled_sample_size(RETRIEVAL_POOL, checkpoint, k))
     pool, corpus_size = _reservoir(passages, pool_size, rng)
     if corpus_size == 0:
         raise InputDataError(f"{source}: corpus is empty; calibration needs real passages")
@@ -123,14 +127,10 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     encoder_inputs = reference.passage_tokenizer(encoder_texts)
     lengths = [int(n) for n in encoder_inputs["attention_mask"].sum(1)]
 
-    k = min(config.candidates or checkpoint.config.max_candidates, checkpoint.config.max_candidates)
     qids, query_texts, query_kind = _queries(config, pool, rng)
-    texts_by_id = {p.id: p.text for p in pool}
     folder = Path(config.corpus) if config.corpus is not None else None
     has_run = folder is not None and folder.is_dir() and (folder / RUN_FILE).is_file()
     if has_run:
-        wanted = {d for ids in (read_trec_run(folder / RUN_FILE)[q][:k] for q in qids) for d in ids}
-        texts_by_id.update({p.id: p.text for p in iter_passages(folder) if p.id in wanted})
         pool_vectors = np.zeros((0, checkpoint.encoder_dim), dtype=np.float32)
     else:
         k = min(k, len(pool))
@@ -140,10 +140,16 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     short = [q for q, ids in zip(qids, candidate_ids) if len(ids) < k]
     if short:
         raise InputDataError(f"{source}: query {short[0]!r} has fewer than {k} candidates in the run")
-    missing = sorted({d for ids in candidate_ids for d in ids} - set(texts_by_id))
-    if missing:
-        raise InputDataError(f"{source}: run passage {missing[0]!r} is not in the corpus")
-    slot_vectors = np.stack([reference.encode([texts_by_id[d] for d in ids]) for ids in candidate_ids])
+    if has_run:  # each run passage encoded once, however many queries list it
+        wanted = {d for ids in candidate_ids for d in ids}
+        texts_by_id = {p.id: p.text for p in iter_passages(folder) if p.id in wanted}
+        missing = sorted(wanted - set(texts_by_id))
+        if missing:
+            raise InputDataError(f"{source}: run passage {missing[0]!r} is not in the corpus")
+        vectors_by_id = dict(zip(texts_by_id, reference.encode(list(texts_by_id.values()))))
+    else:  # the candidates are pool passages, encoded above
+        vectors_by_id = {p.id: vector for p, vector in zip(pool, pool_vectors)}
+    slot_vectors = np.stack([[vectors_by_id[d] for d in ids] for ids in candidate_ids])
     reranker_inputs = reference.prompt_builder.batch(query_texts, k)
     reranker_inputs["passage_embeddings"] = slot_vectors.astype(np.float32)
 

@@ -15,13 +15,14 @@ from resrank_export.data.evaluation import ndcg_at_10
 from resrank_export.data.readers import iter_passages, read_qrels, read_queries
 from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load_parity_data
 from resrank_export.lazy import require
-from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
 from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.runtime import encode_texts, graph_session, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
+EMBEDDED_PASSAGES = 500  # texts of the embedded corpus compared when no retrieval data is given (demo size)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class FidelityConfig:
     rerank_data: Path | None = None  # BEIR folder with run.bm25.trec (DL19)
     retrieval_other_docs: int | None = None  # None: full corpus; N: judged docs + N seeded others
     retrieval_queries: int | None = None  # None: every judged query
-    rerank_queries: int | None = None  # None: every query of the run
+    rerank_queries: int | None = None  # None: every query of the run (embedded corpus: fewer past 50M parameters)
     rerank_candidates: int = 100
     seed: int = 0
     batch_size: int = 32
@@ -65,7 +66,7 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
         from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages
 
         qrels, queries, ids = None, {f"q{i}": q for i, q in enumerate(SAMPLE_QUERIES)}, []
-        texts = [p.text for p in stdlib_passages(limit=500)]
+        texts = [p.text for p in stdlib_passages(limit=scaled_sample_size(EMBEDDED_PASSAGES, checkpoint, 64))]
         description = "embedded standard-library corpus (no retrieval data: cosines only)"
     else:
         qrels, queries, ids, texts, description = _retrieval_data(config)
@@ -100,7 +101,12 @@ def _kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
 
 def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]], config: FidelityConfig) -> dict:
     k = min(config.rerank_candidates, checkpoint.config.max_candidates)
-    data = load_parity_data(ParityConfig(data_dir=config.rerank_data, queries=config.rerank_queries or 10**9), k)
+    queries = config.rerank_queries
+    if queries is None and config.rerank_data is None:
+        from resrank_export.data.default_corpus import SAMPLE_QUERIES
+
+        queries = scaled_sample_size(len(SAMPLE_QUERIES), checkpoint, 2)
+    data = load_parity_data(ParityConfig(data_dir=config.rerank_data, queries=queries or 10**9), k)
     encoder = ort_session(graphs["fp32"]["encoder"])
     texts = [t for cands in data.candidates for t in cands]
     slots = encode_texts(encoder, passage_tokenizer(checkpoint), texts, config.batch_size).reshape(len(data.queries), k, -1)

@@ -3,13 +3,15 @@ CheckpointError whose one-line message names the file, the field and the expecte
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from resrank_export.errors import CheckpointError
@@ -147,3 +149,32 @@ def test_config_round_trips_through_json(tmp_path):
 def test_integer_alpha_is_accepted(broken_copy):
     checkpoint = load_checkpoint(broken_copy({}, _config(residual_alpha=2)))
     assert checkpoint.config.residual_alpha == 2
+
+
+def _header_only_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A safetensors header claiming these BF16 tensors (parameter_count reads no weights)."""
+    import struct
+
+    offset, header = 0, {}
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    data = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(data)) + data)
+
+
+def test_default_sample_sizes_scale_down_with_the_encoder_parameters(tiny_checkpoint, tmp_path):
+    from resrank_export.model.checkpoint import parameter_count, scaled_sample_size
+
+    tiny = tiny_checkpoint()
+    expected = sum(t.numel() for t in load_file(tiny.encoder_dir / "model.safetensors").values())
+    assert parameter_count(tiny.encoder_dir) == expected
+    assert scaled_sample_size(2000, tiny, 100) == 2000  # demo-sized models keep the tuned size
+    (tmp_path / "encoder").mkdir()
+    _header_only_safetensors(tmp_path / "encoder" / "model.safetensors",
+                             {"embed_tokens.weight": [151669, 1024], "layers.weight": [28, 1024, 15409]})
+    big = dataclasses.replace(tiny, root=tmp_path)
+    assert parameter_count(big.encoder_dir) == 151669 * 1024 + 28 * 1024 * 15409
+    assert scaled_sample_size(2000, big, 100) == math.ceil(2000 * 50e6 / parameter_count(big.encoder_dir))
+    assert scaled_sample_size(6, big, 2) == 2 and scaled_sample_size(2000, big, 900) == 900

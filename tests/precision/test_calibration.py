@@ -86,3 +86,25 @@ def test_mismatched_names_and_dims_are_named(calibration, tmp_path):
         load_calibration(tmp_path / "seq.npz", reranker_spec)
     with pytest.raises(InputDataError, match="unexpected"):
         load_calibration(root / "set" / "reranker.npz", encoder_spec)
+
+
+def test_slot_vectors_are_the_references_top_k_corpus_passages(calibration):
+    """Without a run file the candidates are the exact-search top-k of the sampled pool, and their
+    slot vectors are the pool's reference embeddings (encoded once, not again per query)."""
+    from resrank_export.model.reference import ResRankReference
+    from resrank_export.precision.calibration import PSEUDO_QUERY_WORDS
+
+    checkpoint, _, root, passages, card = calibration
+    slots = load_calibration(root / "set", graph_specs(checkpoint)[1])["passage_embeddings"]
+    reference = ResRankReference(checkpoint)
+    corpus = reference.encode([p.text for p in passages])
+    by_id = {p.id: p for p in passages}
+    queries = [" ".join(by_id[q.removeprefix("pseudo-")].text.split()[:PSEUDO_QUERY_WORDS])
+               for q in card["reranker"]["query_ids"]]
+    for query_vector, row in zip(reference.encode_queries(queries), slots):
+        match = np.abs(row[:, None, :] - corpus[None]).max(-1).argmin(1)  # the corpus passage of each slot
+        np.testing.assert_allclose(row, corpus[match], atol=1e-5)
+        assert len(set(match)) == len(match)
+        similarity = corpus[match] @ query_vector
+        assert (np.diff(similarity) <= 1e-6).all()  # best first
+    assert card["reranker"]["candidate_source"].endswith("over 60 sampled passages")
