@@ -17,12 +17,14 @@ from resrank_export.errors import InputDataError
 from resrank_export.export.parity import RUN_FILE
 from resrank_export.fs import atomic_dir, sha256_file
 from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
+from resrank_export.model.reference import passage_tokenizer, prompt_builder
 from resrank_export.model.specs import GraphSpec, numpy_dtype
 
 log = logging.getLogger(__name__)
 CARD_FILE = "card.json"
 PSEUDO_QUERY_WORDS = 12
 RETRIEVAL_POOL = 2000  # the default pool at demo size
+ENCODE_ROWS = 32  # rows per encoder run (batches are also bounded by runtime.BATCH_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class CalibrationConfig:
     # 50M parameters (model.checkpoint.scaled_sample_size), never fewer than the candidates
     retrieval_pool: int | None = None
     seed: int = 0
-    device: str = "cpu"  # where the PyTorch reference makes the slot vectors (cuda: on the GPU)
+    device: str = "cpu"  # where the slot vectors are made (cuda: the reference or the FP32 graph on the GPU)
 
 
 def _reservoir(passages, n: int, rng: np.random.Generator) -> tuple[list[Passage], int]:
@@ -102,11 +104,30 @@ def _candidates(config: CalibrationConfig, qids: list[str], query_vectors: np.nd
     return [[pool[i].id for i in row] for row in order], f"FP32 exact search top-{k} over {len(pool)} sampled passages"
 
 
-def build_calibration_set(checkpoint: Checkpoint, out: Path, config: CalibrationConfig) -> dict:
+def _vector_encoder(checkpoint: Checkpoint, config: CalibrationConfig, encoder_graph: Path | None):
+    """(encode passages, encode queries, description): the build's FP32 encoder graph when there is
+    one (parity has checked it against the reference; ONNX Runtime runs it about twice as fast as
+    PyTorch on a CPU), else the PyTorch reference computing in FP32."""
+    if encoder_graph is None:
+        from resrank_export.model.reference import ResRankReference
+
+        reference = ResRankReference(checkpoint, device=config.device)
+        return reference.encode, reference.encode_queries, "the PyTorch reference encoder (FP32 arithmetic)"
+    from resrank_export.runtime import encode_texts, execution_providers, graph_session
+
+    session = graph_session(encoder_graph, execution_providers("cuda") if config.device == "cuda" else None)
+    tokenizer = passage_tokenizer(checkpoint)
+    return (lambda texts: encode_texts(session, tokenizer, texts, ENCODE_ROWS),
+            lambda texts: encode_texts(session, tokenizer.queries, texts, ENCODE_ROWS),
+            f"the FP32 encoder graph {Path(encoder_graph).name}")
+
+
+def build_calibration_set(checkpoint: Checkpoint, out: Path, config: CalibrationConfig,
+                          encoder_graph: Path | None = None) -> dict:
     """Write `<out>/encoder.npz`, `<out>/reranker.npz` and `<out>/card.json`; returns the card.
-    Slot vectors come from the PyTorch reference encoder (FP32 arithmetic)."""
+    Slot vectors come from `encoder_graph` (an FP32 graph) when given, else from the PyTorch
+    reference encoder (FP32 arithmetic)."""
     from resrank_export.export.onnx import graph_specs
-    from resrank_export.model.reference import ResRankReference
 
     if config.encoder_samples < 1 or config.reranker_queries < 1:
         raise InputDataError("calibration sizes must be >= 1 (encoder_samples, reranker_queries)")
@@ -123,8 +144,8 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     picked = sorted(rng.choice(len(pool), size=config.encoder_samples, replace=False))
     encoder_texts = [pool[i].text for i in picked]
 
-    reference = ResRankReference(checkpoint, device=config.device)
-    encoder_inputs = reference.passage_tokenizer(encoder_texts)
+    encode, encode_queries, vector_source = _vector_encoder(checkpoint, config, encoder_graph)
+    encoder_inputs = passage_tokenizer(checkpoint)(encoder_texts)
     lengths = [int(n) for n in encoder_inputs["attention_mask"].sum(1)]
 
     qids, query_texts, query_kind = _queries(config, pool, rng)
@@ -134,8 +155,8 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
         pool_vectors = np.zeros((0, checkpoint.encoder_dim), dtype=np.float32)
     else:
         k = min(k, len(pool))
-        pool_vectors = reference.encode([p.text for p in pool])
-    query_vectors = reference.encode_queries(query_texts)
+        pool_vectors = encode([p.text for p in pool])
+    query_vectors = encode_queries(query_texts)
     candidate_ids, candidate_kind = _candidates(config, qids, query_vectors, pool, pool_vectors, k)
     short = [q for q, ids in zip(qids, candidate_ids) if len(ids) < k]
     if short:
@@ -146,11 +167,11 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
         missing = sorted(wanted - set(texts_by_id))
         if missing:
             raise InputDataError(f"{source}: run passage {missing[0]!r} is not in the corpus")
-        vectors_by_id = dict(zip(texts_by_id, reference.encode(list(texts_by_id.values()))))
+        vectors_by_id = dict(zip(texts_by_id, encode(list(texts_by_id.values()))))
     else:  # the candidates are pool passages, encoded above
         vectors_by_id = {p.id: vector for p, vector in zip(pool, pool_vectors)}
     slot_vectors = np.stack([[vectors_by_id[d] for d in ids] for ids in candidate_ids])
-    reranker_inputs = reference.prompt_builder.batch(query_texts, k)
+    reranker_inputs = prompt_builder(checkpoint).batch(query_texts, k)
     reranker_inputs["passage_embeddings"] = slot_vectors.astype(np.float32)
 
     encoder_graph, reranker_graph = graph_specs(checkpoint)
@@ -165,7 +186,7 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
                         "max_passage_tokens": checkpoint.config.max_passage_tokens,
                         "sha256": sha256_file(work / "encoder.npz")},
             "reranker": {"queries": len(query_texts), "query_source": query_kind, "candidates": k,
-                         "candidate_source": candidate_kind,
+                         "candidate_source": candidate_kind, "slot_vectors": vector_source,
                          "prompt_tokens": _length_stats([int(n) for n in reranker_inputs["attention_mask"].sum(1)]),
                          "query_ids": qids, "sha256": sha256_file(work / "reranker.npz")},
         }

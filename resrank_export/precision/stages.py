@@ -69,7 +69,7 @@ def compare_precisions(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], wor
     """Makes each precision's graphs in `work` (one calibration set for all) and measures them in one
     report, FP32 embeddings computed once: the full-corpus study and the CI gates, where a build
     compares one precision per folder."""
-    card = build_calibration_set(checkpoint, Path(work) / CALIBRATION_DIR, calibration)
+    card = build_calibration_set(checkpoint, Path(work) / CALIBRATION_DIR, calibration, fp32_graphs["encoder"])
     graphs, conversions = {"fp32": dict(fp32_graphs)}, {}
     for precision in precisions:
         made = make_precision_graphs(checkpoint, fp32_graphs, Path(work) / CALIBRATION_DIR, precision,
@@ -87,9 +87,11 @@ def run_precision_stages(runner: StageRunner, work: Path, checkpoint: Checkpoint
 
 def _calibration_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: PrecisionStagesConfig) -> None:
     """A given calibration folder is validated against the graphs and copied in (the build then
-    holds everything its graphs were made from); otherwise one is built from the corpus. FP16
-    uses it too: AutoCast's range check runs real inputs."""
+    holds everything its graphs were made from); otherwise one is built from the corpus, its slot
+    vectors made by the parity-checked FP32 encoder graph. FP16 uses it too: AutoCast's range
+    check runs real inputs."""
     target = work / CALIBRATION_DIR
+    encoder = work / "onnx" / "fp32" / graph_specs(checkpoint)[0].filename
 
     def calibrate() -> dict:
         if target.exists():
@@ -103,14 +105,15 @@ def _calibration_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, 
                     shutil.copy2(Path(config.calibration) / name, target / name)
             card = json.loads((target / CARD_FILE).read_text()) if (target / CARD_FILE).is_file() else {}
         else:
-            card = build_calibration_set(checkpoint, target, config.calibration_set)
+            card = build_calibration_set(checkpoint, target, config.calibration_set, encoder)
         return {"outputs": sorted(target.iterdir()), "report": card}
 
     if config.calibration is not None:
         inputs = {"given": _data_identity(Path(config.calibration))}
     else:
         inputs = {"corpus": _data_identity(config.calibration_set.corpus),
-                  "config": {k: v for k, v in vars(config.calibration_set).items() if k != "corpus"}}
+                  "config": {k: v for k, v in vars(config.calibration_set).items() if k != "corpus"},
+                  "encoder": runner.output_hashes("export")[encoder.relative_to(work).as_posix()]}
     runner.run("calibration", {**inputs, "checkpoint": sha256_tree(checkpoint.root)}, calibrate)
 
 

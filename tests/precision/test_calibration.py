@@ -108,3 +108,21 @@ def test_slot_vectors_are_the_references_top_k_corpus_passages(calibration):
         similarity = corpus[match] @ query_vector
         assert (np.diff(similarity) <= 1e-6).all()  # best first
     assert card["reranker"]["candidate_source"].endswith("over 60 sampled passages")
+
+
+def test_a_build_makes_the_same_set_with_its_fp32_encoder_graph(calibration, tiny_export, tmp_path):
+    """In a build the slot and pool vectors come from the parity-checked FP32 encoder graph (about
+    twice as fast on a CPU): the same passages, queries and candidates, vectors within the FP32
+    parity gate of the reference's, and the card says which encoder made them."""
+    checkpoint, config, root, _, card = calibration
+    exported, graphs = tiny_export()
+    assert exported.root == checkpoint.root
+    by_graph = build_calibration_set(checkpoint, tmp_path / "graph", config, graphs["encoder"])
+    assert by_graph["encoder"]["sha256"] == card["encoder"]["sha256"]  # tokens only: identical
+    assert by_graph["reranker"]["query_ids"] == card["reranker"]["query_ids"]
+    assert "PyTorch reference" in card["reranker"]["slot_vectors"]
+    assert by_graph["reranker"]["slot_vectors"] == "the FP32 encoder graph encoder.onnx"
+    spec = graph_specs(checkpoint)[1]
+    expected, got = load_calibration(root / "set", spec), load_calibration(tmp_path / "graph", spec)
+    for name in spec.input_names:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, err_msg=name)
