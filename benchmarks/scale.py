@@ -32,6 +32,9 @@ from pathlib import Path
 GIB = 2**30
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "resrank_export"]
+# Options that change how long a build takes but not what it holds in memory: the planner's
+# figures still apply (parity's peak is one token-budget batch whatever the number of queries).
+PLAN_NEUTRAL_OPTIONS = ("--parity-queries",)
 
 
 def run_measured(command: list[str], log_path: Path, timeout_s: float) -> dict:
@@ -146,8 +149,8 @@ def add_plan(row: dict, work: Path) -> None:
     error; rerun with --replan after the planner's factors change."""
     from resrank_export.engine.build_plan import build_plans
 
-    if row.get("options"):  # the planner plans default options only
-        return
+    if any(option.split("=")[0] not in PLAN_NEUTRAL_OPTIONS for option in row.get("options", [])):
+        return  # the planner plans default options only
     plan = next(p for p in build_plans(work / f"ckpt-{row['shape']}")[1] if p.precision == row["precision"])
     planned = {s.stage: s.peak_rss for s in plan.stages}
     row["planned_peak_rss_bytes"] = plan.peak_rss
