@@ -77,6 +77,7 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
         vectors[precision] = np.concatenate([encode_texts(session, tokenizer, texts, config.batch_size),
                                              encode_texts(session, tokenizer.queries, list(queries.values()),
                                                           config.batch_size)])
+        del session  # one graph alive at a time: freed before the next precision's loads
     report = {"data": description, "texts": len(texts) + len(queries), "precisions": {}}
     for precision, emb in vectors.items():
         cosine = _row_cosine(vectors["fp32"], emb)
@@ -110,6 +111,7 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
     encoder = ort_session(graphs["fp32"]["encoder"])
     texts = [t for cands in data.candidates for t in cands]
     slots = encode_texts(encoder, passage_tokenizer(checkpoint), texts, config.batch_size).reshape(len(data.queries), k, -1)
+    del encoder  # freed before the rerankers load
     builder = prompt_builder(checkpoint)
     scores = {}
     for precision, paths in graphs.items():
@@ -121,6 +123,7 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
             inputs["passage_embeddings"] = slots[i:i + 1]
             rows.append(run_session(session, inputs)[0][0])
         scores[precision] = np.stack(rows)
+        del session
     report = {"data": data.source, "queries": len(data.queries), "candidates": k, "precisions": {}}
     for precision, got in scores.items():
         ref = scores["fp32"]
