@@ -114,3 +114,29 @@ def test_unknown_method_is_a_typed_error(exported):
     _, graphs, calib, _, root = exported
     with pytest.raises(ResRankExportError, match="'percentile'.*entropy, max"):
         quantize_int8(graphs["encoder"], root / "y.onnx", calib["encoder"], PrecisionConfig("percentile"))
+
+
+def test_calibration_batches_group_by_length_and_cut_only_padding():
+    """Every sample once, in runs of similar length, each run as wide as its longest sample: the
+    columns cut are padding, the per-candidate inputs are untouched."""
+    from resrank_export.precision.graphs import calibration_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=21)
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask, rng.integers(5, 100, size=mask.shape), 0)
+    slots = rng.integers(0, 40, size=(21, 3))
+    batches = calibration_batches({"input_ids": ids, "attention_mask": mask, "slot_positions": slots}, batch=8)
+    assert [len(b["input_ids"]) for b in batches] == [8, 8, 5]
+    widths = [b["attention_mask"].shape[1] for b in batches]
+    assert widths == sorted(widths) and widths[-1] == lengths.max()
+    seen = []
+    for b in batches:
+        assert b["attention_mask"].sum(1).max() == b["attention_mask"].shape[1]
+        assert b["slot_positions"].shape[1] == 3
+        for row_ids, row_mask, row_slots in zip(b["input_ids"], b["attention_mask"], b["slot_positions"]):
+            i = next(i for i in range(21) if i not in seen and np.array_equal(slots[i], row_slots)
+                     and np.array_equal(ids[i, :len(row_ids)], row_ids))
+            seen.append(i)
+            assert mask[i, len(row_ids):].sum() == 0 and np.array_equal(mask[i, :len(row_mask)], row_mask)
+    assert sorted(seen) == list(range(21))

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.onnx import graph_specs
 from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
-from resrank_export.precision.graphs import PrecisionConfig, quantize_int8
-from resrank_export.precision.smoothquant import smooth_gemm_inputs
+from resrank_export.precision.graphs import PrecisionConfig, calibration_batches, quantize_int8
+from resrank_export.precision.smoothquant import channel_absmax, smooth_gemm_inputs, smoothable_groups
 from resrank_export.runtime import ort_session, run_session
 
 CHANNELS = 64
@@ -85,7 +85,8 @@ def test_smoothing_keeps_the_fp32_graphs_outputs(tiny_export, tmp_path, reranker
         model = onnx.load(str(graphs[spec.name]))
         before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
         gemms = {n.name for n in model.graph.node if n.op_type == "MatMul"}
-        report = smooth_gemm_inputs(model, gemms, calibration, alpha=0.5, batch=8)
+        amax = channel_absmax(graphs[spec.name], list(smoothable_groups(model, gemms)), calibration_batches(calibration))
+        report = smooth_gemm_inputs(model, gemms, amax, alpha=0.5)
         assert report["gemms"] > 0, spec.name
         changed = [i.name for i in model.graph.initializer
                    if i.name in before and not np.array_equal(before[i.name], numpy_helper.to_array(i))]
