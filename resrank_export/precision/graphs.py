@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # ModelOpt's INT8 calibration methods ("percentile" is not offered for INT8 by ModelOpt 0.4x).
 INT8_METHODS = ("entropy", "max")
 CALIBRATION_BATCH = 8  # samples per ONNX Runtime run during calibration
+MODELOPT_MIN_OPSET = 19  # modelopt.onnx.utils.BASE_MIN_OPSET: what its INT8 Q/DQ path needs
+CALIBRATION_RUN_BYTES = 2**30  # activations kept from one calibration run (calibration_tokens_per_run)
 SEQUENCE_INPUTS = ("input_ids", "attention_mask")  # the [batch, sequence] inputs (model/specs.py), right-padded
 # Only the GEMMs are quantized (where TensorRT's INT8 speed-up is); elementwise Adds carry the
 # attention mask's -inf and the residual stream, whose per-tensor ranges INT8 cannot hold.
@@ -113,30 +115,44 @@ def convert_half(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
     return report
 
 
-def calibration_batches(calibration: dict[str, np.ndarray], batch: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
-    """The calibration set as runs of `batch` samples of similar token length, each cut to its
-    longest sample. A set is stored right-padded to its longest text: at Qwen3-0.6B 442 columns
-    for a mean of 82 tokens, so fixed slices spent 80% of the calibration compute on padding, held
-    five times the activations, and let padding positions into the activation ranges."""
+def calibration_batches(calibration: dict[str, np.ndarray], batch: int = CALIBRATION_BATCH,
+                        max_tokens: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The calibration set as runs of at most `batch` samples (and `max_tokens` tokens, padding
+    included; one sample at least) of similar token length, longest first, each cut to its longest
+    sample. A set is stored right-padded to its longest text: at Qwen3-0.6B 442 columns for a mean
+    of 82 tokens, so fixed slices spent 80% of the calibration compute on padding, held five times
+    the activations, and let padding positions into the activation ranges."""
     if "attention_mask" not in calibration:  # not a text graph: slices as stored
         samples = next(iter(calibration.values())).shape[0]
         return [{name: array[start:start + batch] for name, array in calibration.items()}
                 for start in range(0, samples, batch)]
     lengths = calibration["attention_mask"].sum(1)
-    order = np.argsort(lengths, kind="stable")
-    batches = []
-    for start in range(0, len(order), batch):
-        rows = np.sort(order[start:start + batch])
-        width = int(lengths[rows].max())
+    order = np.argsort(-lengths, kind="stable")  # longest first: ONNX Runtime's arena is sized once, then reused
+    batches, start = [], 0
+    while start < len(order):
+        width = int(lengths[order[start]])  # the run's longest sample
+        rows = max(1, min(batch, (max_tokens or width * batch) // max(width, 1)))
+        rows, start = np.sort(order[start:start + rows]), start + rows
         batches.append({name: np.ascontiguousarray(array[rows, :width] if name in SEQUENCE_INPUTS else array[rows])
                         for name, array in calibration.items()})
     return batches
 
 
+def calibration_tokens_per_run(model) -> int:
+    """Tokens per calibration run such that the GEMM activations ModelOpt keeps from one run (every
+    quantized GEMM's input and output, FP32) stay within CALIBRATION_RUN_BYTES: at Qwen3-0.6B
+    about 2.5 MB a token (3.6 measured with the rest it keeps), so 8 samples of 442 tokens held
+    12 GiB; all-MiniLM-L6-v2 keeps 8 x 256 tokens a run. `model` needs no weights, only their shapes."""
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    per_token = sum(sum(shapes[n.input[1]][-2:]) for n in model.graph.node
+                    if n.op_type in INT8_QUANTIZE_OPS and len(shapes.get(n.input[1], [])) >= 2)
+    return max(1, CALIBRATION_RUN_BYTES // max(4 * per_token, 1))
+
+
 def _calibration_reader(batches: list[dict[str, np.ndarray]]):
-    """`batches` as a calibration data reader (get_next, plus get_first and rewind as ModelOpt's
-    own CalibrationDataProvider has: that provider cuts fixed slices, and its constructor loads
-    the whole model, weights included, to read the input names)."""
+    """`batches` (longest first) as a calibration data reader: get_next, plus get_first and rewind
+    as ModelOpt's own CalibrationDataProvider has (that provider cuts fixed slices, and its
+    constructor loads the whole model, weights included, to read the input names)."""
     quantization = require("onnxruntime.quantization", "INT8 quantization")
 
     class Reader(quantization.CalibrationDataReader):
@@ -146,8 +162,8 @@ def _calibration_reader(batches: list[dict[str, np.ndarray]]):
         def get_next(self):
             return next(self._batches, None)
 
-        def get_first(self):
-            return batches[0]
+        def get_first(self):  # ModelOpt's shape probe (one run with every MatMul output kept): the smallest run
+            return batches[-1]
 
         def rewind(self):
             self._batches = iter(batches)
@@ -180,16 +196,24 @@ def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) 
 def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float | None,
                   merge: bool) -> tuple:
     """SmoothQuant (when `alpha`) then GEMM merging (when `merge`) on the private copy ModelOpt will
-    quantize; (smoothing report or None, {merged node: members})."""
+    quantize, saved at ModelOpt's minimum opset; (smoothing report or None, {merged node: members})."""
     onnx = require("onnx", "INT8 quantization")
     amax = {}
     if alpha is not None:  # measured on the graph on disk before the weights are loaded: one copy at a time
-        tensors = list(smoothable_groups(onnx.load(str(path), load_external_data=False), gemms))
-        amax = channel_absmax(path, tensors, calibration_batches(calibration)) if tensors else {}
+        structure = onnx.load(str(path), load_external_data=False)
+        tensors = list(smoothable_groups(structure, gemms))
+        runs = calibration_batches(calibration, max_tokens=calibration_tokens_per_run(structure))
+        amax = channel_absmax(path, tensors, runs) if tensors else {}
     model = onnx.load(str(path))
     side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
     smoothing = smooth_gemm_inputs(model, gemms, amax, alpha) if alpha is not None else None
     merged = merge_shared_input_gemms(model, gemms) if merge else {}
+    # ModelOpt runs onnx.version_converter on a graph below its minimum opset, which cannot parse a
+    # graph past 2 GB (at 0.6B: a 9.9 GiB peak, then its fallback), and saves one more clone. The
+    # fallback only relabels the default domain, as here: the ops used gained no semantics from 18 to 19.
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, MODELOPT_MIN_OPSET)
     for side_file in side_files:
         side_file.unlink()
     onnx.save(model, str(path), save_as_external_data=bool(side_files), location=f"{path.name}.data")
@@ -297,7 +321,8 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
                                           config.int8_cpu_integer_kernels)
         quantization.quantize(
             onnx_path=str(copy), quantize_mode="int8",
-            calibration_data_reader=_calibration_reader(calibration_batches(calibration)),
+            calibration_data_reader=_calibration_reader(
+                calibration_batches(calibration, max_tokens=calibration_tokens_per_run(fp32_graph))),
             calibration_method=config.calibration_method,
             calibration_eps=["cuda:0", "cpu"] if config.calibration_device == "cuda" else ["cpu"],
             op_types_to_quantize=list(INT8_QUANTIZE_OPS),

@@ -129,7 +129,7 @@ def test_calibration_batches_group_by_length_and_cut_only_padding():
     batches = calibration_batches({"input_ids": ids, "attention_mask": mask, "slot_positions": slots}, batch=8)
     assert [len(b["input_ids"]) for b in batches] == [8, 8, 5]
     widths = [b["attention_mask"].shape[1] for b in batches]
-    assert widths == sorted(widths) and widths[-1] == lengths.max()
+    assert widths == sorted(widths, reverse=True) and widths[0] == lengths.max()  # the largest run first
     seen = []
     for b in batches:
         assert b["attention_mask"].sum(1).max() == b["attention_mask"].shape[1]
@@ -140,3 +140,22 @@ def test_calibration_batches_group_by_length_and_cut_only_padding():
             seen.append(i)
             assert mask[i, len(row_ids):].sum() == 0 and np.array_equal(mask[i, :len(row_mask)], row_mask)
     assert sorted(seen) == list(range(21))
+
+
+def test_calibration_runs_are_bounded_by_the_activations_they_keep():
+    """Runs hold at most max_tokens tokens (padding included), a sample longer than that alone; the
+    token budget is what the quantized GEMMs' inputs and outputs of one run may hold."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resrank_export.precision.graphs import CALIBRATION_RUN_BYTES, calibration_batches, calibration_tokens_per_run
+
+    lengths = np.array([30, 7, 12, 50, 9, 9, 3])
+    mask = (np.arange(50)[None] < lengths[:, None]).astype(np.int64)
+    runs = calibration_batches({"input_ids": mask * 7, "attention_mask": mask}, batch=8, max_tokens=25)
+    assert [r["attention_mask"].shape for r in runs] == [(1, 50), (1, 30), (2, 12), (2, 9), (1, 3)]
+    weights = [numpy_helper.from_array(np.zeros((64, 32), np.float32), "w"),
+               numpy_helper.from_array(np.zeros((32, 16), np.float32), "v")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("MatMul", ["y", "v"], ["z"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16])], weights)
+    assert calibration_tokens_per_run(helper.make_model(graph)) == CALIBRATION_RUN_BYTES // (4 * (96 + 48))
