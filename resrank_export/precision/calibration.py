@@ -104,7 +104,7 @@ def _candidates(config: CalibrationConfig, qids: list[str], query_vectors: np.nd
     return [[pool[i].id for i in row] for row in order], f"FP32 exact search top-{k} over {len(pool)} sampled passages"
 
 
-def _vector_encoder(checkpoint: Checkpoint, config: CalibrationConfig, encoder_graph: Path | None):
+def _vector_encoder(checkpoint: Checkpoint, config: CalibrationConfig, encoder_graph: Path | None, tokenizer):
     """(encode passages, encode queries, description): the build's FP32 encoder graph when there is
     one (parity has checked it against the reference; ONNX Runtime runs it about twice as fast as
     PyTorch on a CPU), else the PyTorch reference computing in FP32."""
@@ -116,7 +116,6 @@ def _vector_encoder(checkpoint: Checkpoint, config: CalibrationConfig, encoder_g
     from resrank_export.runtime import encode_texts, execution_providers, graph_session
 
     session = graph_session(encoder_graph, execution_providers("cuda") if config.device == "cuda" else None)
-    tokenizer = passage_tokenizer(checkpoint)
     return (lambda texts: encode_texts(session, tokenizer, texts, ENCODE_ROWS),
             lambda texts: encode_texts(session, tokenizer.queries, texts, ENCODE_ROWS),
             f"the FP32 encoder graph {Path(encoder_graph).name}")
@@ -144,8 +143,9 @@ def build_calibration_set(checkpoint: Checkpoint, out: Path, config: Calibration
     picked = sorted(rng.choice(len(pool), size=config.encoder_samples, replace=False))
     encoder_texts = [pool[i].text for i in picked]
 
-    encode, encode_queries, vector_source = _vector_encoder(checkpoint, config, encoder_graph)
-    encoder_inputs = passage_tokenizer(checkpoint)(encoder_texts)
+    tokenizer = passage_tokenizer(checkpoint)  # one load of the (151k-id at Qwen3) tokenizer
+    encode, encode_queries, vector_source = _vector_encoder(checkpoint, config, encoder_graph, tokenizer)
+    encoder_inputs = tokenizer(encoder_texts)
     lengths = [int(n) for n in encoder_inputs["attention_mask"].sum(1)]
 
     qids, query_texts, query_kind = _queries(config, pool, rng)

@@ -193,7 +193,7 @@ def _quantized_gemm_names(model, config: PrecisionConfig, kept_fp32: list[str]) 
             and n.name not in kept_fp32 and not any(p.match(n.name) for p in patterns)}
 
 
-def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray], alpha: float | None,
+def _prepare_copy(path: Path, gemms: set[str], runs: list[dict[str, np.ndarray]], alpha: float | None,
                   merge: bool) -> tuple:
     """SmoothQuant (when `alpha`) then GEMM merging (when `merge`) on the private copy ModelOpt will
     quantize, saved at ModelOpt's minimum opset; (smoothing report or None, {merged node: members})."""
@@ -202,7 +202,6 @@ def _prepare_copy(path: Path, gemms: set[str], calibration: dict[str, np.ndarray
     if alpha is not None:  # measured on the graph on disk before the weights are loaded: one copy at a time
         structure = onnx.load(str(path), load_external_data=False)
         tensors = list(smoothable_groups(structure, gemms))
-        runs = calibration_batches(calibration, max_tokens=calibration_tokens_per_run(structure))
         amax = channel_absmax(path, tensors, runs) if tensors else {}
     model = onnx.load(str(path))
     side_files = list(path.parent.glob(f"{path.name}.*"))  # the private copy's external data, if any
@@ -317,12 +316,13 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
         # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
         # and quantizing them drops the min embedding cosine to 0.83
         gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
-        smoothing, merged = _prepare_copy(copy, gemms, calibration, config.int8_smoothquant_alpha,
+        # one set of runs for SmoothQuant's maxima and ModelOpt's ranges (merging GEMMs later
+        # does not change what a run keeps: calibration_tokens_per_run is read off the FP32 graph)
+        runs = calibration_batches(calibration, max_tokens=calibration_tokens_per_run(fp32_graph))
+        smoothing, merged = _prepare_copy(copy, gemms, runs, config.int8_smoothquant_alpha,
                                           config.int8_cpu_integer_kernels)
         quantization.quantize(
-            onnx_path=str(copy), quantize_mode="int8",
-            calibration_data_reader=_calibration_reader(
-                calibration_batches(calibration, max_tokens=calibration_tokens_per_run(fp32_graph))),
+            onnx_path=str(copy), quantize_mode="int8", calibration_data_reader=_calibration_reader(runs),
             calibration_method=config.calibration_method,
             calibration_eps=["cuda:0", "cpu"] if config.calibration_device == "cuda" else ["cpu"],
             op_types_to_quantize=list(INT8_QUANTIZE_OPS),
