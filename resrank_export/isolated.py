@@ -4,28 +4,50 @@ the OS when that process exits. Measured on a Qwen3-0.6B-shape checkpoint: after
 resident (1.8 of the process's 1.8 GiB; malloc_trim frees 40 MB of it), so a build that exported
 both graphs in one process began parity holding 3.8 GiB more than its base. A spawned child
 (`multiprocessing`'s "spawn": no copy of the parent's memory) is the one reliable way to hand it
-back. The parent stops the child when it is itself interrupted."""
+back. The parent stops the child when it is itself interrupted, and keeps each finished child's
+peak RSS (as the child measured it) for the stage that ran it (manifest.PeakRss)."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import resource
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from resrank_export.errors import ResRankExportError
 
 log = logging.getLogger(__name__)
 
+# Peak RSS in bytes of each child run_isolated waited for, in order. Read by the child itself:
+# getrusage(RUSAGE_CHILDREN) in the parent keeps only the largest child ever reaped, any child
+# (a test suite's servers and builds included), so a stage could be charged another's process.
+finished_child_peaks: list[int] = []
+
+
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes: the kernel's high-water mark of its memory map (which
+    starts afresh at exec), else getrusage's (which Linux carries over from the parent at exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
 
 def _child(connection, level: int, fn: Callable, args: tuple) -> None:
     logging.basicConfig(level=level, format="%(message)s")
     try:
-        connection.send(("ok", fn(*args)))
+        result = fn(*args)
+        connection.send(("ok", result, own_peak_rss()))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
         try:
-            connection.send(("error", exc))
+            connection.send(("error", exc, own_peak_rss()))
         except Exception:  # an exception that does not pickle: its text
-            connection.send(("error", ResRankExportError(f"{type(exc).__name__}: {exc}")))
+            connection.send(("error", ResRankExportError(f"{type(exc).__name__}: {exc}"), own_peak_rss()))
 
 
 def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:
@@ -41,13 +63,14 @@ def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:
         while not receive.poll(0.5) and process.is_alive():
             pass
         try:
-            status, value = receive.recv()
+            status, value, peak = receive.recv()
         except EOFError:  # the child died without a word
             process.join()
             raise ResRankExportError(
                 f"{what}: its process ended with exit code {process.exitcode} before returning (a negative "
                 f"code is the signal that killed it; -9 is often the kernel's out-of-memory killer)") from None
         process.join()
+        finished_child_peaks.append(peak)
     finally:
         if process.is_alive():  # the parent was interrupted, or the child hung up
             process.terminate()

@@ -9,14 +9,13 @@ import json
 import logging
 import os
 import platform
-import resource
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from resrank_export.fs import OWNER_FILE, format_bytes, sha256_file
+from resrank_export.isolated import finished_child_peaks, own_peak_rss
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
@@ -58,34 +57,24 @@ SAMPLE_SECONDS = 2.0  # how often a running stage's peak RSS is written to the m
 class PeakRss:
     """Peak resident memory of this process since `reset`: Linux resets the kernel's high-water
     mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak.
-    A child process the stage ran and waited for (isolated.py) counts once it has ended, when it
-    grew larger than every earlier child (getrusage keeps only the largest)."""
+    A child process the stage ran through isolated.run_isolated counts once it has ended, with
+    the peak the child measured itself."""
 
     def __init__(self):
         self._resettable = Path("/proc/self/clear_refs").exists()
         self._children_at_reset = 0
 
-    def _children(self) -> int:
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
     def reset(self) -> None:
-        self._children_at_reset = self._children()
+        self._children_at_reset = len(finished_child_peaks)
         if self._resettable:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
+            except OSError as exc:
+                log.warning("cannot reset the peak RSS per stage (%s): stages report the process's lifetime peak", exc)
                 self._resettable = False
 
     def bytes(self) -> int:
-        children = self._children()
-        child = children if children > self._children_at_reset else 0
-        if self._resettable:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) * 1024, child)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return max(peak if sys.platform == "darwin" else peak * 1024, children)  # macOS reports bytes, Linux KiB
+        return max([own_peak_rss(), *finished_child_peaks[self._children_at_reset:]])
 
 
 def _now() -> str:

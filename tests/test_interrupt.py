@@ -273,17 +273,43 @@ def test_interrupted_stages_keep_only_finished_outputs(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peak RSS needs Linux /proc")
 def test_each_stage_records_its_own_peak_rss(tmp_path):
-    size = 256 << 20
+    """In a small process of its own: the suite's process carries its history (a lifetime peak
+    above this test's 256 MiB, children it reaped), which is what a build process does not."""
+    driver = (
+        "import numpy as np, sys; from pathlib import Path; from resrank_export.manifest import StageRunner\n"
+        "size = 256 << 20\n"
+        "def allocate():\n"
+        "    block = np.ones(size, dtype=np.uint8)  # touched: resident\n"
+        "    assert block.sum() == size\n"
+        "    return {'outputs': []}\n"
+        "runner = StageRunner(Path(sys.argv[1]), None)\n"
+        "big = runner.run('big', {}, allocate)['peak_rss_bytes']\n"
+        "small = runner.run('small', {}, lambda: {'outputs': []})['peak_rss_bytes']\n"
+        "print(big, small)\n")
+    big, small = map(int, subprocess.run([sys.executable, "-c", driver, str(tmp_path)], capture_output=True,
+                                         text=True, check=True).stdout.split())
+    assert big - small >= (256 << 20) * 0.9  # the second stage's peak does not carry the first one's
 
-    def allocate() -> dict:
-        block = np.ones(size, dtype=np.uint8)  # touched: resident
-        assert block.sum() == size
-        return {"outputs": []}
 
-    runner = StageRunner(tmp_path, None)
-    big = runner.run("big", {}, allocate)["peak_rss_bytes"]
-    small = runner.run("small", {}, lambda: {"outputs": []})["peak_rss_bytes"]
-    assert big - small >= size * 0.9  # the second stage's peak does not carry the first one's
+def test_stage_peak_counts_only_the_children_it_ran(tmp_path):
+    """A child the stage waited for through run_isolated counts in that stage alone; a process
+    reaped meanwhile that the stage did not run (a server, another build) counts in none."""
+    (tmp_path / "holder.py").write_text(
+        "def hold(megabytes):\n"
+        "    block = bytearray(megabytes << 20)\n"
+        "    block[::4096] = b'x' * len(block[::4096])\n"
+        "    return len(block)\n")
+    driver = (
+        f"import subprocess, sys; sys.path.insert(0, {str(tmp_path)!r}); from pathlib import Path; from holder import hold\n"
+        "from resrank_export.isolated import run_isolated; from resrank_export.manifest import StageRunner\n"
+        "runner = StageRunner(Path(sys.argv[1]), None)\n"
+        "child = runner.run('child', {}, lambda: run_isolated(hold, 400) and {'outputs': []})['peak_rss_bytes']\n"
+        "other = 'b = bytearray(500 << 20); b[::4096] = bytes(len(b[::4096]))'\n"
+        "after = runner.run('after', {}, lambda: subprocess.run([sys.executable, '-c', other], check=True) and {'outputs': []})\n"
+        "print(child, after['peak_rss_bytes'])\n")
+    child, after = map(int, subprocess.run([sys.executable, "-c", driver, str(tmp_path)], capture_output=True,
+                                           text=True, check=True).stdout.split())
+    assert child >= 400 << 20 > after
 
 
 def test_temp_folder_without_owner_record_is_only_reported(tmp_path, caplog):
