@@ -124,6 +124,9 @@ def main(verbose: bool) -> None:
               help="int8: lay the graph out for ONNX Runtime's CPU integer kernels (GEMMs sharing an input "
                    "merged, 7-bit weights): every quantized GEMM runs as MatMulIntegerToFloat, at a small "
                    "fidelity cost (docs/precision.md).")
+@click.option("--int8-piece-size", default="512MiB", show_default=True,
+              help="int8: graphs with more weights than this are quantized a piece of about this size at a time "
+                   "(ModelOpt holds about four copies of what it quantizes; docs/scale.md).")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
@@ -136,7 +139,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
           device, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
-          int8_cpu_kernels, fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
+          int8_cpu_kernels, int8_piece_size, fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -153,7 +156,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
     from resrank_export.precision.graphs import PrecisionConfig
 
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
-                         engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace)),
+                         engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace, "--workspace")),
                          triton_backend=None if triton_backend == "none" else triton_backend,
                          ort_optimize=ort_optimize,
                          export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype,
@@ -168,6 +171,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                                                           int8_smoothquant_alpha=None if no_int8_smoothquant
                                                           else int8_smoothquant_alpha,
                                                           int8_cpu_integer_kernels=int8_cpu_kernels,
+                                                          int8_piece_bytes=parse_size(int8_piece_size, "--int8-piece-size"),
                                                           calibration_device=device),
                          fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
                                                  rerank_data=fidelity_rerank_data))
@@ -246,7 +250,7 @@ def plan(gpu_memory, checkpoint, qwen3_shape, max_batch, workspace, as_json) -> 
     text = [render_build_plans(plans, stored)]
     if gpu_memory:
         gpu = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
-            max_batch=max_batch, workspace_bytes=parse_size(workspace))))
+            max_batch=max_batch, workspace_bytes=parse_size(workspace, "--workspace"))))
         result.update(gpu.to_json())
         text.insert(0, render_plan(gpu))
     click.echo(json.dumps(result, indent=2) if as_json else "\n\n".join(text))
@@ -285,7 +289,7 @@ def engines_ensure(build_dir, precision, repository, max_batch, workspace, dry_r
         raise click.UsageError("--tensorrt-version and --compute-capability go together")
     runtime = GpuRuntime(tensorrt_version, gpu_name, compute_capability) if tensorrt_version else None
     actions = run_ensure(EnsureConfig(build_dir, precision, EngineConfig(max_batch=max_batch,
-                                      workspace_bytes=parse_size(workspace)), runtime, repository, dry_run))
+                                      workspace_bytes=parse_size(workspace, "--workspace")), runtime, repository, dry_run))
     for action in actions:
         click.echo(f"{action.graph}: {action.action} - {action.reason}")
 

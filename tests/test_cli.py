@@ -131,6 +131,14 @@ def test_smoothquant_alpha_outside_unit_interval_is_refused(tmp_path, alpha):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("size", ["12abc", "0"])
+def test_bad_int8_piece_size_is_one_line_naming_the_option(tmp_path, size):
+    result = _invoke("build", "--precision", "int8", "--int8-piece-size", size, "--out", str(tmp_path / "b"))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert ("--int8-piece-size '12abc'" if size == "12abc" else "INT8 piece size 0 bytes") in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_demo_checkpoint_refuses_existing_folder(tmp_path):
     result = _invoke("demo-checkpoint", str(tmp_path))
     assert result.exit_code == 1 and "already exists" in result.stderr

@@ -26,11 +26,11 @@ _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.laye
 _FFN_OUTPUT = re.compile(r"(mlp\.down_proj|\.\d+\.output\.dense)\.weight$")
 
 
-def parse_size(text: str) -> int:
-    """'16GiB', '24GB', '1.5 GiB', '8000000000' -> bytes."""
+def parse_size(text: str, option: str = "--gpu-memory") -> int:
+    """'16GiB', '24GB', '1.5 GiB', '8000000000' -> bytes; a bad size is an error naming `option`."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise InputDataError(f"--gpu-memory {text!r}: expected a size such as 16GiB, 24GB or 80GiB")
+        raise InputDataError(f"{option} {text!r}: expected a size such as 512MiB, 16GiB, 24GB or 80GiB")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 

@@ -19,8 +19,10 @@ import numpy as np
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
-from resrank_export.export.half import HALF_KEEP_FP32_OPS, precision_by_op, save_graph
+from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_OPS, precision_by_op, save_graph
 from resrank_export.precision import HALF_PRECISIONS
+from resrank_export.precision.pieces import CarriedValues, join_pieces, merged_reports, piece_model, plan_pieces
+from resrank_export.progress import track
 from resrank_export.precision.smoothquant import channel_absmax, smooth_gemm_inputs, smoothable_groups
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ class PrecisionConfig:
     # SciFact fidelity gate it costs ΔnDCG@10 0.00504 (> 0.005), and TensorRT only loses the 8th bit.
     int8_cpu_integer_kernels: bool = False
     calibration_device: str = "cpu"  # cuda: ModelOpt's INT8 calibration runs on ONNX Runtime's CUDA provider
+    # Graphs with more weights than this are quantized a piece of about this size at a time
+    # (precision/pieces.py): ModelOpt holds about four copies of what it is given. 512 MiB keeps
+    # the demo graphs whole (90 MB) and cuts Qwen3-0.6B's 2.4 GB into five.
+    int8_piece_bytes: int = 512 << 20
 
 
 def check_int8_config(config: PrecisionConfig) -> None:
@@ -64,6 +70,9 @@ def check_int8_config(config: PrecisionConfig) -> None:
     alpha = config.int8_smoothquant_alpha
     if alpha is not None and not 0 < alpha <= 1:
         raise ResRankExportError(f"SmoothQuant alpha {alpha}: expected a number in (0, 1] (0.5 is the usual choice)")
+    if config.int8_piece_bytes <= 0:
+        raise ResRankExportError(f"INT8 piece size {config.int8_piece_bytes} bytes: expected a positive size "
+                                 "(pieces of a few hundred MiB keep ModelOpt's memory bounded)")
 
 
 def _drop_placeholder_dims(model) -> None:
@@ -138,13 +147,14 @@ def calibration_batches(calibration: dict[str, np.ndarray], batch: int = CALIBRA
     return batches
 
 
-def calibration_tokens_per_run(model) -> int:
+def calibration_tokens_per_run(model, nodes=None) -> int:
     """Tokens per calibration run such that the GEMM activations ModelOpt keeps from one run (every
     quantized GEMM's input and output, FP32) stay within CALIBRATION_RUN_BYTES: at Qwen3-0.6B
     about 2.5 MB a token (3.6 measured with the rest it keeps), so 8 samples of 442 tokens held
-    12 GiB; all-MiniLM-L6-v2 keeps 8 x 256 tokens a run. `model` needs no weights, only their shapes."""
+    12 GiB; all-MiniLM-L6-v2 keeps 8 x 256 tokens a run. `model` needs no weights, only their
+    shapes; `nodes` (default: all) are the ones quantized together."""
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    per_token = sum(sum(shapes[n.input[1]][-2:]) for n in model.graph.node
+    per_token = sum(sum(shapes[n.input[1]][-2:]) for n in (model.graph.node if nodes is None else nodes)
                     if n.op_type in INT8_QUANTIZE_OPS and len(shapes.get(n.input[1], [])) >= 2)
     return max(1, CALIBRATION_RUN_BYTES // max(4 * per_token, 1))
 
@@ -301,35 +311,42 @@ def seven_bit_weights(model) -> int:
 
 def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
     """INT8 Q/DQ graph (TensorRT's explicit quantization); scales calibrated on the CPU with
-    ONNX Runtime; unquantized ops stay FP32."""
+    ONNX Runtime; unquantized ops stay FP32. A graph past `int8_piece_bytes` of weights is
+    quantized a piece at a time (precision/pieces.py) and joined."""
     check_int8_config(config)
-    quantization = require("modelopt.onnx.quantization", "INT8 quantization")
     onnx = require("onnx", "INT8 quantization")
+    src = Path(src)
     samples = next(iter(calibration.values())).shape[0]
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     fp32_graph = onnx.load(str(src), load_external_data=False)
-    large = any(Path(src).parent.glob(f"{Path(src).name}.*"))  # weights in a side file: the INT8 graph's too
     down_projections = ffn_output_gemms(fp32_graph)
     kept_fp32 = down_projections if config.int8_keep_ffn_output_fp32 else []
     exclude_nodes = [*config.int8_exclude_nodes, *(f"^{re.escape(name)}$" for name in kept_fp32)]
-    with _private_copy(src) as copy:
-        # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
-        # and quantizing them drops the min embedding cosine to 0.83
-        gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
-        # one set of runs for SmoothQuant's maxima and ModelOpt's ranges (merging GEMMs later
-        # does not change what a run keeps: calibration_tokens_per_run is read off the FP32 graph)
-        runs = calibration_batches(calibration, max_tokens=calibration_tokens_per_run(fp32_graph))
-        smoothing, merged = _prepare_copy(copy, gemms, runs, config.int8_smoothquant_alpha,
-                                          config.int8_cpu_integer_kernels)
-        quantization.quantize(
-            onnx_path=str(copy), quantize_mode="int8", calibration_data_reader=_calibration_reader(runs),
-            calibration_method=config.calibration_method,
-            calibration_eps=["cuda:0", "cpu"] if config.calibration_device == "cuda" else ["cpu"],
-            op_types_to_quantize=list(INT8_QUANTIZE_OPS),
-            op_types_to_exclude=list(config.int8_exclude_ops) or None, nodes_to_exclude=exclude_nodes or None,
-            disable_mha_qdq=not config.int8_attention_qdq, high_precision_dtype="fp32",
-            use_external_data_format=large, output_path=str(dst), log_level="WARNING")
-    model = onnx.load(str(dst))
+    settings = dict(
+        quantize_mode="int8", calibration_method=config.calibration_method,
+        calibration_eps=["cuda:0", "cpu"] if config.calibration_device == "cuda" else ["cpu"],
+        op_types_to_quantize=list(INT8_QUANTIZE_OPS), op_types_to_exclude=list(config.int8_exclude_ops) or None,
+        nodes_to_exclude=exclude_nodes or None, disable_mha_qdq=not config.int8_attention_qdq,
+        high_precision_dtype="fp32", log_level="WARNING")
+    # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
+    # and quantizing them drops the min embedding cosine to 0.83
+    gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
+    pieces = plan_pieces(fp32_graph, config.int8_piece_bytes)
+    # one set of runs for SmoothQuant's maxima and ModelOpt's ranges (merging GEMMs later does not
+    # change what a run keeps: the tokens per run are read off the FP32 graph, its largest piece)
+    runs = calibration_batches(calibration, max_tokens=min(
+        calibration_tokens_per_run(fp32_graph, fp32_graph.graph.node[p.start:p.stop]) for p in pieces))
+    if len(pieces) == 1:
+        with _private_copy(src) as copy:
+            smoothing, merged = _prepare_copy(copy, gemms, runs, config.int8_smoothquant_alpha,
+                                              config.int8_cpu_integer_kernels)
+            require("modelopt.onnx.quantization", "INT8 quantization").quantize(
+                onnx_path=str(copy), calibration_data_reader=_calibration_reader(runs),
+                use_external_data_format=any(src.parent.glob(f"{src.name}.*")), output_path=str(dst), **settings)
+        model, renamed = onnx.load(str(dst)), 0
+    else:
+        model, smoothing, merged, renamed = _quantize_in_pieces(src, fp32_graph, pieces, gemms, runs, config, settings)
+    del fp32_graph
     rewired = unshare_dequantized_activations(model)
     seven_bit = seven_bit_weights(model) if config.int8_cpu_integer_kernels else 0
     save_graph(model, dst)
@@ -339,6 +356,58 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
               "ffn_output_gemms_kept_fp32": kept_fp32, "attention_qdq": config.int8_attention_qdq,
               "smoothquant": smoothing, "fp32_consumers_rewired": rewired,
               "merged_gemms": merged, "seven_bit_weights": seven_bit,
+              "pieces": len(pieces), "piece_bytes": config.int8_piece_bytes, "names_renamed_in_join": renamed,
               "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"]}
-    log.info("int8 %s: %d Q/DQ pairs (%s)", Path(dst).name, ops["QuantizeLinear"], config.calibration_method)
+    log.info("int8 %s: %d Q/DQ pairs (%s, %d piece%s)", Path(dst).name, ops["QuantizeLinear"],
+             config.calibration_method, len(pieces), "" if len(pieces) == 1 else "s")
     return report
+
+
+def _quantize_in_pieces(src: Path, structure, pieces: list, gemms: set[str], runs: list[dict[str, np.ndarray]],
+                        config: PrecisionConfig, settings: dict) -> tuple:
+    """Each piece with its own weights only: written out, prepared (SmoothQuant, merging) and run
+    in FP32 on the calibration runs to give the next pieces their inputs, quantized by ModelOpt on
+    its inputs' values; then the pieces joined. (model, smoothing report, merged GEMMs, renamed)."""
+    onnx = require("onnx", "INT8 quantization")
+    quantization = require("modelopt.onnx.quantization", "INT8 quantization")
+    from resrank_export.runtime import ort_session
+
+    carried = CarriedValues(runs)
+    smoothing, merged, quantized = [], {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, piece in enumerate(track(pieces, f"int8 {src.stem} pieces", unit="pieces")):
+            path = Path(tmp) / f"piece{k}.onnx"
+            save_graph(piece_model(structure, piece, src.parent), path)
+            feeds = carried.feeds(piece)
+            inside = {n.name for n in structure.graph.node[piece.start:piece.stop]} & gemms
+            report, merged_here = _prepare_copy(path, inside, feeds, config.int8_smoothquant_alpha,
+                                                config.int8_cpu_integer_kernels)
+            smoothing.append(report)
+            merged.update(merged_here)
+            if k + 1 < len(pieces):
+                carried.advance(ort_session(path), piece, pieces[k + 1:])
+            if inside:
+                out = Path(tmp) / f"piece{k}.int8.onnx"
+                quantization.quantize(onnx_path=str(path), calibration_data_reader=_calibration_reader(feeds),
+                                      use_external_data_format=piece.weight_bytes > EXTERNAL_DATA_THRESHOLD,
+                                      output_path=str(out), **settings)
+            else:  # nothing to quantize here (embeddings, the final norm): the piece as it is
+                out = path
+            _check_piece_io(out, piece)
+            quantized.append(out)
+            log.info("int8 %s: piece %d/%d (nodes %d-%d, %.0f MiB of weights, %d GEMMs quantized)", src.stem,
+                     k + 1, len(pieces), piece.start, piece.stop - 1, piece.weight_bytes / 2**20, len(inside))
+        model, renamed = join_pieces(structure, [onnx.load(str(path)) for path in quantized])
+    report = merged_reports(smoothing) if config.int8_smoothquant_alpha is not None else None
+    return model, report, merged, renamed
+
+
+def _check_piece_io(path: Path, piece) -> None:
+    onnx = require("onnx", "INT8 quantization")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    found = ([v.name for v in graph.input if v.name not in weights], [v.name for v in graph.output])
+    if sorted(found[0]) != sorted(piece.inputs) or sorted(found[1]) != sorted(piece.outputs):
+        raise ResRankExportError(f"INT8 in pieces: ModelOpt changed the inputs/outputs of nodes {piece.start}-"
+                                 f"{piece.stop - 1} (got {found}, expected {piece.inputs}, {piece.outputs}); "
+                                 "quantize the graph whole with a larger --int8-piece-size")

@@ -1,0 +1,251 @@
+"""A large graph cut into pieces of consecutive nodes, each quantized on its own, then joined.
+
+ModelOpt's ONNX INT8 path holds about four copies of the graph it is given (its preprocessing
+load, symbolic shape inference, a session to detect GEMVs, the calibrator) and ONNX Runtime's
+calibrator keeps every quantized tensor of every calibration run until it builds the histograms:
+at Qwen3-0.6B (2.4 GB of FP32 weights) the INT8 stage passed 23 GiB. Per-tensor calibration is
+local, so a piece calibrated on the FP32 values that reach its inputs gets the ranges the whole
+graph would; the pieces' inputs come from running the pieces before it (ONNX Runtime, FP32) on
+the same calibration runs. ModelOpt offers no such split, hence this module.
+
+Cuts fall where few computed tensors cross (between layers, or between attention and FFN), never
+inside an attention block (ModelOpt detects MatMul-Softmax-MatMul to leave it unquantized) nor
+between GEMMs that read one tensor (they share a Q/DQ pair and a SmoothQuant factor).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from resrank_export.errors import ResRankExportError
+from resrank_export.lazy import require
+
+# How far past the byte target a cut may move to find the fewest crossing tensors (a layer
+# boundary lies within any half-layer window).
+CUT_WINDOW = 1.5
+
+
+@dataclass(frozen=True)
+class Piece:
+    start: int  # node indices [start, stop) of the whole graph
+    stop: int
+    inputs: tuple[str, ...]  # graph inputs or tensors from earlier pieces
+    outputs: tuple[str, ...]  # graph outputs or tensors later pieces read
+    weight_bytes: int
+
+
+def _tensor_bytes(tensor) -> int:
+    helper = require("onnx", "INT8 quantization").helper
+    return math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def plan_pieces(structure, piece_bytes: int) -> list[Piece]:
+    """Cut `structure` (a model loaded without its external data) into pieces of about
+    `piece_bytes` of initializers: each cut goes, among the nodes where a piece reaches
+    `piece_bytes` and up to CUT_WINDOW times it, where the fewest computed tensors cross."""
+    graph = structure.graph
+    nodes = list(graph.node)
+    if any(attr.type in (attr.GRAPH, attr.GRAPHS) for node in nodes for attr in node.attribute):
+        raise ResRankExportError("INT8 in pieces: the graph has control-flow subgraphs (If/Loop), which "
+                                 "cannot be cut; use a larger --int8-piece-size to quantize it whole")
+    sizes = {init.name: _tensor_bytes(init) for init in graph.initializer}
+    owner, weight = {}, [0] * len(nodes)  # an initializer's bytes count at its first user
+    for k, node in enumerate(nodes):
+        for name in node.input:
+            if name in sizes and name not in owner:
+                owner[name] = k
+                weight[k] += sizes[name]
+    last_use = {}
+    for k, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = k
+    for output in graph.output:
+        last_use[output.name] = len(nodes)
+    allowed = _allowed_cuts(nodes, sizes)
+    produced, crossing, live = {}, [], set()
+    for k, node in enumerate(nodes):
+        for name in node.output:
+            if name:
+                produced[name] = k
+                live.add(name)
+        live = {name for name in live if last_use.get(name, -1) > k}
+        crossing.append(len(live))  # computed tensors alive across a cut after node k
+    cuts, start = [], 0
+    while True:
+        total, reach, window_end = 0, None, len(nodes) - 2
+        for k in range(start, len(nodes) - 1):
+            total += weight[k]
+            if reach is None and total >= piece_bytes:
+                reach = k
+            if reach is not None and total >= CUT_WINDOW * piece_bytes:
+                window_end = k
+                break
+        if reach is None:
+            break
+        window = [k for k in range(reach, window_end + 1) if allowed[k]]
+        later = [k for k in range(window_end + 1, len(nodes) - 1) if allowed[k]][:1]
+        if not window and not later:
+            break
+        start = min(window, key=lambda k: (crossing[k], k)) + 1 if window else later[0] + 1
+        cuts.append(start)
+    pieces = []
+    for start, stop in zip([0, *cuts], [*cuts, len(nodes)]):
+        inside = nodes[start:stop]
+        made = {name for node in inside for name in node.output if name}
+        inputs = dict.fromkeys(name for node in inside for name in node.input
+                               if name and name not in made and name not in sizes)
+        outputs = dict.fromkeys(name for name in made if last_use.get(name, -1) >= stop)
+        pieces.append(Piece(start, stop, tuple(inputs), tuple(sorted(outputs, key=produced.get)),
+                            sum(weight[start:stop])))
+    return pieces
+
+
+def _allowed_cuts(nodes: list, weights: dict) -> list[bool]:
+    """allowed[k]: may a piece end after node k? Not inside an attention block (from the GEMM
+    before a Softmax to the GEMM after it, both reading computed tensors only), nor between the
+    first and last GEMM reading the same tensor."""
+    allowed = [True] * len(nodes)
+    gemm = [n.op_type in ("MatMul", "Gemm") for n in nodes]
+    activation_gemms = [k for k, n in enumerate(nodes) if gemm[k] and not any(i in weights for i in n.input)]
+    spans = []
+    for k, node in enumerate(nodes):
+        if node.op_type == "Softmax":
+            before = [g for g in activation_gemms if g < k]
+            after = [g for g in activation_gemms if g > k]
+            spans.append((before[-1] if before else k, after[0] if after else k))
+    readers = collections.defaultdict(list)
+    for k, node in enumerate(nodes):
+        if gemm[k]:
+            for name in node.input:
+                if name not in weights:
+                    readers[name].append(k)
+    spans += [(ks[0], ks[-1]) for ks in readers.values() if len(ks) > 1]
+    for first, last in spans:
+        for k in range(first, last):
+            allowed[k] = False
+    return allowed
+
+
+def piece_model(structure, piece: Piece, base_dir: Path):
+    """The piece as a model of its own, its initializers read from `structure`'s external data in
+    `base_dir` (only these: one piece's weights in memory)."""
+    onnx = require("onnx", "INT8 quantization")
+    from onnx import external_data_helper
+
+    graph = structure.graph
+    nodes = graph.node[piece.start:piece.stop]
+    used = {name for node in nodes for name in node.input}
+    types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    missing = [name for name in (*piece.inputs, *piece.outputs) if name not in types]
+    if missing:
+        raise ResRankExportError(f"INT8 in pieces: no type recorded for {', '.join(missing[:5])} in the graph; "
+                                 "it cannot be cut there")
+    initializers = []
+    for init in graph.initializer:
+        if init.name in used:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(init)
+            if external_data_helper.uses_external_data(tensor):
+                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            initializers.append(tensor)
+    piece_graph = onnx.helper.make_graph(
+        list(nodes), f"{graph.name}_piece_{piece.start}", [types[name] for name in piece.inputs],
+        [types[name] for name in piece.outputs], initializers,
+        value_info=[v for v in graph.value_info if v.name not in piece.inputs and v.name not in piece.outputs])
+    model = onnx.helper.make_model(piece_graph, opset_imports=list(structure.opset_import),
+                                   ir_version=structure.ir_version)
+    model.functions.extend(structure.functions)
+    return model
+
+
+class CarriedValues:
+    """The tensors that cross the cuts, per calibration run: starts as the runs' graph inputs,
+    gains each piece's outputs, and drops what no later piece reads."""
+
+    def __init__(self, runs: list[dict[str, np.ndarray]]):
+        self.runs = [dict(run) for run in runs]
+
+    def feeds(self, piece: Piece) -> list[dict[str, np.ndarray]]:
+        return [{name: run[name] for name in piece.inputs} for run in self.runs]
+
+    def advance(self, session, piece: Piece, later: list[Piece]) -> None:
+        """Run `piece` (an ONNX Runtime session of its FP32 graph) on every run; keep what later
+        pieces read."""
+        from resrank_export.runtime import run_session
+
+        needed = {name for other in later for name in other.inputs}
+        names = [o.name for o in session.get_outputs()]
+        for run in self.runs:
+            run.update(zip(names, run_session(session, run)))
+            for name in [name for name in run if name not in needed]:
+                del run[name]
+
+
+def join_pieces(structure, pieces: list) -> tuple:
+    """One model from the quantized pieces (in order), with `structure`'s inputs, outputs, opsets
+    and metadata. A name two pieces both made inside themselves (a constant each kept, a Q/DQ
+    tensor of a value both quantized) is renamed in the later one; an initializer identical to an
+    earlier one of the same name is dropped. Returns (model, renamed count)."""
+    onnx = require("onnx", "INT8 quantization")
+    graph = structure.graph
+    seen_tensors = {v.name for v in graph.input}
+    seen_nodes: set[str] = set()
+    initializers: dict[str, object] = {}
+    nodes, value_info, renamed = [], {}, 0
+    opsets: dict[str, int] = {}
+    for index, model in enumerate(pieces):
+        boundary = {v.name for v in [*model.graph.input, *model.graph.output]}
+        rename = {}
+        for init in model.graph.initializer:
+            earlier = initializers.get(init.name)
+            if earlier is not None and earlier.SerializeToString() != init.SerializeToString():
+                rename[init.name] = f"{init.name}__piece{index}"
+        for node in model.graph.node:
+            for name in node.output:
+                if name and name not in boundary and name in seen_tensors:
+                    rename[name] = f"{name}__piece{index}"
+        renamed += len(rename)
+        for init in model.graph.initializer:
+            if init.name in rename:
+                init.name = rename[init.name]
+            initializers.setdefault(init.name, init)
+        for node in model.graph.node:
+            for k, name in enumerate(node.input):
+                node.input[k] = rename.get(name, name)
+            for k, name in enumerate(node.output):
+                node.output[k] = rename.get(name, name)
+                seen_tensors.add(node.output[k])
+            if node.name in seen_nodes:
+                node.name = f"{node.name}__piece{index}"
+            seen_nodes.add(node.name)
+            nodes.append(node)
+        for value in model.graph.value_info:
+            value_info.setdefault(rename.get(value.name, value.name), value)
+        for opset in model.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    joined = onnx.helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output),
+                                    list(initializers.values()), value_info=list(value_info.values()))
+    model = onnx.helper.make_model(joined, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+                                   ir_version=max(structure.ir_version, *(p.ir_version for p in pieces)))
+    model.functions.extend(structure.functions)
+    for prop in structure.metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    return model, renamed
+
+
+def merged_reports(reports: list[dict | None]) -> dict | None:
+    """The pieces' SmoothQuant reports as one (sums of counts, the largest factor)."""
+    reports = [r for r in reports if r]
+    if not reports:
+        return None
+    total = collections.Counter()
+    for report in reports:
+        total.update({k: report[k] for k in ("gemms", "inputs")})
+    return {"alpha": reports[0]["alpha"], **total, "max_scale": max(r.get("max_scale", 0.0) for r in reports)}

@@ -1,0 +1,126 @@
+"""INT8 a piece at a time (precision/pieces.py): the cut graph computes what the whole one does,
+cuts respect attention blocks and shared GEMM inputs, and the joined INT8 graph has the ranges the
+whole-graph quantization gives (same tensors, same scales) on the tiny checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from resrank_export.errors import ResRankExportError
+from resrank_export.export.onnx import graph_specs
+from resrank_export.export.parity import _row_cosine
+from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
+from resrank_export.precision.graphs import PrecisionConfig, calibration_batches, quantize_int8
+from resrank_export.precision.pieces import CarriedValues, _allowed_cuts, piece_model, plan_pieces
+from resrank_export.runtime import ort_session, run_session
+
+PIECE_BYTES = 16_000  # a layer of the tiny checkpoints is 20-40 KB: cuts inside and between layers
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_export, tmp_path_factory):
+    checkpoint, graphs = tiny_export(reranker="qwen3")
+    root = tmp_path_factory.mktemp("pieces")
+    build_calibration_set(checkpoint, root / "calib", CalibrationConfig(encoder_samples=16, reranker_queries=8,
+                                                                        retrieval_pool=100))
+    calib = {spec.name: load_calibration(root / "calib", spec) for spec in graph_specs(checkpoint)}
+    return graphs, calib, root
+
+
+def _qdq_scales(path) -> dict[str, np.ndarray]:
+    """{quantized tensor: its scale} of a Q/DQ graph."""
+    model = onnx.load(str(path))
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    return {n.input[0]: weights[n.input[1]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("name", ["encoder", "reranker"])
+def test_pieces_run_in_a_chain_give_the_whole_graphs_outputs(exported, name):
+    graphs, calib, root = exported
+    structure = onnx.load(str(graphs[name]))
+    pieces = plan_pieces(structure, PIECE_BYTES)
+    assert len(pieces) >= 4
+    assert [p.start for p in pieces] == [0, *(p.stop for p in pieces[:-1])] and pieces[-1].stop == len(structure.graph.node)
+    allowed = _allowed_cuts(list(structure.graph.node), {i.name for i in structure.graph.initializer})
+    assert all(allowed[p.stop - 1] for p in pieces[:-1])
+    runs = calibration_batches(calib[name], max_tokens=512)
+    carried = CarriedValues(runs)
+    sessions = []
+    for k, piece in enumerate(pieces):
+        path = root / f"{name}-piece{k}.onnx"
+        onnx.save(piece_model(structure, piece, graphs[name].parent), str(path))
+        sessions.append(ort_session(path))
+        if k + 1 < len(pieces):
+            carried.advance(sessions[-1], piece, pieces[k + 1:])
+            assert all(set(values) == {n for p in pieces[k + 1:] for n in p.inputs} & set(values)
+                       for values in carried.runs)  # only what later pieces read is kept
+    whole = ort_session(graphs[name])
+    for run, values in zip(runs, carried.runs):
+        for got, want in zip(run_session(sessions[-1], values), run_session(whole, run)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_no_cut_inside_attention_or_between_gemms_sharing_an_input(exported):
+    graphs, _, _ = exported
+    structure = onnx.load(str(graphs["reranker"]))
+    nodes = list(structure.graph.node)
+    allowed = _allowed_cuts(nodes, {i.name for i in structure.graph.initializer})
+    softmax = next(k for k, n in enumerate(nodes) if n.op_type == "Softmax")
+    assert not allowed[softmax] and not allowed[softmax - 1]
+    readers = {}
+    for k, n in enumerate(nodes):
+        if n.op_type == "MatMul":
+            readers.setdefault(n.input[0], []).append(k)
+    shared = next(ks for ks in readers.values() if len(ks) > 1)  # Q/K/V projections of one input
+    assert not any(allowed[shared[0]:shared[-1]])
+    assert any(allowed)
+
+
+@pytest.mark.parametrize("name", ["encoder", "reranker"])
+def test_int8_in_pieces_has_the_whole_graphs_ranges(exported, name):
+    graphs, calib, root = exported
+    whole = quantize_int8(graphs[name], root / "whole" / f"{name}.onnx", calib[name], PrecisionConfig())
+    cut = quantize_int8(graphs[name], root / "cut" / f"{name}.onnx", calib[name],
+                        PrecisionConfig(int8_piece_bytes=PIECE_BYTES))
+    assert whole["pieces"] == 1 and cut["pieces"] >= 4
+    assert cut["smoothquant"]["gemms"] == whole["smoothquant"]["gemms"]
+    expected, got = _qdq_scales(root / "whole" / f"{name}.onnx"), _qdq_scales(root / "cut" / f"{name}.onnx")
+    # Every tensor the whole graph quantizes, the pieces quantize with the same scale. (ModelOpt
+    # matches its own GEMV exclusions as name prefixes: the tiny reranker's small "node_linear_1"
+    # also drops node_linear_10..12 in the whole graph, not in a piece without it.)
+    assert expected and set(expected) <= set(got)
+    for tensor, scale in expected.items():
+        np.testing.assert_allclose(got[tensor], scale, rtol=1e-4, err_msg=tensor)
+    if name == "encoder":
+        assert set(got) == set(expected)
+    fp32 = run_session(ort_session(graphs[name]), calib[name])[0]
+    outputs = {k: run_session(ort_session(root / k / f"{name}.onnx"), calib[name])[0] for k in ("whole", "cut")}
+    assert _row_cosine(fp32, outputs["cut"]).min() > 0.95
+    if name == "encoder":
+        np.testing.assert_allclose(outputs["cut"], outputs["whole"], atol=1e-5)
+
+
+def test_int8_pieces_read_weights_from_external_data(exported, tmp_path):
+    """A large graph's weights sit in `<graph>.onnx.data`: each piece reads its own from there,
+    and the result equals the pieces of the same graph with embedded weights."""
+    graphs, calib, root = exported
+    model = onnx.load(str(graphs["encoder"]))
+    external = tmp_path / "external" / "encoder.onnx"
+    external.parent.mkdir()
+    onnx.save(model, str(external), save_as_external_data=True, location="encoder.onnx.data", size_threshold=0)
+    assert (tmp_path / "external" / "encoder.onnx.data").stat().st_size > 1 << 20
+    config = PrecisionConfig(int8_piece_bytes=PIECE_BYTES)
+    quantize_int8(external, tmp_path / "from-external.onnx", calib["encoder"], config)
+    quantize_int8(graphs["encoder"], tmp_path / "from-embedded.onnx", calib["encoder"], config)
+    a = run_session(ort_session(tmp_path / "from-external.onnx"), calib["encoder"])[0]
+    b = run_session(ort_session(tmp_path / "from-embedded.onnx"), calib["encoder"])[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_piece_size_must_be_positive(exported, tmp_path):
+    graphs, calib, _ = exported
+    with pytest.raises(ResRankExportError, match="INT8 piece size 0 bytes: expected a positive size"):
+        quantize_int8(graphs["encoder"], tmp_path / "x.onnx", calib["encoder"], PrecisionConfig(int8_piece_bytes=0))
+    assert not (tmp_path / "x.onnx").exists()
