@@ -271,6 +271,13 @@ def test_interrupted_stages_keep_only_finished_outputs(tmp_path):
         assert runner.run("first", {"v": 1}, first)["status"] == "skipped"
 
 
+def _numbers_printed_by(driver: str, folder: Path) -> list[int]:
+    """Run `driver` in a fresh Python (a small process: a child's high-water mark starts from its
+    parent's at exec, and the suite's process holds GBs) with `folder` as argument."""
+    return [int(word) for word in subprocess.run([sys.executable, "-c", driver, str(folder)], capture_output=True,
+                                                 text=True, check=True).stdout.split()]
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peak RSS needs Linux /proc")
 def test_each_stage_records_its_own_peak_rss(tmp_path):
     """In a small process of its own: the suite's process carries its history (a lifetime peak
@@ -286,8 +293,7 @@ def test_each_stage_records_its_own_peak_rss(tmp_path):
         "big = runner.run('big', {}, allocate)['peak_rss_bytes']\n"
         "small = runner.run('small', {}, lambda: {'outputs': []})['peak_rss_bytes']\n"
         "print(big, small)\n")
-    big, small = map(int, subprocess.run([sys.executable, "-c", driver, str(tmp_path)], capture_output=True,
-                                         text=True, check=True).stdout.split())
+    big, small = _numbers_printed_by(driver, tmp_path)
     assert big - small >= (256 << 20) * 0.9  # the second stage's peak does not carry the first one's
 
 
@@ -307,8 +313,7 @@ def test_stage_peak_counts_only_the_children_it_ran(tmp_path):
         "other = 'b = bytearray(500 << 20); b[::4096] = bytes(len(b[::4096]))'\n"
         "after = runner.run('after', {}, lambda: subprocess.run([sys.executable, '-c', other], check=True) and {'outputs': []})\n"
         "print(child, after['peak_rss_bytes'])\n")
-    child, after = map(int, subprocess.run([sys.executable, "-c", driver, str(tmp_path)], capture_output=True,
-                                           text=True, check=True).stdout.split())
+    child, after = _numbers_printed_by(driver, tmp_path)
     assert child >= 400 << 20 > after
 
 
