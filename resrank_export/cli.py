@@ -124,7 +124,7 @@ def main(verbose: bool) -> None:
               help="int8: lay the graph out for ONNX Runtime's CPU integer kernels (GEMMs sharing an input "
                    "merged, 7-bit weights): every quantized GEMM runs as MatMulIntegerToFloat, at a small "
                    "fidelity cost (docs/precision.md).")
-@click.option("--int8-piece-size", default="512MiB", show_default=True,
+@click.option("--int8-piece-size", default="256MiB", show_default=True,
               help="int8: graphs with more weights than this are quantized a piece of about this size at a time "
                    "(ModelOpt holds about four copies of what it quantizes; docs/scale.md).")
 @click.option("--fidelity-retrieval-data", type=click.Path(path_type=Path),

@@ -58,9 +58,10 @@ class PrecisionConfig:
     int8_cpu_integer_kernels: bool = False
     calibration_device: str = "cpu"  # cuda: ModelOpt's INT8 calibration runs on ONNX Runtime's CUDA provider
     # Graphs with more weights than this are quantized a piece of about this size at a time
-    # (precision/pieces.py): ModelOpt holds about four copies of what it is given. 512 MiB keeps
-    # the demo graphs whole (90 MB) and cuts Qwen3-0.6B's 2.4 GB into five.
-    int8_piece_bytes: int = 512 << 20
+    # (precision/pieces.py): ModelOpt and ONNX Runtime's calibrator held about 10x a piece's FP32
+    # weights at Qwen3-0.6B (5.6 GiB for a 540 MiB piece). 256 MiB keeps the demo graphs whole
+    # (90 MB) and cuts Qwen3-0.6B's 2.4 GB into about ten.
+    int8_piece_bytes: int = 256 << 20
 
 
 def check_int8_config(config: PrecisionConfig) -> None:

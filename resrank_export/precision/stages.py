@@ -8,10 +8,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resrank_export.export.onnx import graph_specs
+from resrank_export.export.onnx import ISOLATE_BYTES, graph_specs
 from resrank_export.fs import sha256_file, sha256_tree
+from resrank_export.isolated import run_isolated
 from resrank_export.manifest import StageRunner
 from resrank_export.model.checkpoint import Checkpoint
+from resrank_export.model.specs import GraphSpec
 from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.calibration import CARD_FILE, CalibrationConfig, build_calibration_set, load_calibration
 from resrank_export.precision.fidelity import FidelityConfig, measure_fidelity, render_markdown
@@ -51,16 +53,29 @@ def check_precision_inputs(checkpoint: Checkpoint, config: PrecisionStagesConfig
             load_calibration(config.calibration, spec)
 
 
+def _convert_graph(src: Path, dst: Path, calibration_dir: Path, spec: GraphSpec, precision: str,
+                   config: PrecisionConfig) -> dict:
+    calibration = load_calibration(calibration_dir, spec)
+    if precision in HALF_PRECISIONS:
+        return convert_half(src, dst, calibration, config, precision)
+    return quantize_int8(src, dst, calibration, config)
+
+
 def make_precision_graphs(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], calibration_dir: Path,
                           precision: str, out: Path, config: PrecisionConfig) -> dict[str, dict]:
-    """Each graph of `fp32_graphs` converted to `precision` as out/<graph file>; {graph: conversion report}."""
-    def make(src: Path, dst: Path, calibration: dict) -> dict:
-        if precision in HALF_PRECISIONS:
-            return convert_half(src, dst, calibration, config, precision)
-        return quantize_int8(src, dst, calibration, config)
-
-    return {spec.name: make(fp32_graphs[spec.name], out / spec.filename, load_calibration(calibration_dir, spec))
-            for spec in graph_specs(checkpoint)}
+    """Each graph of `fp32_graphs` converted to `precision` as out/<graph file>; {graph: conversion report}.
+    A graph past ISOLATE_BYTES is converted in a process of its own (isolated.py): measured at
+    Qwen3-0.6B, the build process began the INT8 stage holding 2.8 GiB that the calibration
+    stage's ONNX Runtime session had left allocated."""
+    reports = {}
+    for spec in graph_specs(checkpoint):
+        src = Path(fp32_graphs[spec.name])
+        args = (src, out / spec.filename, calibration_dir, spec, precision, config)
+        if sum(path.stat().st_size for path in src.parent.glob(f"{src.name}*")) > ISOLATE_BYTES:
+            reports[spec.name] = run_isolated(_convert_graph, *args, what=f"{precision} graph of {spec.name}")
+        else:
+            reports[spec.name] = _convert_graph(*args)
+    return reports
 
 
 def compare_precisions(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], work: Path,

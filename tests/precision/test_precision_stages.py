@@ -90,3 +90,26 @@ def test_unknown_method_fails_before_any_work(tiny_checkpoint, tmp_path):
         run_build(BuildConfig(out=tmp_path / "b", checkpoint=tiny_checkpoint().root, precision="int8",
                               precision_graphs=PrecisionConfig(calibration_method="percentile")))
     assert not (tmp_path / "b").exists()
+
+
+def test_large_graphs_are_converted_in_a_process_of_their_own(int8_build, monkeypatch, tmp_path):
+    """Past ISOLATE_BYTES each graph is quantized in a child process (what the calibration stage
+    left allocated stays out of the INT8 stage's memory): the same graphs as in this process."""
+    import resrank_export.isolated as isolated
+    import resrank_export.precision.stages as stages
+    from resrank_export.precision.graphs import PrecisionConfig
+
+    checkpoint, config, _ = int8_build
+    fp32 = {spec.name: config.out / "onnx" / "fp32" / spec.filename for spec in graph_specs(checkpoint)}
+    calibration = config.out / "calibration"
+    children = len(isolated.finished_child_peaks)
+    here = stages.make_precision_graphs(checkpoint, fp32, calibration, "int8", tmp_path / "here", PrecisionConfig())
+    assert len(isolated.finished_child_peaks) == children
+    monkeypatch.setattr(stages, "ISOLATE_BYTES", 0)
+    apart = stages.make_precision_graphs(checkpoint, fp32, calibration, "int8", tmp_path / "apart", PrecisionConfig())
+    assert len(isolated.finished_child_peaks) == children + 2  # one child per graph, each measured
+    assert apart == here
+    for spec in graph_specs(checkpoint):
+        feeds = load_calibration(calibration, spec)
+        np.testing.assert_array_equal(run_session(ort_session(tmp_path / "apart" / spec.filename), feeds)[0],
+                                      run_session(ort_session(tmp_path / "here" / spec.filename), feeds)[0])
