@@ -151,7 +151,7 @@ def piece_model(structure, piece: Piece, base_dir: Path):
             tensor = onnx.TensorProto()
             tensor.CopyFrom(init)
             if external_data_helper.uses_external_data(tensor):
-                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.raw_data = _external_bytes(tensor, Path(base_dir))
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
             initializers.append(tensor)
@@ -163,6 +163,26 @@ def piece_model(structure, piece: Piece, base_dir: Path):
                                    ir_version=structure.ir_version)
     model.functions.extend(structure.functions)
     return model
+
+
+def _external_bytes(tensor, base_dir: Path) -> bytes:
+    """A tensor's bytes from its external-data file. Not onnx's load_external_data_for_tensor: it
+    refuses a file with more than one hard link, and a rebuild's folder starts as hard links to
+    the previous build's graphs (fs.atomic_dir), so every rebuild of a large graph failed there."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    path = (base_dir / info.location).resolve()
+    if base_dir.resolve() not in path.parents:
+        raise ResRankExportError(f"{base_dir}: the graph's weights {tensor.name} point outside its folder "
+                                 f"({info.location})")
+    with open(path, "rb") as data:
+        data.seek(info.offset or 0)
+        raw = data.read(info.length) if info.length else data.read()
+    if info.length and len(raw) != info.length:
+        raise ResRankExportError(f"{path}: {tensor.name} needs {info.length} bytes at offset {info.offset or 0}, "
+                                 f"the file has {len(raw)} there (truncated?)")
+    return raw
 
 
 class CarriedValues:

@@ -4,6 +4,8 @@ whole-graph quantization gives (same tensors, same scales) on the tiny checkpoin
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -103,14 +105,16 @@ def test_int8_in_pieces_has_the_whole_graphs_ranges(exported, name):
 
 
 def test_int8_pieces_read_weights_from_external_data(exported, tmp_path):
-    """A large graph's weights sit in `<graph>.onnx.data`: each piece reads its own from there,
-    and the result equals the pieces of the same graph with embedded weights."""
+    """A large graph's weights sit in `<graph>.onnx.data`: each piece reads its own from there (a
+    file with a second hard link too, as a rebuild's folder has), and the result equals the pieces
+    of the same graph with embedded weights."""
     graphs, calib, root = exported
     model = onnx.load(str(graphs["encoder"]))
     external = tmp_path / "external" / "encoder.onnx"
     external.parent.mkdir()
     onnx.save(model, str(external), save_as_external_data=True, location="encoder.onnx.data", size_threshold=0)
     assert (tmp_path / "external" / "encoder.onnx.data").stat().st_size > 1 << 20
+    os.link(tmp_path / "external" / "encoder.onnx.data", tmp_path / "previous-build-encoder.onnx.data")
     config = PrecisionConfig(int8_piece_bytes=PIECE_BYTES)
     quantize_int8(external, tmp_path / "from-external.onnx", calib["encoder"], config)
     quantize_int8(graphs["encoder"], tmp_path / "from-embedded.onnx", calib["encoder"], config)
