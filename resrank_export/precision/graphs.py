@@ -21,7 +21,8 @@ from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_OPS, precision_by_op, save_graph
 from resrank_export.precision import HALF_PRECISIONS
-from resrank_export.precision.pieces import CarriedValues, join_pieces, merged_reports, piece_model, plan_pieces
+from resrank_export.precision.pieces import (CarriedValues, join_pieces, merged_reports, piece_model, plan_pieces,
+                                             release_memory)
 from resrank_export.progress import track
 from resrank_export.precision.smoothquant import channel_absmax, smooth_gemm_inputs, smoothable_groups
 
@@ -398,7 +399,10 @@ def _quantize_in_pieces(src: Path, structure, pieces: list, gemms: set[str], run
             quantized.append(out)
             log.info("int8 %s: piece %d/%d (nodes %d-%d, %.0f MiB of weights, %d GEMMs quantized)", src.stem,
                      k + 1, len(pieces), piece.start, piece.stop - 1, piece.weight_bytes / 2**20, len(inside))
-        model, renamed = join_pieces(structure, [onnx.load(str(path)) for path in quantized])
+            release_memory()
+        del carried  # the last piece's inputs
+        release_memory()
+        model, renamed = join_pieces(structure, (onnx.load(str(path)) for path in quantized))
     report = merged_reports(smoothing) if config.int8_smoothquant_alpha is not None else None
     return model, report, merged, renamed
 

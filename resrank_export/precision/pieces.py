@@ -19,6 +19,7 @@ import collections
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -185,6 +186,19 @@ def _external_bytes(tensor, base_dir: Path) -> bytes:
     return raw
 
 
+def release_memory() -> None:
+    """Give what a piece's ModelOpt run freed back to the OS (glibc keeps freed heap pages, and the
+    next piece's peak then stacks on them); a no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class CarriedValues:
     """The tensors that cross the cuts, per calibration run: starts as the runs' graph inputs,
     gains each piece's outputs, and drops what no later piece reads."""
@@ -208,34 +222,44 @@ class CarriedValues:
                 del run[name]
 
 
-def join_pieces(structure, pieces: list) -> tuple:
-    """One model from the quantized pieces (in order), with `structure`'s inputs, outputs, opsets
-    and metadata. A name two pieces both made inside themselves (a constant each kept, a Q/DQ
-    tensor of a value both quantized) is renamed in the later one; an initializer identical to an
-    earlier one of the same name is dropped. Returns (model, renamed count)."""
+def join_pieces(structure, pieces: Iterable) -> tuple:
+    """One model from the quantized pieces (in order; an iterable, so each can be loaded when its
+    turn comes and freed after: the joined model and one piece are alive at a time), with
+    `structure`'s inputs, outputs, opsets and metadata. A name two pieces both made inside
+    themselves (a constant each kept, a Q/DQ tensor of a value both quantized) is renamed in the
+    later one; an initializer identical to an earlier one of the same name is dropped. Returns
+    (model, renamed count)."""
     onnx = require("onnx", "INT8 quantization")
-    graph = structure.graph
+    joined = onnx.ModelProto(ir_version=structure.ir_version)
+    graph = joined.graph
+    graph.name = structure.graph.name
+    graph.input.extend(structure.graph.input)
+    graph.output.extend(structure.graph.output)
     seen_tensors = {v.name for v in graph.input}
     seen_nodes: set[str] = set()
-    initializers: dict[str, object] = {}
-    nodes, value_info, renamed = [], {}, 0
+    initializer_at: dict[str, int] = {}
+    value_names: set[str] = set()
+    renamed = 0
     opsets: dict[str, int] = {}
     for index, model in enumerate(pieces):
         boundary = {v.name for v in [*model.graph.input, *model.graph.output]}
-        rename = {}
+        rename, duplicate = {}, set()
         for init in model.graph.initializer:
-            earlier = initializers.get(init.name)
-            if earlier is not None and earlier.SerializeToString() != init.SerializeToString():
-                rename[init.name] = f"{init.name}__piece{index}"
+            if init.name in initializer_at:
+                if graph.initializer[initializer_at[init.name]].SerializeToString() == init.SerializeToString():
+                    duplicate.add(init.name)
+                else:
+                    rename[init.name] = f"{init.name}__piece{index}"
         for node in model.graph.node:
             for name in node.output:
                 if name and name not in boundary and name in seen_tensors:
                     rename[name] = f"{name}__piece{index}"
         renamed += len(rename)
         for init in model.graph.initializer:
-            if init.name in rename:
-                init.name = rename[init.name]
-            initializers.setdefault(init.name, init)
+            if init.name not in duplicate:
+                init.name = rename.get(init.name, init.name)
+                initializer_at[init.name] = len(graph.initializer)
+                graph.initializer.append(init)
         for node in model.graph.node:
             for k, name in enumerate(node.input):
                 node.input[k] = rename.get(name, name)
@@ -245,19 +269,20 @@ def join_pieces(structure, pieces: list) -> tuple:
             if node.name in seen_nodes:
                 node.name = f"{node.name}__piece{index}"
             seen_nodes.add(node.name)
-            nodes.append(node)
+            graph.node.append(node)
         for value in model.graph.value_info:
-            value_info.setdefault(rename.get(value.name, value.name), value)
+            value.name = rename.get(value.name, value.name)
+            if value.name not in value_names:
+                value_names.add(value.name)
+                graph.value_info.append(value)
         for opset in model.opset_import:
             opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
-    joined = onnx.helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output),
-                                    list(initializers.values()), value_info=list(value_info.values()))
-    model = onnx.helper.make_model(joined, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
-                                   ir_version=max(structure.ir_version, *(p.ir_version for p in pieces)))
-    model.functions.extend(structure.functions)
-    for prop in structure.metadata_props:
-        model.metadata_props.add(key=prop.key, value=prop.value)
-    return model, renamed
+        joined.ir_version = max(joined.ir_version, model.ir_version)
+        del model
+    joined.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    joined.functions.extend(structure.functions)
+    joined.metadata_props.extend(structure.metadata_props)
+    return joined, renamed
 
 
 def merged_reports(reports: list[dict | None]) -> dict | None:
