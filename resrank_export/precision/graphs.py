@@ -20,6 +20,8 @@ import numpy as np
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_OPS, precision_by_op, save_graph
+from resrank_export.export.onnx import ISOLATE_BYTES
+from resrank_export.isolated import run_isolated
 from resrank_export.precision import HALF_PRECISIONS
 from resrank_export.precision.pieces import (CarriedValues, join_pieces, merged_reports, piece_model, plan_pieces,
                                              release_memory)
@@ -365,35 +367,48 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     return report
 
 
+def _quantize_piece(src: Path, piece, path: Path, out: Path, gemms: set[str], feeds: list[dict[str, np.ndarray]],
+                    config: PrecisionConfig, settings: dict) -> tuple:
+    """One piece with its own weights only: written to `path`, prepared (SmoothQuant, merging) on
+    `feeds`, and quantized by ModelOpt to `out` when it holds GEMMs to quantize; (smoothing report,
+    merged GEMMs)."""
+    onnx = require("onnx", "INT8 quantization")
+    structure = onnx.load(str(src), load_external_data=False)
+    save_graph(piece_model(structure, piece, src.parent), path)
+    del structure
+    report, merged = _prepare_copy(path, gemms, feeds, config.int8_smoothquant_alpha, config.int8_cpu_integer_kernels)
+    if gemms:
+        require("modelopt.onnx.quantization", "INT8 quantization").quantize(
+            onnx_path=str(path), calibration_data_reader=_calibration_reader(feeds),
+            use_external_data_format=piece.weight_bytes > EXTERNAL_DATA_THRESHOLD, output_path=str(out), **settings)
+    return report, merged
+
+
 def _quantize_in_pieces(src: Path, structure, pieces: list, gemms: set[str], runs: list[dict[str, np.ndarray]],
                         config: PrecisionConfig, settings: dict) -> tuple:
-    """Each piece with its own weights only: written out, prepared (SmoothQuant, merging) and run
-    in FP32 on the calibration runs to give the next pieces their inputs, quantized by ModelOpt on
-    its inputs' values; then the pieces joined. (model, smoothing report, merged GEMMs, renamed)."""
+    """Each piece quantized on the FP32 values that reach it (`_quantize_piece`), then run in FP32
+    on the calibration runs to give the next pieces theirs; then the pieces joined. (model,
+    smoothing report, merged GEMMs, renamed). For a graph past ISOLATE_BYTES each piece is
+    quantized in a process of its own: measured at Qwen3-0.6B in one process, what ModelOpt and
+    ONNX Runtime kept after each piece grew by about 0.3 GiB a piece (2.0 to 3.8 GiB over 8)."""
     onnx = require("onnx", "INT8 quantization")
-    quantization = require("modelopt.onnx.quantization", "INT8 quantization")
     from resrank_export.runtime import ort_session
 
+    isolate = sum(p.stat().st_size for p in src.parent.glob(f"{src.name}*")) > ISOLATE_BYTES
     carried = CarriedValues(runs)
     smoothing, merged, quantized = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for k, piece in enumerate(track(pieces, f"int8 {src.stem} pieces", unit="pieces")):
-            path = Path(tmp) / f"piece{k}.onnx"
-            save_graph(piece_model(structure, piece, src.parent), path)
-            feeds = carried.feeds(piece)
+            path, out = Path(tmp) / f"piece{k}.onnx", Path(tmp) / f"piece{k}.int8.onnx"
             inside = {n.name for n in structure.graph.node[piece.start:piece.stop]} & gemms
-            report, merged_here = _prepare_copy(path, inside, feeds, config.int8_smoothquant_alpha,
-                                                config.int8_cpu_integer_kernels)
+            args = (src, piece, path, out, inside, carried.feeds(piece), config, settings)
+            report, merged_here = (run_isolated(_quantize_piece, *args, what=f"INT8 piece {k + 1} of {src.stem}")
+                                   if isolate else _quantize_piece(*args))
             smoothing.append(report)
             merged.update(merged_here)
-            if k + 1 < len(pieces):
+            if k + 1 < len(pieces):  # the prepared FP32 piece: exact, so the next pieces see FP32 values
                 carried.advance(ort_session(path), piece, pieces[k + 1:])
-            if inside:
-                out = Path(tmp) / f"piece{k}.int8.onnx"
-                quantization.quantize(onnx_path=str(path), calibration_data_reader=_calibration_reader(feeds),
-                                      use_external_data_format=piece.weight_bytes > EXTERNAL_DATA_THRESHOLD,
-                                      output_path=str(out), **settings)
-            else:  # nothing to quantize here (embeddings, the final norm): the piece as it is
+            if not inside:  # nothing quantized here (embeddings, the final norm): the piece as it is
                 out = path
             _check_piece_io(out, piece)
             quantized.append(out)

@@ -128,3 +128,22 @@ def test_piece_size_must_be_positive(exported, tmp_path):
     with pytest.raises(ResRankExportError, match="INT8 piece size 0 bytes: expected a positive size"):
         quantize_int8(graphs["encoder"], tmp_path / "x.onnx", calib["encoder"], PrecisionConfig(int8_piece_bytes=0))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pieces_of_a_large_graph_are_quantized_in_processes_of_their_own(exported, tmp_path, monkeypatch):
+    """Past ISOLATE_BYTES each piece's ModelOpt run is a child process (what it leaves allocated
+    cannot pile up across pieces): the same INT8 graph as in this process, one child per piece."""
+    import resrank_export.isolated as isolated
+    import resrank_export.precision.graphs as graphs_module
+
+    graphs, calib, _ = exported
+    config = PrecisionConfig(int8_piece_bytes=PIECE_BYTES)
+    here = quantize_int8(graphs["encoder"], tmp_path / "here.onnx", calib["encoder"], config)
+    children = len(isolated.finished_child_peaks)
+    monkeypatch.setattr(graphs_module, "ISOLATE_BYTES", 0)
+    apart = quantize_int8(graphs["encoder"], tmp_path / "apart.onnx", calib["encoder"], config)
+    assert len(isolated.finished_child_peaks) == children + apart["pieces"]
+    assert apart == here
+    a = run_session(ort_session(tmp_path / "apart.onnx"), calib["encoder"])[0]
+    b = run_session(ort_session(tmp_path / "here.onnx"), calib["encoder"])[0]
+    np.testing.assert_array_equal(a, b)
