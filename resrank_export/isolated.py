@@ -55,8 +55,10 @@ def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:
     `args` must pickle (module-level functions, dataclasses, paths)."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, logging.getLogger().getEffectiveLevel(), fn, args),
-                              daemon=True)
+    # not a daemon: a daemonic process may not start children, and an isolated step may run its
+    # own (the INT8 stage quantizes each piece of a large graph in a process of its own); the
+    # `finally` below stops the child when this process is interrupted
+    process = context.Process(target=_child, args=(send, logging.getLogger().getEffectiveLevel(), fn, args))
     process.start()
     send.close()
     try:

@@ -26,9 +26,18 @@ def _killed() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _square_in_a_grandchild(x: int) -> tuple[int, int]:
+    return run_isolated(_pid_and_square, x)
+
+
 def test_result_comes_back_from_another_process():
     pid, square = run_isolated(_pid_and_square, 12)
     assert square == 144 and pid != os.getpid()
+
+
+def test_an_isolated_step_may_isolate_its_own_steps():
+    pid, square = run_isolated(_square_in_a_grandchild, 7)
+    assert square == 49 and pid != os.getpid()
 
 
 def test_the_childs_error_is_reraised_with_its_message():
