@@ -65,3 +65,7 @@ def test_stage_peak_rss_counts_the_child(tmp_path):
     before, after = map(int, subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
                                             check=True).stdout.split())
     assert after >= 400 << 20 > before
+    nested = driver.replace("run_isolated(hold, 400)", "run_isolated(run_isolated, hold, 400)")
+    before, after = map(int, subprocess.run([sys.executable, "-c", nested], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert after >= 400 << 20 > before  # a grandchild's peak reaches the stage through its parent
