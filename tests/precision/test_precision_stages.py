@@ -113,3 +113,14 @@ def test_large_graphs_are_converted_in_a_process_of_their_own(int8_build, monkey
         feeds = load_calibration(calibration, spec)
         np.testing.assert_array_equal(run_session(ort_session(tmp_path / "apart" / spec.filename), feeds)[0],
                                       run_session(ort_session(tmp_path / "here" / spec.filename), feeds)[0])
+
+
+def test_planned_int8_graph_bytes_match_the_written_graphs(int8_build):
+    """The planner (free-space check, `plan`) against the INT8 graphs the stage wrote: FP32 weights
+    under Q/DQ pairs, plus the graph's own structure."""
+    from resrank_export.engine.plan import graph_weight_bytes
+
+    checkpoint, config, _ = int8_build
+    for name, planned in graph_weight_bytes(checkpoint, "int8").items():
+        written = sum(p.stat().st_size for p in (config.out / "onnx" / "int8").glob(f"{name}.onnx*"))
+        assert planned <= written <= 1.15 * planned, (name, planned, written)
