@@ -123,4 +123,4 @@ def test_planned_int8_graph_bytes_match_the_written_graphs(int8_build):
     checkpoint, config, _ = int8_build
     for name, planned in graph_weight_bytes(checkpoint, "int8").items():
         written = sum(p.stat().st_size for p in (config.out / "onnx" / "int8").glob(f"{name}.onnx*"))
-        assert planned <= written <= 1.15 * planned, (name, planned, written)
+        assert planned <= written <= 1.01 * planned, (name, planned, written)  # + the nodes (0.8% here)
