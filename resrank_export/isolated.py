@@ -38,21 +38,23 @@ def own_peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
-def _peak_with_children() -> int:
-    """This process's peak, or that of a child it ran through run_isolated if larger."""
-    return max([own_peak_rss(), *finished_child_peaks])
+def peak_with_children(since: int = 0) -> int:
+    """This process's peak plus the largest peak of the children it ran through run_isolated
+    (those after the first `since`): an upper bound of what the two held at once, since the
+    parent stays alive, holding its part, while a child runs."""
+    return own_peak_rss() + max(finished_child_peaks[since:], default=0)
 
 
 def _child(connection, level: int, fn: Callable, args: tuple) -> None:
     logging.basicConfig(level=level, format="%(message)s")
     try:
         result = fn(*args)
-        connection.send(("ok", result, _peak_with_children()))
+        connection.send(("ok", result, peak_with_children()))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
         try:
-            connection.send(("error", exc, _peak_with_children()))
+            connection.send(("error", exc, peak_with_children()))
         except Exception:  # an exception that does not pickle: its text
-            connection.send(("error", ResRankExportError(f"{type(exc).__name__}: {exc}"), _peak_with_children()))
+            connection.send(("error", ResRankExportError(f"{type(exc).__name__}: {exc}"), peak_with_children()))
 
 
 def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:

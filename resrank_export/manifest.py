@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from resrank_export.fs import OWNER_FILE, format_bytes, sha256_file
-from resrank_export.isolated import finished_child_peaks, own_peak_rss
+from resrank_export.isolated import finished_child_peaks, peak_with_children
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
@@ -58,7 +58,8 @@ class PeakRss:
     """Peak resident memory of this process since `reset`: Linux resets the kernel's high-water
     mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak.
     A child process the stage ran through isolated.run_isolated counts once it has ended, with
-    the peak the child measured itself."""
+    the peak the child measured itself added to this process's (an upper bound of the two alive
+    at once)."""
 
     def __init__(self):
         self._resettable = Path("/proc/self/clear_refs").exists()
@@ -74,7 +75,7 @@ class PeakRss:
                 self._resettable = False
 
     def bytes(self) -> int:
-        return max([own_peak_rss(), *finished_child_peaks[self._children_at_reset:]])
+        return peak_with_children(self._children_at_reset)
 
 
 def _now() -> str:
