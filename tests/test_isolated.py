@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,3 +70,40 @@ def test_stage_peak_rss_counts_the_child(tmp_path):
     before, after = map(int, subprocess.run([sys.executable, "-c", nested], capture_output=True, text=True,
                                             check=True).stdout.split())
     assert after >= before + (400 << 20)  # a grandchild's peak reaches the stage through its parent
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_stopping_a_build_ends_the_childs_own_children(tmp_path):
+    """SIGKILL of the process that ran an isolated step, whose child runs a step of its own (the
+    INT8 stage's pieces): neither the child nor the grandchild outlives it."""
+    (tmp_path / "steps.py").write_text(
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "from resrank_export.isolated import run_isolated\n"
+        "def sleep_forever(folder):\n"
+        "    Path(folder, 'grandchild').write_text(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
+        "def run_grandchild(folder):\n"
+        "    Path(folder, 'child').write_text(str(os.getpid()))\n"
+        "    run_isolated(sleep_forever, folder)\n")
+    driver = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                               "from steps import run_grandchild; from resrank_export.isolated import run_isolated; "
+                               f"run_isolated(run_grandchild, {str(tmp_path)!r})"])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "grandchild").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int((tmp_path / name).read_text()) for name in ("child", "grandchild")]
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; its parent is gone or has not reaped it yet
