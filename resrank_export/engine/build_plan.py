@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from resrank_export.engine.plan import ModelShape, render_table
 from resrank_export.engine.profiles import GIB
 from resrank_export.export.half import auto_export_dtype
+from resrank_export.precision.graphs import PrecisionConfig
+from resrank_export.precision.pieces import CUT_WINDOW
 from resrank_export.runtime import BATCH_TOKENS
 
 # Peak RSS of a stage, from what it holds (one model copy alive at a time, the larger model's
@@ -23,13 +25,21 @@ from resrank_export.runtime import BATCH_TOKENS
 #   FP32 activations, which grow with heads x batch tokens x the longest text (eager attention's
 #   scores), then one ONNX Runtime session of ORT_SESSION_FACTOR x its graph;
 # - calibration: one ONNX Runtime session of the FP32 encoder graph;
-# - precision and fidelity stages: STAGE_FACTORS x the FP32 graph's weights, NOT measured yet (the
-#   0.6B INT8 run did not reach them): 3.0 counts ModelOpt's model, its calibration session and
-#   the quantized graph, 2.2 two sessions (FP32 and the lower precision) of the fidelity stage.
+# - precision_int8 (precision/pieces.py): the larger of joining the pieces (INT8_JOIN_FACTOR x the
+#   FP32 weights: the Q/DQ graph keeps FP32 weights; 3.6 GiB measured at 0.6B) and one piece's
+#   ModelOpt run beside the process that carries the values between pieces (INT8_PIECE_FACTOR x
+#   the largest piece, CUT_WINDOW x the piece size: 6.3 GiB for 336 MiB pieces at 0.6B, with the
+#   embedded calibration set's 5,250 encoder tokens: ONNX Runtime's calibrator keeps every
+#   calibrated tensor of every run, so this part grows with the calibration tokens);
+# - fidelity: 2.5 x the FP32 weights, two ONNX Runtime sessions (FP32 and INT8, both FP32
+#   weights; 5.87 GiB measured at 0.6B INT8);
+# - precision_fp16/bf16 (AutoCast): 3.0, NOT measured at a size past 2 GB.
 HOST_BASE_BYTES = int(0.4 * GIB)
 ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
 REFERENCE_ACTIVATION_FACTOR = 4.5  # x heads x batch tokens x longest text x 4 bytes (0.6B FP16 parity: 3.95 GiB)
-STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "precision_int8": 3.0, "fidelity": 2.2}
+STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "fidelity": 2.5}
+INT8_JOIN_FACTOR = 1.6
+INT8_PIECE_FACTOR = 16.7
 QWEN3_VOCAB = 151_669  # the real Qwen3 tokenizer's ids; the reranker adds its placeholder token
 
 
@@ -62,9 +72,16 @@ def _stage_peak(stage: str, model: ModelShape, stored: str, exported: str, max_t
         held = max(reference, int(ORT_SESSION_FACTOR * model.weight_bytes(exported)))
     elif stage == "calibration":  # the FP32 encoder graph in one session makes the slot vectors
         held = int(ORT_SESSION_FACTOR * model.weight_bytes("fp32"))
+    elif stage == "precision_int8":
+        held = int(max(INT8_JOIN_FACTOR * model.weight_bytes("fp32"), INT8_PIECE_FACTOR * int8_piece(model)))
     else:
         held = int(STAGE_FACTORS[stage] * model.weight_bytes("fp32"))
     return HOST_BASE_BYTES + held
+
+
+def int8_piece(model: ModelShape) -> int:
+    """FP32 weights of the largest piece the INT8 stage quantizes at once with default options."""
+    return min(model.weight_bytes("fp32"), int(CUT_WINDOW * PrecisionConfig.int8_piece_bytes))
 
 
 def plan_build(encoder: ModelShape, reranker: ModelShape, precision: str, stored: str = "bf16",

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import pytest
 
-from resrank_export.engine.build_plan import (HOST_BASE_BYTES, ORT_SESSION_FACTOR, REFERENCE_ACTIVATION_FACTOR,
-                                              STAGE_FACTORS, QWEN3_VOCAB, plan_build)
+from resrank_export.engine.build_plan import (HOST_BASE_BYTES, INT8_JOIN_FACTOR, INT8_PIECE_FACTOR, ORT_SESSION_FACTOR,
+                                              REFERENCE_ACTIVATION_FACTOR, STAGE_FACTORS, QWEN3_VOCAB, plan_build)
 from resrank_export.runtime import BATCH_TOKENS
 from resrank_export.engine.plan import ModelShape
 from resrank_export.model.demo import QWEN3_SHAPES
@@ -36,6 +36,8 @@ def test_stages_and_their_weights_dtype_follow_export_dtype_auto(precision, stor
                 "parity": max(weights[exported if exported != "fp32" else stored] + activations,
                               int(ORT_SESSION_FACTOR * weights[exported])),
                 "calibration": int(ORT_SESSION_FACTOR * weights["fp32"]),  # the FP32 encoder graph
+                # the joined Q/DQ graph (FP32 weights), or one 384 MiB piece (256 MiB x the cut window)
+                "precision_int8": int(max(INT8_JOIN_FACTOR * weights["fp32"], INT8_PIECE_FACTOR * (384 << 20))),
                 **{name: int(factor * weights["fp32"]) for name, factor in STAGE_FACTORS.items()}}
     for stage in plan.stages:  # the larger model (the reranker, one placeholder id more)
         assert stage.peak_rss == HOST_BASE_BYTES + expected[stage.stage]
