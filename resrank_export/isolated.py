@@ -22,10 +22,21 @@ from resrank_export.errors import ResRankExportError
 
 log = logging.getLogger(__name__)
 
-# Peak RSS in bytes of each child run_isolated waited for, in order. Read by the child itself:
-# getrusage(RUSAGE_CHILDREN) in the parent keeps only the largest child ever reaped, any child
-# (a test suite's servers and builds included), so a stage could be charged another's process.
+# For each child run_isolated waited for, in order: this process's resident bytes when it started
+# the child (it only waits meanwhile) plus the child's peak, as the child read it itself:
+# getrusage(RUSAGE_CHILDREN) keeps only the largest child ever reaped, any child (a test suite's
+# servers and builds included), so a stage could be charged another's process.
 finished_child_peaks: list[int] = []
+
+
+def _own_rss_now() -> int:
+    """Resident bytes of this process now (Linux); elsewhere its peak, an upper bound."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return own_peak_rss()
 
 
 def own_peak_rss() -> int:
@@ -41,10 +52,10 @@ def own_peak_rss() -> int:
 
 
 def peak_with_children(since: int = 0) -> int:
-    """This process's peak plus the largest peak of the children it ran through run_isolated
-    (those after the first `since`): an upper bound of what the two held at once, since the
-    parent stays alive, holding its part, while a child runs."""
-    return own_peak_rss() + max(finished_child_peaks[since:], default=0)
+    """The peak of this process together with the children it ran through run_isolated (those
+    after the first `since`): its own peak, or what it held while a child ran plus that child's
+    peak, whichever is larger."""
+    return max([own_peak_rss(), *finished_child_peaks[since:]])
 
 
 def _end_with_parent() -> None:
@@ -77,6 +88,7 @@ def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:
     """fn(*args) in a spawned process; its result, or its exception re-raised here. `fn` and
     `args` must pickle (module-level functions, dataclasses, paths)."""
     context = multiprocessing.get_context("spawn")
+    held = _own_rss_now()
     receive, send = context.Pipe(duplex=False)
     # not a daemon: a daemonic process may not start children, and an isolated step may run its
     # own (the INT8 stage quantizes each piece of a large graph in a process of its own); the
@@ -95,7 +107,7 @@ def run_isolated(fn: Callable, *args: Any, what: str = "step") -> Any:
                 f"{what}: its process ended with exit code {process.exitcode} before returning (a negative "
                 f"code is the signal that killed it; -9 is often the kernel's out-of-memory killer)") from None
         process.join()
-        finished_child_peaks.append(peak)
+        finished_child_peaks.append(held + peak)
     finally:
         if process.is_alive():  # the parent was interrupted, or the child hung up
             process.terminate()

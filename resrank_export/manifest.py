@@ -57,9 +57,8 @@ SAMPLE_SECONDS = 2.0  # how often a running stage's peak RSS is written to the m
 class PeakRss:
     """Peak resident memory of this process since `reset`: Linux resets the kernel's high-water
     mark (VmHWM) per stage, so each stage gets its own peak; elsewhere getrusage's lifetime peak.
-    A child process the stage ran through isolated.run_isolated counts once it has ended, with
-    the peak the child measured itself added to this process's (an upper bound of the two alive
-    at once)."""
+    A child process the stage ran through isolated.run_isolated counts once it has ended: the peak
+    the child measured itself plus what this process held meanwhile."""
 
     def __init__(self):
         self._resettable = Path("/proc/self/clear_refs").exists()
