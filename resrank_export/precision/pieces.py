@@ -16,6 +16,7 @@ between GEMMs that read one tensor (they share a Q/DQ pair and a SmoothQuant fac
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ import numpy as np
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
+
+log = logging.getLogger(__name__)
 
 # How far past the byte target a cut may move to find the fewest crossing tensors (a layer
 # boundary lies within any half-layer window).
@@ -51,10 +54,11 @@ def plan_pieces(structure, piece_bytes: int) -> list[Piece]:
     `piece_bytes` and up to CUT_WINDOW times it, where the fewest computed tensors cross."""
     graph = structure.graph
     nodes = list(graph.node)
-    if any(attr.type in (attr.GRAPH, attr.GRAPHS) for node in nodes for attr in node.attribute):
-        raise ResRankExportError("INT8 in pieces: the graph has control-flow subgraphs (If/Loop), which "
-                                 "cannot be cut; use a larger --int8-piece-size to quantize it whole")
     sizes = {init.name: _tensor_bytes(init) for init in graph.initializer}
+    if any(attr.type in (attr.GRAPH, attr.GRAPHS) for node in nodes for attr in node.attribute):
+        if sum(sizes.values()) > piece_bytes:  # a subgraph reads outer tensors this cut does not follow
+            log.warning("INT8: the graph has control-flow subgraphs (If/Loop); it is quantized whole")
+        piece_bytes = sum(sizes.values()) + 1
     owner, weight = {}, [0] * len(nodes)  # an initializer's bytes count at its first user
     for k, node in enumerate(nodes):
         for name in node.input:

@@ -147,3 +147,23 @@ def test_pieces_of_a_large_graph_are_quantized_in_processes_of_their_own(exporte
     a = run_session(ort_session(tmp_path / "apart.onnx"), calib["encoder"])[0]
     b = run_session(ort_session(tmp_path / "here.onnx"), calib["encoder"])[0]
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_graph_with_control_flow_stays_whole():
+    """An If's branches read outer tensors the cut does not follow: one piece, whatever the size."""
+    from onnx import TensorProto, helper
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("If", ["flag"], ["z"], then_branch=branch("then"), else_branch=branch("else")),
+         helper.make_node("Add", ["y", "z"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 64])],
+        [onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
+    pieces = plan_pieces(helper.make_model(graph), piece_bytes=1024)
+    assert [(p.start, p.stop) for p in pieces] == [(0, 3)]
