@@ -96,10 +96,6 @@ def _stage_dtype(stage: str, exported: str) -> str:
 
 def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_s: float,
               options: tuple[str, ...] = ()) -> dict:
-    from resrank_export.engine.plan import graph_weight_bytes
-    from resrank_export.model.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(work / f"ckpt-{shape}")
     name = "-".join([f"build-{shape}-{precision}", *("".join(c for c in o if c.isalnum()) for o in options)])
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
@@ -108,6 +104,33 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
     result = run_measured([*CLI, "build", "--checkpoint", str(work / f"ckpt-{shape}"), "--precision", precision,
                            "--triton-backend", "none", "--out", str(out), *options],
                           work / f"{name}.log", timeout_s)
+    row = measured_row(shape, precision, work, checkpoint, out, result, load_before, options)
+    if result["exit_code"] != 0:
+        row["error_tail"] = (work / f"{name}.log").read_text().strip().splitlines()[-5:]
+    shutil.rmtree(out, ignore_errors=True)  # graphs of GBs; the row keeps what was measured
+    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+    return row
+
+
+def adopted_row(shape: str, precision: str, work: Path, checkpoint: dict, out: Path) -> dict:
+    """A row from a build folder this script did not run (one whose stages ran over several
+    invocations, resumed by the build): wall time is the sum of the stage times the manifest
+    recorded, the peak the largest stage peak; the folder is left as it is."""
+    stages = _manifest(out).get("stages", {})
+    if not stages:
+        raise SystemExit(f"{out}: no build manifest to adopt")
+    result = {"command": f"adopted {out}: stages recorded by the build, wall = their sum",
+              "wall_s": round(sum(s.get("seconds") or 0 for s in stages.values()), 1), "peak_rss_bytes": 0,
+              "exit_code": 0, "timed_out": False, "adopted": True}
+    return measured_row(shape, precision, work, checkpoint, out, result, None, ())
+
+
+def measured_row(shape: str, precision: str, work: Path, checkpoint: dict, out: Path, result: dict,
+                 load_before: tuple | None, options: tuple[str, ...]) -> dict:
+    from resrank_export.engine.plan import graph_weight_bytes
+    from resrank_export.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(work / f"ckpt-{shape}")
     manifest = _manifest(out)
     stages = {name: {k: entry.get(k) for k in ("status", "seconds", "peak_rss_bytes")}
               for name, entry in manifest.get("stages", {}).items()}
@@ -130,17 +153,13 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
                                        for name, size in measured.items()}
     parity = (manifest.get("stages", {}).get("parity", {}).get("report") or {})
     row = {"shape": shape, "precision": precision, "options": list(options), "exported_dtype": exported, **result,
-           "load_average_before": [round(x, 2) for x in load_before],
-           "load_average_after": [round(x, 2) for x in os.getloadavg()],
+           "load_average_before": [round(x, 2) for x in load_before] if load_before else None,
+           "load_average_after": [round(x, 2) for x in os.getloadavg()] if load_before else None,
            "checkpoint": checkpoint, "stages": stages, "graphs": graphs,
            "parity": {k: parity.get(k) for k in ("dtype", "passed", "gate")} | {
                "encoder_max_abs_diff": (parity.get("encoder") or {}).get("max_abs_diff"),
                "reranker_max_abs_diff": (parity.get("reranker") or {}).get("max_abs_diff")}}
     add_plan(row, work)
-    if result["exit_code"] != 0:
-        row["error_tail"] = (work / f"{name}.log").read_text().strip().splitlines()[-5:]
-    shutil.rmtree(out, ignore_errors=True)  # graphs of GBs; the row keeps what was measured
-    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     return row
 
 
@@ -176,6 +195,7 @@ def render_markdown(result: dict) -> str:
         stages = row["stages"]
         slowest = max(stages, key=lambda n: stages[n]["seconds"] or 0) if stages else "-"
         status = "stopped (timeout)" if row["timed_out"] else ("ok" if row["exit_code"] == 0 else "failed")
+        status += ", stage sum of a resumed build" if row.get("adopted") else ""
         lines.append(f"| {row['shape']} | {' '.join([row['precision'], *row.get('options', [])])} | {row['exported_dtype']} | {row['wall_s'] / 60:.1f} "
                      f"({status}) | {_gib(row['peak_rss_bytes'])} | "
                      f"{'passed' if row['parity'].get('passed') else row['parity'].get('passed')} | {slowest} | "
@@ -230,11 +250,16 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=90.0)
     parser.add_argument("--replan", action="store_true",
                         help="only recompute the planner's predictions of the recorded rows (checkpoints under --work)")
+    parser.add_argument("--adopt", type=Path,
+                        help="record this existing build folder as the row of --shapes/--precisions (one each) "
+                             "instead of running a build")
     parser.add_argument("--build-option", action="append", default=[],
                         help="extra `build` option, repeatable (e.g. --build-option=--export-dtype=fp32): a row of its own")
     args = parser.parse_args()
     from resrank_export.bench.timing import machine_info
 
+    if args.adopt and ("," in args.shapes or "," in args.precisions):
+        parser.error("--adopt records one build: give one --shapes and one --precisions")
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "scale.json"
@@ -250,8 +275,9 @@ def main() -> None:
         checkpoint = make_checkpoint(shape, args.work, args.tokenizer, args.timeout_min * 60)
         for precision in args.precisions.split(","):
             print(f"building {shape} {precision} ...", flush=True)
-            options = tuple(args.build_option)
-            row = build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60, options)
+            options = () if args.adopt else tuple(args.build_option)
+            row = (adopted_row(shape, precision, args.work, checkpoint, args.adopt) if args.adopt else
+                   build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60, options))
             key = (shape, precision, list(options))
             result["rows"] = [r for r in result["rows"] if (r["shape"], r["precision"], r.get("options", [])) != key] + [row]
             path.write_text(json.dumps(result, indent=2) + "\n")

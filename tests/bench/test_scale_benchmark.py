@@ -57,3 +57,24 @@ def test_stage_dtype_and_markdown_rows(scale):
     text = scale.render_markdown({"machine": {"cpu": "x", "logical_cores": 2, "memory_gib": 24}, "rows": [row]})
     assert "| 0.6b | fp16 | fp16 | 10.0 (ok) | 3.00 | passed | parity | True |" in text
     assert "export 90 s / 3.00 / 4.00" in text and "encoder 1.00 GiB (plan +0.0%)" in text
+
+
+def test_an_adopted_build_becomes_a_row_from_its_manifest(scale, tiny_checkpoint, tmp_path):
+    """--adopt: a build folder made (and resumed) outside the script gives the row of its stages:
+    wall time their sum, the peak the largest, the graphs on disk against the planner."""
+    from resrank_export.build import BuildConfig, run_build
+
+    checkpoint = tiny_checkpoint()
+    (tmp_path / "ckpt-tiny").symlink_to(checkpoint.root)
+    out = tmp_path / "build"
+    manifest = run_build(BuildConfig(out=out, checkpoint=checkpoint.root, triton_backend=None))
+    row = scale.adopted_row("tiny", "fp32", tmp_path, {}, out)
+    stages = manifest["stages"]
+    assert row["adopted"] and row["stages"].keys() == stages.keys()
+    assert row["wall_s"] == round(sum(s["seconds"] for s in stages.values()), 1)
+    assert row["peak_rss_bytes"] == max(s["peak_rss_bytes"] for s in stages.values())
+    written = sum(p.stat().st_size for p in (out / "onnx" / "fp32").glob("encoder.onnx*"))
+    assert row["graphs"]["fp32"]["encoder"]["bytes"] == written and row["parity"]["passed"]
+    assert (out / "manifest.json").is_file()  # left as it was
+    assert "stage sum of a resumed build" in scale.render_markdown({"machine": {"cpu": "x", "logical_cores": 2,
+                                                                                 "memory_gib": 24}, "rows": [row]})
