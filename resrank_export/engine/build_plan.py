@@ -31,8 +31,8 @@ from resrank_export.runtime import BATCH_TOKENS
 #   the largest piece, CUT_WINDOW x the piece size: 6.3 GiB for 336 MiB pieces at 0.6B, with the
 #   embedded calibration set's 5,250 encoder tokens: ONNX Runtime's calibrator keeps every
 #   calibrated tensor of every run, so this part grows with the calibration tokens);
-# - fidelity: 2.5 x the FP32 weights, two ONNX Runtime sessions (FP32 and INT8, both FP32
-#   weights; 5.87 GiB measured at 0.6B INT8);
+# - fidelity: 2.5 x the FP32 weights, one ONNX Runtime session at a time, the INT8 one the
+#   larger (its Q/DQ graph keeps FP32 weights; 5.87 GiB measured at 0.6B INT8);
 # - precision_fp16/bf16 (AutoCast): 3.0, NOT measured at a size past 2 GB.
 HOST_BASE_BYTES = int(0.4 * GIB)
 ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
