@@ -29,24 +29,28 @@ log = logging.getLogger(__name__)
 finished_child_peaks: list[int] = []
 
 
-def _own_rss_now() -> int:
-    """Resident bytes of this process now (Linux); elsewhere its peak, an upper bound."""
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None without /proc."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    return own_peak_rss()
+    return None
+
+
+def _own_rss_now() -> int:
+    """Resident bytes of this process now (Linux); elsewhere its peak, an upper bound."""
+    now = _status_bytes("VmRSS")
+    return own_peak_rss() if now is None else now
 
 
 def own_peak_rss() -> int:
     """This process's peak RSS in bytes: the kernel's high-water mark of its memory map (which
     starts afresh at exec), else getrusage's (which Linux carries over from the parent at exec)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 

@@ -21,8 +21,6 @@ _WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "bf16": (2, 2), "int8": (1, 2)}
 _ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
-# FFN down-projections (Qwen3/Llama mlp.down_proj, BERT layer.N.output.dense): the INT8 stage keeps
-# them FP32 (precision/graphs.py: int8_keep_ffn_output_fp32).
 
 
 def parse_size(text: str, option: str = "--gpu-memory") -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 
 from resrank_export.lazy import require
 
@@ -57,6 +58,12 @@ def precision_by_op(model) -> dict[str, dict[str, int]]:
 def weight_bytes(model) -> int:
     """Bytes of the initializers held in the proto (protobuf cannot serialise 2 GiB)."""
     return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def graph_file_bytes(path) -> int:
+    """Bytes of a graph file on disk with its external-data side file, if any."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*"))
 
 
 def save_graph(model, path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 
 from resrank_export.errors import ResRankExportError
 from resrank_export.lazy import require
-from resrank_export.export.half import EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_OPS, precision_by_op, save_graph
+from resrank_export.export.half import (EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_OPS, graph_file_bytes, precision_by_op,
+                                        save_graph)
 from resrank_export.export.onnx import ISOLATE_BYTES
 from resrank_export.isolated import run_isolated
 from resrank_export.precision import HALF_PRECISIONS
@@ -63,7 +64,7 @@ class PrecisionConfig:
     # Graphs with more weights than this are quantized a piece of about this size at a time
     # (precision/pieces.py): ModelOpt and ONNX Runtime's calibrator held about 10x a piece's FP32
     # weights at Qwen3-0.6B (5.6 GiB for a 540 MiB piece). 256 MiB keeps the demo graphs whole
-    # (90 MB) and cuts Qwen3-0.6B's 2.4 GB into about ten.
+    # (90 MB) and cuts each Qwen3-0.6B graph (2.4 GB) into eight.
     int8_piece_bytes: int = 256 << 20
 
 
@@ -367,15 +368,12 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     return report
 
 
-def _quantize_piece(src: Path, piece, path: Path, out: Path, gemms: set[str], feeds: list[dict[str, np.ndarray]],
-                    config: PrecisionConfig, settings: dict) -> tuple:
-    """One piece with its own weights only: written to `path`, prepared (SmoothQuant, merging) on
-    `feeds`, and quantized by ModelOpt to `out` when it holds GEMMs to quantize; (smoothing report,
-    merged GEMMs)."""
-    onnx = require("onnx", "INT8 quantization")
-    structure = onnx.load(str(src), load_external_data=False)
-    save_graph(piece_model(structure, piece, src.parent), path)
-    del structure
+def _quantize_piece(structure, weights_dir: Path, piece, path: Path, out: Path, gemms: set[str],
+                    feeds: list[dict[str, np.ndarray]], config: PrecisionConfig, settings: dict) -> tuple:
+    """One piece with its own weights only (read from `weights_dir`): written to `path`, prepared
+    (SmoothQuant, merging) on `feeds`, and quantized by ModelOpt to `out` when it holds GEMMs to
+    quantize; (smoothing report, merged GEMMs)."""
+    save_graph(piece_model(structure, piece, weights_dir), path)
     report, merged = _prepare_copy(path, gemms, feeds, config.int8_smoothquant_alpha, config.int8_cpu_integer_kernels)
     if gemms:
         require("modelopt.onnx.quantization", "INT8 quantization").quantize(
@@ -394,14 +392,14 @@ def _quantize_in_pieces(src: Path, structure, pieces: list, gemms: set[str], run
     onnx = require("onnx", "INT8 quantization")
     from resrank_export.runtime import ort_session
 
-    isolate = sum(p.stat().st_size for p in src.parent.glob(f"{src.name}*")) > ISOLATE_BYTES
+    isolate = graph_file_bytes(src) > ISOLATE_BYTES
     carried = CarriedValues(runs)
     smoothing, merged, quantized = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for k, piece in enumerate(track(pieces, f"int8 {src.stem} pieces", unit="pieces")):
             path, out = Path(tmp) / f"piece{k}.onnx", Path(tmp) / f"piece{k}.int8.onnx"
             inside = {n.name for n in structure.graph.node[piece.start:piece.stop]} & gemms
-            args = (src, piece, path, out, inside, carried.feeds(piece), config, settings)
+            args = (structure, src.parent, piece, path, out, inside, carried.feeds(piece), config, settings)
             report, merged_here = (run_isolated(_quantize_piece, *args, what=f"INT8 piece {k + 1} of {src.stem}")
                                    if isolate else _quantize_piece(*args))
             smoothing.append(report)

@@ -59,11 +59,11 @@ def plan_pieces(structure, piece_bytes: int) -> list[Piece]:
         if sum(sizes.values()) > piece_bytes:  # a subgraph reads outer tensors this cut does not follow
             log.warning("INT8: the graph has control-flow subgraphs (If/Loop); it is quantized whole")
         piece_bytes = sum(sizes.values()) + 1
-    owner, weight = {}, [0] * len(nodes)  # an initializer's bytes count at its first user
+    counted, weight = set(), [0] * len(nodes)  # an initializer's bytes count at its first user
     for k, node in enumerate(nodes):
         for name in node.input:
-            if name in sizes and name not in owner:
-                owner[name] = k
+            if name in sizes and name not in counted:
+                counted.add(name)
                 weight[k] += sizes[name]
     last_use = {}
     for k, node in enumerate(nodes):

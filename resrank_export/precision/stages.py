@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resrank_export.export.half import graph_file_bytes
 from resrank_export.export.onnx import ISOLATE_BYTES, graph_specs
 from resrank_export.fs import sha256_file, sha256_tree
 from resrank_export.isolated import run_isolated
@@ -71,7 +72,7 @@ def make_precision_graphs(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], 
     for spec in graph_specs(checkpoint):
         src = Path(fp32_graphs[spec.name])
         args = (src, out / spec.filename, calibration_dir, spec, precision, config)
-        if sum(path.stat().st_size for path in src.parent.glob(f"{src.name}*")) > ISOLATE_BYTES:
+        if graph_file_bytes(src) > ISOLATE_BYTES:
             reports[spec.name] = run_isolated(_convert_graph, *args, what=f"{precision} graph of {spec.name}")
         else:
             reports[spec.name] = _convert_graph(*args)
