@@ -167,3 +167,51 @@ def test_a_graph_with_control_flow_stays_whole():
         [onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
     pieces = plan_pieces(helper.make_model(graph), piece_bytes=1024)
     assert [(p.start, p.stop) for p in pieces] == [(0, 3)]
+
+
+def _one_matmul_graph(tmp_path):
+    """y = x @ w with w in `graph.onnx.data`, and its structure loaded without the weights."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "w")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "graph.onnx"), save_as_external_data=True,
+              location="graph.onnx.data", size_threshold=0)
+    return onnx.load(str(tmp_path / "graph.onnx"), load_external_data=False)
+
+
+def test_weights_pointing_outside_the_graphs_folder_or_cut_short_are_one_line_errors(tmp_path):
+    from resrank_export.precision.pieces import Piece
+
+    structure = _one_matmul_graph(tmp_path)
+    piece = Piece(0, 1, ("x",), ("y",), 256)
+    assert piece_model(structure, piece, tmp_path).graph.initializer[0].raw_data == np.ones((8, 8), np.float32).tobytes()
+    (tmp_path / "graph.onnx.data").write_bytes(b"\0" * 100)  # truncated
+    with pytest.raises(ResRankExportError, match=r"graph.onnx.data: w needs 256 bytes at offset 0, the file has 100"):
+        piece_model(structure, piece, tmp_path)
+    location = next(e for e in structure.graph.initializer[0].external_data if e.key == "location")
+    location.value = "../elsewhere.data"
+    with pytest.raises(ResRankExportError, match=r"the graph's weights w point outside its folder \(../elsewhere.data\)"):
+        piece_model(structure, piece, tmp_path)
+
+
+def test_a_piece_whose_inputs_or_outputs_changed_is_refused(tmp_path):
+    """What ModelOpt returns must keep the piece's inputs and outputs, or the join would be wrong."""
+    from resrank_export.precision.graphs import _check_piece_io
+    from resrank_export.precision.pieces import Piece
+
+    _one_matmul_graph(tmp_path)
+    _check_piece_io(tmp_path / "graph.onnx", Piece(0, 1, ("x",), ("y",), 256))
+    with pytest.raises(ResRankExportError, match=r"ModelOpt changed the inputs/outputs of nodes 0-0"):
+        _check_piece_io(tmp_path / "graph.onnx", Piece(0, 1, ("x",), ("y", "z"), 256))
+
+
+def test_a_cut_tensor_without_a_recorded_type_is_named(tmp_path):
+    from resrank_export.precision.pieces import Piece
+
+    structure = _one_matmul_graph(tmp_path)
+    with pytest.raises(ResRankExportError, match=r"no type recorded for hidden in the graph"):
+        piece_model(structure, Piece(0, 1, ("x", "hidden"), ("y",), 256), tmp_path)
