@@ -296,6 +296,25 @@ def merge_shared_input_gemms(model, gemm_names: set[str]) -> dict[str, list[str]
     return merged
 
 
+def restore_value_shapes(model, fp32_graph) -> int:
+    """ModelOpt's symbolic shape inference renames every dim of the tensors it keeps ('batch' ->
+    'unk__19', a different symbol on each tensor), so onnxscript's ORT fusions, which check that
+    q, k and v share batch, heads and sequence, did not fire on INT8 graphs (attention and rotary
+    embeddings stayed unfused under --ort-optimize). Quantizing changes no tensor's shape: the
+    FP32 graph's shapes replace ModelOpt's for every tensor both graphs compute, with the same type.
+    Returns how many tensors carry the FP32 graph's shape."""
+    exported = {v.name: v for v in fp32_graph.graph.value_info}
+    produced = {name for node in model.graph.node for name in node.output}
+    kept = [v for v in model.graph.value_info if v.name not in exported or v.name not in produced
+            or exported[v.name].type.tensor_type.elem_type != v.type.tensor_type.elem_type]
+    present = {v.name: v for v in model.graph.value_info}
+    restored = [v for name, v in exported.items() if name in produced and
+                (name not in present or present[name].type.tensor_type.elem_type == v.type.tensor_type.elem_type)]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([*kept, *restored])
+    return len(restored)
+
+
 def seven_bit_weights(model) -> int:
     """Doubles the scale of every constant weight's Q/DQ pair, so INT8 weights span [-64, 64].
     ONNX Runtime's x86 CPU kernels for the fused Q/DQ GEMMs (u8 activations x s8 weights) add
@@ -351,6 +370,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
         model, renamed = onnx.load(str(dst)), 0
     else:
         model, smoothing, merged, renamed = _quantize_in_pieces(src, fp32_graph, pieces, gemms, runs, config, settings)
+    restored = restore_value_shapes(model, fp32_graph)
     del fp32_graph
     rewired = unshare_dequantized_activations(model)
     seven_bit = seven_bit_weights(model) if config.int8_cpu_integer_kernels else 0
@@ -360,7 +380,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
               "exclude_ops": list(config.int8_exclude_ops), "exclude_nodes": list(config.int8_exclude_nodes),
               "ffn_output_gemms_kept_fp32": kept_fp32, "attention_qdq": config.int8_attention_qdq,
               "smoothquant": smoothing, "fp32_consumers_rewired": rewired,
-              "merged_gemms": merged, "seven_bit_weights": seven_bit,
+              "merged_gemms": merged, "seven_bit_weights": seven_bit, "value_shapes_restored": restored,
               "pieces": len(pieces), "piece_bytes": config.int8_piece_bytes, "names_renamed_in_join": renamed,
               "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"]}
     log.info("int8 %s: %d Q/DQ pairs (%s, %d piece%s)", Path(dst).name, ops["QuantizeLinear"],

@@ -90,3 +90,25 @@ def _quantized_from(model, tensor: str, weights: set[str]) -> bool:
     """`tensor` is a QuantizeLinear output of a constant (a weight's Q of a Q/DQ pair)."""
     return any(n.op_type == "QuantizeLinear" and n.output[0] == tensor and n.input[0] in weights
                for n in model.graph.node)
+
+
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
+@pytest.mark.parametrize("name", ["encoder", "reranker"])
+def test_int8_graphs_get_the_attention_fusions_of_fp32(copied, name):
+    """ModelOpt renames every dim of the INT8 graph; with the FP32 graph's shapes restored the
+    fusions that need q, k and v to share dims (attention, rotary) fire as they do in FP32, and
+    the fused INT8 graph computes what the plain INT8 graph does."""
+    _, graphs, calib, root = copied
+    int8 = root / "int8-fusion" / f"{name}.onnx"
+    report = quantize_int8(graphs[name], int8, calib[name], PrecisionConfig(calibration_method="max"))
+    assert report["value_shapes_restored"] > 0
+    fp32_ops = make_ort_graphs({name: graphs[name]})[name]["fused_ops"]
+    int8_ops = make_ort_graphs({name: int8})[name]["fused_ops"]
+    attention = sum(int8_ops.get(op, 0) for op in ATTENTION_OPS)
+    assert attention == sum(fp32_ops.get(op, 0) for op in ATTENTION_OPS) > 0, (fp32_ops, int8_ops)
+    assert int8_ops.get("RotaryEmbedding", 0) == fp32_ops.get("RotaryEmbedding", 0), (fp32_ops, int8_ops)
+    plain = run_session(ort_session(int8), calib[name])[0]
+    fused = run_session(ort_session(ort_graph_path(int8)), calib[name])[0]
+    assert np.abs(plain - fused).max() < 1e-4, name
