@@ -19,6 +19,7 @@ _EXTRA_OF = {
     "yaml": "k8s",
     "kubernetes_validate": "k8s",
     "jsonschema": "k8s",
+    "openvino": "openvino",
     "tensorrt": None,
 }
 

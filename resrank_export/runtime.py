@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from resrank_export.errors import NotAvailableError, ResRankExportError
+from resrank_export.errors import InputDataError, NotAvailableError, ResRankExportError
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,51 @@ class ReferenceSession:
 
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(out) for out in self._evaluator.run(output_names, feeds)]
+
+
+# OpenVINO's inference precisions for the ops a graph computes in floating point.
+OPENVINO_COMPUTE = ("f32", "bf16")
+
+
+class OpenVINOSession:
+    """An ONNX graph compiled by OpenVINO's CPU plugin, behind the two InferenceSession methods
+    this package calls (`get_inputs`, `run`). OpenVINO runs ModelOpt's Q/DQ graphs with INT8
+    kernels (VNNI/AMX), and with `compute="bf16"` the floating-point ops in BF16 on CPUs with
+    AMX or AVX512-BF16; ONNX Runtime's CPU provider has no BF16 kernels and leaves the GEMMs next
+    to shared Q/DQ activations in FP32 (measured in docs/benchmarks.md). `compute` is the
+    precision asked for; `self.compute` the one OpenVINO chose (a CPU without BF16 runs f32)."""
+
+    def __init__(self, path: str | Path, threads: int = 0, compute: str = "f32"):
+        from resrank_export.lazy import require
+
+        if compute not in OPENVINO_COMPUTE:
+            raise ResRankExportError(f"OpenVINO compute precision {compute!r}: expected one of "
+                                     f"{', '.join(OPENVINO_COMPUTE)}")
+        ov = require("openvino", "the OpenVINO CPU runtime")
+        config = {"INFERENCE_PRECISION_HINT": compute, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if not Path(path).is_file():
+            raise InputDataError(f"{path}: graph not found")
+        try:
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as exc:  # OpenVINO reports every load/compile failure as RuntimeError
+            # its message is a stack of "Exception from <source file>" lines above the reason
+            reason = next((line for line in reversed(str(exc).splitlines())
+                           if line.strip() and not line.startswith("Exception from")), "no reason given")
+            raise NotAvailableError(f"{path}: OpenVINO's CPU plugin could not load it: {reason.strip()[:200]}") from None
+        self.compute = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self._request = compiled.create_infer_request()
+        self._inputs = [SimpleNamespace(name=port.get_any_name()) for port in compiled.inputs]
+        self._outputs = [port.get_any_name() for port in compiled.outputs]
+
+    def get_inputs(self) -> list:
+        return self._inputs
+
+    def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self._request.infer(feeds)
+        # copies: the request reuses its output buffers on the next call
+        return [np.array(result[name]) for name in (output_names or self._outputs)]
 
 
 def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -33,3 +33,40 @@ def test_encode_texts_equals_single_runs_in_input_order(tiny_export):
         batched = encode_texts(session, tokenizer, texts, batch_size=3, max_batch_tokens=max_tokens)
         assert np.abs(batched - single).max() <= 1e-5, max_tokens
     assert encode_texts(session, tokenizer, [], batch_size=3).shape[0] == 0
+
+
+def test_openvino_session_computes_what_onnx_runtime_does(tiny_export, tmp_path):
+    """Both tiny graphs (BERT encoder, Qwen3 reranker) on OpenVINO's CPU plugin against ONNX
+    Runtime on the same inputs: FP32 compute to the FP32 parity gate, BF16 compute close."""
+    pytest.importorskip("openvino")
+    from resrank_export.export.onnx import graph_specs
+    from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
+    from resrank_export.runtime import OpenVINOSession
+
+    checkpoint, graphs = tiny_export()
+    calib = tmp_path / "calib"
+    build_calibration_set(checkpoint, calib, CalibrationConfig(encoder_samples=8, reranker_queries=4, retrieval_pool=50))
+    for spec in graph_specs(checkpoint):
+        inputs = load_calibration(calib, spec)
+        expected = run_session(ort_session(graphs[spec.name]), inputs)[0]
+        exact = OpenVINOSession(graphs[spec.name], compute="f32")
+        assert exact.compute == "f32"
+        assert [i.name for i in exact.get_inputs()] == [i.name for i in ort_session(graphs[spec.name]).get_inputs()]
+        assert np.abs(run_session(exact, inputs)[0] - expected).max() <= 1e-4, spec.name
+        half = OpenVINOSession(graphs[spec.name], compute="bf16")
+        assert np.abs(run_session(half, inputs)[0] - expected).max() <= 0.05, (spec.name, half.compute)
+
+
+def test_openvino_session_refuses_what_it_cannot_run(tmp_path):
+    pytest.importorskip("openvino")
+    from resrank_export.errors import InputDataError, NotAvailableError, ResRankExportError
+    from resrank_export.runtime import OpenVINOSession
+
+    with pytest.raises(InputDataError, match="graph not found"):
+        OpenVINOSession(tmp_path / "missing.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(NotAvailableError, match=r"broken\.onnx: OpenVINO's CPU plugin could not load it: .+"):
+        OpenVINOSession(broken)
+    with pytest.raises(ResRankExportError, match="compute precision 'fp8'"):
+        OpenVINOSession(broken, compute="fp8")

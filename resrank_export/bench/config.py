@@ -131,6 +131,26 @@ GRAPH_VARIANTS = (("fp32", "fp32", False), ("fp32-fused", "fp32", True), ("fp16"
                   ("int8", "int8", False), ("int8-fused", "int8", True))
 
 
+# OpenVINO rows (runtime.OpenVINOSession): (row suffix, precision of the graph, OpenVINO compute).
+OPENVINO_VARIANTS = (("fp32", "fp32", "f32"), ("fp32-as-bf16", "fp32", "bf16"), ("int8", "int8", "f32"),
+                     ("int8-bf16", "int8", "bf16"))
+
+
+def openvino_session_or_reason(build: Path, precision: str, name: str, compute: str, threads: int):
+    """An OpenVINOSession of <build>/onnx/<precision>/<name>.onnx, or why there is none (no graph,
+    OpenVINO not installed, or not able to load it)."""
+    from resrank_export.errors import MissingDependencyError, NotAvailableError
+    from resrank_export.runtime import OpenVINOSession
+
+    graph, reason = graph_file(build, precision, name)
+    if graph is None:
+        return reason
+    try:
+        return OpenVINOSession(graph, threads=threads, compute=compute)
+    except (MissingDependencyError, NotAvailableError) as exc:
+        return str(exc)
+
+
 def graph_file(build: Path, precision: str, name: str, fused: bool = False) -> tuple[Path | None, str]:
     """(<build>/onnx/<precision>/<name>[.ort].onnx, "") or (None, why it is not available)."""
     path = Path(build) / "onnx" / precision / f"{name}{'.ort' if fused else ''}.onnx"

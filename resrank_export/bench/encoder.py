@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from resrank_export.bench.config import GRAPH_VARIANTS, BenchConfig, BenchContext, graph_file
+from resrank_export.bench.config import (GRAPH_VARIANTS, OPENVINO_VARIANTS, BenchConfig, BenchContext, graph_file,
+                                         openvino_session_or_reason)
 from resrank_export.bench.timing import measure
 from resrank_export.lazy import require
 
@@ -63,10 +64,17 @@ def _pytorch_encoder(context: BenchContext, batch_size: int) -> Encode:
 
 
 def onnx_encoder(graph: Path, context: BenchContext, batch_size: int) -> Encode:
-    from resrank_export.model.reference import passage_tokenizer
-    from resrank_export.runtime import ort_session, run_session
+    from resrank_export.runtime import ort_session
 
-    session, tokenizer = ort_session(graph, threads=context.threads), passage_tokenizer(context.checkpoint)
+    return session_encoder(ort_session(graph, threads=context.threads), context, batch_size)
+
+
+def session_encoder(session, context: BenchContext, batch_size: int) -> Encode:
+    """Texts -> vectors through an ONNX Runtime or OpenVINO session of the encoder graph."""
+    from resrank_export.model.reference import passage_tokenizer
+    from resrank_export.runtime import run_session
+
+    tokenizer = passage_tokenizer(context.checkpoint)
     return _batched(lambda texts: run_session(session, tokenizer(texts))[0].astype(np.float32), batch_size)
 
 
@@ -133,6 +141,10 @@ LABELS = {
     "onnx-int8": "exported graph, ONNX Runtime INT8 (precision stage, ModelOpt Q/DQ)",
     "onnx-int8-fused": "exported graph, ONNX Runtime INT8 (ModelOpt Q/DQ), ORT-fused (--ort-optimize)",
     "onnx-dynamic-int8": "exported graph, ONNX Runtime dynamic INT8 (quantize_dynamic)",
+    "openvino-fp32": "exported graph, OpenVINO CPU, FP32",
+    "openvino-fp32-as-bf16": "exported graph (FP32), OpenVINO CPU computing in BF16 (AMX / AVX512-BF16)",
+    "openvino-int8": "INT8 graph (ModelOpt Q/DQ), OpenVINO CPU, INT8 GEMMs, other ops FP32",
+    "openvino-int8-bf16": "INT8 graph (ModelOpt Q/DQ), OpenVINO CPU, INT8 GEMMs, other ops BF16",
 }
 
 
@@ -152,6 +164,9 @@ def _encoders(config: BenchConfig, context: BenchContext, work: Path) -> dict[st
     encoders["onnx-dynamic-int8"] = (
         onnx_encoder(dynamic_int8_graph(fp32_graph, work / "encoder.int8-dynamic.onnx"), context, batch)
         if fp32_graph else reason)
+    for suffix, precision, compute in OPENVINO_VARIANTS:
+        session = openvino_session_or_reason(context.build, precision, "encoder", compute, context.threads)
+        encoders[f"openvino-{suffix}"] = session if isinstance(session, str) else session_encoder(session, context, batch)
     return encoders
 
 
@@ -174,7 +189,7 @@ def bench_encoder(config: BenchConfig, context: BenchContext) -> dict:
                 np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
             rows.append({**row, "status": "ok", "time": timing.to_json(),
                          "throughput_pps": len(texts) / timing.median_s,
-                         "mean_cosine_vs_pytorch": float(cosine.mean())})
+                         "mean_cosine_vs_pytorch": float(cosine.mean()), "min_cosine_vs_pytorch": float(cosine.min())})
             log.info("encoder %s: %.1f passages/s", name, rows[-1]["throughput_pps"])
     baseline = next(r for r in rows if r["name"] == BASELINE)
     for row in rows:

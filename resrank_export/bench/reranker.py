@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from resrank_export.bench.config import GRAPH_VARIANTS, BenchConfig, BenchContext, graph_file
+from resrank_export.bench.config import (GRAPH_VARIANTS, OPENVINO_VARIANTS, BenchConfig, BenchContext, graph_file,
+                                         openvino_session_or_reason)
 from resrank_export.bench.encoder import onnx_encoder
 from resrank_export.bench.timing import Timing, measure
 from resrank_export.model.text import PASSAGES_MARKER, QUERY_MARKER
@@ -25,6 +26,10 @@ LABELS = {
     "resrank-onnx-fp16": "ResRank graph, ONNX Runtime FP16 (precision stage)",
     "resrank-onnx-int8": "ResRank graph, ONNX Runtime INT8 (precision stage)",
     "resrank-onnx-int8-fused": "ResRank graph, ONNX Runtime INT8, ORT-fused",
+    "resrank-openvino-fp32": "ResRank graph, OpenVINO CPU, FP32",
+    "resrank-openvino-fp32-as-bf16": "ResRank graph (FP32), OpenVINO CPU computing in BF16",
+    "resrank-openvino-int8": "ResRank INT8 graph, OpenVINO CPU, INT8 GEMMs, other ops FP32",
+    "resrank-openvino-int8-bf16": "ResRank INT8 graph, OpenVINO CPU, INT8 GEMMs, other ops BF16",
     "fulltext-pytorch": "full-text listwise, same backbone, PyTorch eager, SDPA (baseline)",
 }
 Score = Callable[[dict], np.ndarray]  # prepared inputs of one request -> scores [k]
@@ -101,9 +106,14 @@ def _resrank_pytorch_scorer(context: BenchContext) -> Score:
 
 
 def _onnx_scorer(graph, threads: int) -> Score:
-    from resrank_export.runtime import ort_session, run_session
+    from resrank_export.runtime import ort_session
 
-    session = ort_session(graph, threads=threads)
+    return _session_scorer(ort_session(graph, threads=threads))
+
+
+def _session_scorer(session) -> Score:
+    from resrank_export.runtime import run_session
+
     return lambda inputs: run_session(session, inputs)[0][0]
 
 
@@ -112,6 +122,9 @@ def _scorers(context: BenchContext) -> dict[str, Score | str]:
     for suffix, precision, fused in GRAPH_VARIANTS:
         graph, reason = graph_file(context.build, precision, "reranker", fused)
         scorers[f"resrank-onnx-{suffix}"] = _onnx_scorer(graph, context.threads) if graph else reason
+    for suffix, precision, compute in OPENVINO_VARIANTS:
+        session = openvino_session_or_reason(context.build, precision, "reranker", compute, context.threads)
+        scorers[f"resrank-openvino-{suffix}"] = session if isinstance(session, str) else _session_scorer(session)
     scorers[BASELINE] = _fulltext_scorer(load_torch_backbone(context.checkpoint.reranker_dir))
     return scorers
 

@@ -80,6 +80,15 @@ def test_encoder_benchmark_smoke(context):
     for precision in ("fp16", "int8"):
         present = (context.build / "onnx" / precision / "encoder.onnx").is_file()
         assert (rows[f"onnx-{precision}"]["status"] == "ok") == present
+    for row in rows.values():
+        if row["status"] == "ok":
+            assert row["min_cosine_vs_pytorch"] <= row["mean_cosine_vs_pytorch"]
+    # OpenVINO rows: the FP32 graph computed in FP32 is the reference model; in BF16 close to it.
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    assert (rows["openvino-fp32"]["status"] == "ok") == has_openvino, rows["openvino-fp32"].get("reason")
+    if has_openvino:
+        assert rows["openvino-fp32"]["min_cosine_vs_pytorch"] > 0.99999
+        assert rows["openvino-fp32-as-bf16"]["min_cosine_vs_pytorch"] > 0.999
 
 
 def test_fulltext_prompt_holds_each_truncated_passage(context):
@@ -118,6 +127,8 @@ def test_reranker_benchmark_smoke(context):
             assert _close(row["latency_ratio_vs_pytorch"], pytorch["time"]["median_s"] / row["time"]["median_s"])
             assert _close(row["token_ratio_vs_fulltext"], baseline["tokens"] / row["tokens"])
         assert rows["resrank-onnx-fp32"]["max_abs_score_diff_vs_pytorch"] < 1e-4
+        if importlib.util.find_spec("openvino") is not None:
+            assert rows["resrank-openvino-fp32"]["max_abs_score_diff_vs_pytorch"] < 1e-4
 
 
 def test_flop_formula_counts_the_models_matmul_weights(context):
