@@ -440,8 +440,15 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
 @click.option("--shard-url", "shard_urls", multiple=True, metavar="HOST:PORT",
               help="gRPC address serving faiss_lookup_<i>, in shard order (one per shard): the router asks "
                    "each shard's own Triton instead of this one's.")
+@click.option("--cpu-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="python backend: run the encoder and reranker graphs on ONNX Runtime's CPU "
+                                      "provider or OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; "
+                                      "INT8 GEMMs for --precision int8).")
+@click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
-           max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls) -> None:
+           max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls,
+           cpu_runtime, openvino_compute) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -453,7 +460,7 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, max_batch_tokens=max_batch_tokens,
         instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards,
-        shard_urls=tuple(shard_urls)))
+        shard_urls=tuple(shard_urls), cpu_runtime=cpu_runtime, openvino_compute=openvino_compute))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 
@@ -581,7 +588,14 @@ def query(text, top_k, passages, url, grpc) -> None:
               "(default: the preset's).")
 @click.option("--reranker-k", "reranker_ks", multiple=True, type=click.IntRange(min=1),
               help="Candidate count of the reranker benchmark (repeatable; default: the preset's).")
-def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encoder_passages, reranker_ks) -> None:
+@click.option("--served-precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Served benchmark: which graphs of the build the repository serves.")
+@click.option("--served-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="Served benchmark: the python backend's runtime (`triton --cpu-runtime`).")
+@click.option("--served-openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="Served benchmark with --served-runtime openvino: `triton --openvino-compute`.")
+def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encoder_passages, reranker_ks,
+          served_precision, served_runtime, served_openvino_compute) -> None:
     """Run the benchmarks: encoder throughput, reranker latency vs k, served pipeline, FLOPs."""
     from resrank_export.bench.config import BenchConfig
     from resrank_export.bench.run import run_bench
@@ -590,7 +604,8 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encod
     overrides = {name: value for name, value in (("repeats", repeats), ("encoder_passages", encoder_passages),
                                                  ("reranker_ks", tuple(reranker_ks))) if value}
     config = preset(out=out, only=tuple(n.strip() for n in only.split(",") if n.strip()), build=build_dir,
-                    checkpoint=checkpoint, data=data, threads=threads, **overrides)
+                    checkpoint=checkpoint, data=data, threads=threads, served_precision=served_precision,
+                    served_runtime=served_runtime, served_openvino_compute=served_openvino_compute, **overrides)
     run_bench(config, command=" ".join(["resrank-export", *sys.argv[1:]]))
     click.echo(f"benchmark results written to {out} (summary: {out / 'summary.md'})")
 

@@ -203,15 +203,18 @@ class OpenVINOSession:
         self.compute = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._request = compiled.create_infer_request()
         self._inputs = [SimpleNamespace(name=port.get_any_name()) for port in compiled.inputs]
-        self._outputs = [port.get_any_name() for port in compiled.outputs]
+        self._outputs = [SimpleNamespace(name=port.get_any_name()) for port in compiled.outputs]
 
     def get_inputs(self) -> list:
         return self._inputs
 
+    def get_outputs(self) -> list:
+        return self._outputs
+
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self._request.infer(feeds)
         # copies: the request reuses its output buffers on the next call
-        return [np.array(result[name]) for name in (output_names or self._outputs)]
+        return [np.array(result[name]) for name in (output_names or [o.name for o in self._outputs])]
 
 
 def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -41,6 +41,10 @@ class BenchConfig:
     served_top_k: int = 20  # candidates per request of both ensembles
     served_passages: int = 1000  # passages in the served index
     served_batch_sizes: tuple[int, ...] = (8, 1)  # Triton max_batch_size: with, without batching
+    # which graphs the served repository runs, and on what (triton/config.py TritonConfig fields)
+    served_precision: str = "fp32"
+    served_runtime: str = "onnxruntime"
+    served_openvino_compute: str = "f32"
     matmul_size: int = 2048  # square float32 matmul measuring the peak
 
     @classmethod

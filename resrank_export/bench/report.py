@@ -55,12 +55,21 @@ def _reranker_section(result: dict) -> list[str]:
     return lines
 
 
+def _served_graphs(result: dict) -> str:
+    graphs = result.get("graphs")  # results written before the served graphs were recorded: FP32 on ORT
+    if not graphs:
+        return "Served graphs: fp32 on ONNX Runtime; in-process: fp32 on ONNX Runtime."
+    runtime = graphs["runtime"] + (f" ({graphs['openvino_compute']} compute)" if graphs["runtime"] == "openvino" else "")
+    return f"Served graphs: {graphs['precision']} on {runtime}; in-process: fp32 on ONNX Runtime."
+
+
 def _served_section(result: dict) -> list[str]:
     lines = ["## Served pipeline (Triton, tritonclient HTTP from a separate process)", ""]
     if result["status"] != "ok":
         return lines + [f"{result['status']}: {result['reason']}"]
     lines += [f"Top-k {result['top_k']}, {result['requests_per_level']} requests per level, index of "
-              f"{result['index_passages']} passages; ONNX Runtime {result['ort_threads']} thread(s) in both.", "",
+              f"{result['index_passages']} passages; {result['ort_threads']} intra-op thread(s) in both. "
+              f"{_served_graphs(result)}", "",
               "| ensemble | where | max batch | concurrency | p50 ms | p95 ms | p99 ms | req/s |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for ensemble, stats in result["in_process"].items():

@@ -152,7 +152,9 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
     available" with the reason when a piece is missing)."""
     result = {"benchmark": "served", "concurrency": list(config.served_concurrency), "top_k": config.served_top_k,
               "requests_per_level": config.served_requests, "index_passages": config.served_passages,
-              "batch_sizes": list(config.served_batch_sizes), "data": context.data.source}
+              "batch_sizes": list(config.served_batch_sizes), "data": context.data.source,
+              "graphs": {"precision": config.served_precision, "runtime": config.served_runtime,
+                         "openvino_compute": config.served_openvino_compute}}
     missing = missing_pieces()
     if missing:
         log.info("served: not available (%s)", "; ".join(missing))
@@ -175,7 +177,9 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
             for batch in config.served_batch_sizes:
                 repository = work / f"repository-max-batch-{batch}"
                 write_repository(TritonConfig(build=context.build, out=repository, index=work / "index",
-                                              max_batch_size=batch, ort_threads=threads))
+                                              max_batch_size=batch, ort_threads=threads,
+                                              precision=config.served_precision, cpu_runtime=config.served_runtime,
+                                              openvino_compute=config.served_openvino_compute))
                 try:
                     served[str(batch)] = _served(config, context, repository, payloads, loader)
                 except ResRankExportError as exc:

@@ -12,7 +12,7 @@ from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.precision import PRECISIONS
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
-from resrank_export.runtime import EXECUTION_MODES, SessionSettings
+from resrank_export.runtime import EXECUTION_MODES, OPENVINO_COMPUTE, SessionSettings
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -29,6 +29,7 @@ CANDIDATE_IDS = TensorSpec("candidate_ids", "bytes", (BATCH, CANDIDATES))
 RETRIEVAL_SCORES = TensorSpec("retrieval_scores", "float32", (BATCH, CANDIDATES))
 
 RETRIEVE_ENSEMBLE, RERANK_ENSEMBLE = "resrank", "resrank_rerank"
+CPU_RUNTIMES = ("onnxruntime", "openvino")
 GRAPH_MODELS = ("encoder", "reranker")
 
 
@@ -53,6 +54,10 @@ class TritonConfig:
     ort_arena: bool = True
     ort_execution_mode: str = "sequential"
     ort_fused: bool = False  # ONNX flavours serve the build's ORT-fused graphs (onnx/<precision>/*.ort.onnx)
+    # python backend: the graphs' runtime, ONNX Runtime's CPU provider or OpenVINO's CPU plugin
+    # (runtime.OpenVINOSession, ort_threads threads, compute in openvino_compute)
+    cpu_runtime: str = "onnxruntime"
+    openvino_compute: str = "f32"
     ort_accelerator: str | None = None  # onnxruntime backend: "tensorrt" or "cuda" execution accelerator
     trt_precision: str = "FP16"  # precision_mode of the ORT TensorRT accelerator
     cc_model_filenames: dict[str, str] = field(default_factory=dict)  # tensorrt: {"9.0": "model_sm90.plan"}
@@ -77,6 +82,18 @@ class TritonConfig:
             raise NotAvailableError("--precision bf16 with the python backend: its ONNX Runtime sessions run on the CPU, "
                                     "which has no BF16 kernels; serve bf16 with --backend tensorrt (or onnxruntime on "
                                     "a GPU), or fp16 on a CPU")
+        if self.cpu_runtime not in CPU_RUNTIMES:
+            raise ResRankExportError(f"cpu_runtime {self.cpu_runtime!r}: expected one of {', '.join(CPU_RUNTIMES)}")
+        if self.cpu_runtime == "openvino":
+            if self.backend != "python":
+                raise ResRankExportError(f"--cpu-runtime openvino runs the graphs in the python backend; "
+                                         f"--backend {self.backend} runs them itself")
+            if self.ort_fused:
+                raise ResRankExportError("--cpu-runtime openvino serves the portable graphs: the ORT-fused ones "
+                                         "(*.ort.onnx) hold ONNX Runtime's own contrib ops")
+            if self.openvino_compute not in OPENVINO_COMPUTE:
+                raise ResRankExportError(f"--openvino-compute {self.openvino_compute!r}: expected one of "
+                                         f"{', '.join(OPENVINO_COMPUTE)}")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
         for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads", "index_shards"):
@@ -191,6 +208,8 @@ def graph_model_config(spec: GraphSpec, config: TritonConfig, max_batch_size: in
     if config.backend == "python":
         return python_model_config(spec, config, {"RESRANK_MODEL": "onnx_graph", "GRAPH": "model.onnx",
                                                   **config.session_settings.to_parameters(),
+                                                  "CPU_RUNTIME": config.cpu_runtime,
+                                                  "OPENVINO_COMPUTE": config.openvino_compute,
                                                   "MAX_BATCH_TOKENS": str(config.max_batch_tokens)},
                                    max_batch_size)
     model = _batched(spec, config, max_batch_size, gpu=config.gpu)

@@ -199,3 +199,25 @@ def test_session_settings_reach_the_python_models_sessions(build_dir, tmp_path):
     assert options.execution_mode.name == "ORT_PARALLEL"
     with pytest.raises(ResRankExportError, match="'eager'.*sequential or parallel"):
         TritonConfig(build=build_dir, out=tmp_path / "bad", ort_execution_mode="eager").validate()
+
+
+def test_openvino_runtime_parameters_and_refusals(build_dir, tmp_path):
+    """--cpu-runtime openvino reaches the graph models' parameters; combinations it cannot serve
+    are refused before anything is written."""
+    from google.protobuf import json_format
+
+    write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", cpu_runtime="openvino",
+                                  openvino_compute="bf16", ort_threads=2))
+    for name in ("encoder", "reranker"):
+        config = json_format.MessageToDict(_configs(tmp_path / "repo")[name], preserving_proto_field_name=True)
+        params = {key: value["string_value"] for key, value in config["parameters"].items()}
+        assert (params["CPU_RUNTIME"], params["OPENVINO_COMPUTE"], params["ORT_THREADS"]) == ("openvino", "bf16", "2")
+    refused = [({"backend": "onnxruntime"}, "--backend onnxruntime runs them itself"),
+               ({"ort_fused": True}, "ORT-fused ones"),
+               ({"openvino_compute": "fp16"}, "--openvino-compute 'fp16'")]
+    for options, message in refused:
+        with pytest.raises(ResRankExportError, match=message):
+            write_repository(TritonConfig(build=build_dir, out=tmp_path / "bad", cpu_runtime="openvino", **options))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ResRankExportError, match="cpu_runtime 'tvm'"):
+        TritonConfig(build=build_dir, out=tmp_path / "bad", cpu_runtime="tvm").validate()

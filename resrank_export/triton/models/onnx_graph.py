@@ -1,5 +1,5 @@
-"""The encoder or reranker graph on ONNX Runtime inside the python backend (runs on any Triton,
-CPU included). All requests of one `execute` call, whatever their sequence lengths and candidate
+"""The encoder or reranker graph on ONNX Runtime (or OpenVINO, parameter CPU_RUNTIME) inside
+the python backend (runs on any Triton, CPU included). All requests of one `execute` call, whatever their sequence lengths and candidate
 counts, are padded into as few runs as the token budget MAX_BATCH_TOKENS allows (see
 batching.py) and split back per request. A run that ORT refuses is retried request by request,
 so one bad request fails only itself."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from resrank_export.runtime import SessionSettings, ort_session, run_session
+from resrank_export.runtime import OpenVINOSession, SessionSettings, ort_session, run_session
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS, merger, plan_runs
 from resrank_export.triton.models.common import RequestError, input_array, refusal, tensors, version_dir
 
@@ -17,9 +17,17 @@ def _error(exc: Exception):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
 
 
+def graph_session(path, params: dict[str, str]):
+    """The session the model's parameters ask for (written by triton/config.py)."""
+    settings = SessionSettings.from_parameters(params)
+    if params.get("CPU_RUNTIME", "onnxruntime") == "openvino":
+        return OpenVINOSession(path, threads=settings.threads, compute=params.get("OPENVINO_COMPUTE", "f32"))
+    return ort_session(path, settings=settings)
+
+
 class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
-        self.session = ort_session(version_dir(args) / params["GRAPH"], settings=SessionSettings.from_parameters(params))
+        self.session = graph_session(version_dir(args) / params["GRAPH"], params)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.merge = merger(self.input_names)
