@@ -4,7 +4,7 @@ gates in tests/test_fidelity.py run a documented subsample of the same measureme
 
     python benchmarks/fidelity_report.py RESULTS_DIR [--checkpoint DIR] [--reranker qwen3|minilm]
         [--retrieval-data ../shared/data/scifact] [--rerank-data ../shared/data/dl19]
-        [--calibration-corpus ../shared/data/dl19]
+        [--calibration-corpus ../shared/data/dl19] [--runtime openvino --openvino-compute bf16]
 
 Without --checkpoint the demo checkpoint is used (--reranker minilm: the reranker initialised
 from the MiniLM weights, so its activations have pretrained statistics). Writes
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-queries", type=int, help="subsample (default: every judged query)")
     parser.add_argument("--retrieval-other-docs", type=int, help="subsample (default: the full corpus)")
     parser.add_argument("--rerank-queries", type=int, help="subsample (default: every query of the run)")
+    parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                        help="what runs the FP16/INT8 graphs (FP32, the reference, always runs on ONNX Runtime)")
+    parser.add_argument("--openvino-compute", choices=["f32", "bf16"], default="f32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = load_checkpoint(path)
     config = FidelityConfig(retrieval_data=args.retrieval_data, rerank_data=args.rerank_data,
                             retrieval_queries=args.retrieval_queries, retrieval_other_docs=args.retrieval_other_docs,
-                            rerank_queries=args.rerank_queries)
+                            rerank_queries=args.rerank_queries, runtime=args.runtime,
+                            openvino_compute=args.openvino_compute)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         graphs = export_onnx(checkpoint, Path(work) / "fp32")

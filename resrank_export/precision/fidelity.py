@@ -18,7 +18,7 @@ from resrank_export.lazy import require
 from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
 from resrank_export.precision import HALF_PRECISIONS
-from resrank_export.runtime import encode_texts, graph_session, ort_session, run_session
+from resrank_export.runtime import OpenVINOSession, encode_texts, graph_session, ort_session, run_session
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
@@ -35,6 +35,21 @@ class FidelityConfig:
     rerank_candidates: int = 100
     seed: int = 0
     batch_size: int = 32
+    # what runs the compared precisions' graphs (FP32, the reference, always ONNX Runtime):
+    # "onnxruntime", or "openvino" computing in `openvino_compute` (runtime.OpenVINOSession)
+    runtime: str = "onnxruntime"
+    openvino_compute: str = "f32"
+
+    def compared_session(self, precision: str, path: Path):
+        if precision != "fp32" and self.runtime == "openvino":
+            return OpenVINOSession(path, compute=self.openvino_compute)
+        if self.runtime not in ("onnxruntime", "openvino"):
+            raise ResRankExportError(f"fidelity runtime {self.runtime!r}: expected onnxruntime or openvino")
+        return graph_session(path)
+
+    @property
+    def runtime_label(self) -> str:
+        return "ONNX Runtime CPU" if self.runtime == "onnxruntime" else f"OpenVINO CPU, {self.openvino_compute} compute"
 
 
 def _retrieval_data(config: FidelityConfig) -> tuple[dict, dict[str, str], list[str], list[str], str]:
@@ -73,7 +88,7 @@ def _encoder_fidelity(checkpoint: Checkpoint, encoders: dict[str, Path], config:
     vectors = {}
     for precision, path in encoders.items():
         log.info("fidelity: encoding %d texts with the %s encoder", len(texts) + len(queries), precision)
-        session = graph_session(path)
+        session = config.compared_session(precision, path)
         vectors[precision] = np.concatenate([encode_texts(session, tokenizer, texts, config.batch_size),
                                              encode_texts(session, tokenizer.queries, list(queries.values()),
                                                           config.batch_size)])
@@ -116,7 +131,7 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
     scores = {}
     for precision, paths in graphs.items():
         log.info("fidelity: reranking %d queries x %d candidates with the %s reranker", len(data.queries), k, precision)
-        session = graph_session(paths["reranker"])
+        session = config.compared_session(precision, paths["reranker"])
         rows = []
         for i, query in enumerate(data.queries):
             inputs = builder.batch([query], k)
@@ -140,11 +155,14 @@ def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]],
     return {
         "encoder": _encoder_fidelity(checkpoint, {p: g["encoder"] for p, g in graphs.items()}, config),
         "reranker": _reranker_fidelity(checkpoint, graphs, config),
+        "runtime": config.runtime_label,
     }
 
 
-def render_markdown(report: dict, title: str = "Precision fidelity vs FP32 (ONNX Runtime CPU)") -> str:
+def render_markdown(report: dict, title: str | None = None) -> str:
     enc, rr = report["encoder"], report["reranker"]
+    runtime = report.get("runtime", "ONNX Runtime CPU")  # reports written before it was recorded: ORT
+    title = f"{title} ({runtime})" if title else f"Precision fidelity vs FP32 ({runtime})"
     lines = [f"# {title}", "", f"## Encoder\n\nData: {enc['data']} ({enc['texts']} texts embedded).", "",
              "| precision | nDCG@10 | Δ vs FP32 | mean cosine | min cosine |", "|---|---|---|---|---|"]
     for precision, e in enc["precisions"].items():

@@ -1,5 +1,6 @@
 """Precision gates on real data (CI subsample, documented in docs/precision.md): the demo
-checkpoint's FP16/INT8 graphs against its FP32 graphs on ONNX Runtime CPU.
+checkpoint's FP16/INT8 graphs against its FP32 graphs on ONNX Runtime CPU, and the INT8 graphs
+on OpenVINO (INT8 GEMMs, BF16 for the rest) against the same FP32 reference.
 
 Subsample: SciFact, 100 seeded judged queries, corpus = every passage judged for them + 200
 seeded others; DL19 BM25 top-100 lists of 6 queries. Full-corpus figures are in
@@ -7,10 +8,13 @@ docs/fidelity-report.md."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from resrank_export.export.onnx import graph_specs
 from resrank_export.precision.calibration import CalibrationConfig
-from resrank_export.precision.fidelity import FidelityConfig, render_markdown
+from resrank_export.precision.fidelity import FidelityConfig, measure_fidelity, render_markdown
 from resrank_export.precision.graphs import PrecisionConfig
 from resrank_export.precision.stages import compare_precisions
 
@@ -18,15 +22,46 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def report(demo_export, scifact_dir, dl19_dir, tmp_path_factory):
+def config(scifact_dir, dl19_dir) -> FidelityConfig:
+    return FidelityConfig(retrieval_data=scifact_dir, rerank_data=dl19_dir, retrieval_queries=100,
+                          retrieval_other_docs=200, rerank_queries=6)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("fidelity")
+
+
+@pytest.fixture(scope="module")
+def report(demo_export, config, work, dl19_dir):
     checkpoint, graphs = demo_export
-    config = FidelityConfig(retrieval_data=scifact_dir, rerank_data=dl19_dir, retrieval_queries=100,
-                            retrieval_other_docs=200, rerank_queries=6)
-    result = compare_precisions(checkpoint, graphs, tmp_path_factory.mktemp("fidelity"),
+    result = compare_precisions(checkpoint, graphs, work,
                                 CalibrationConfig(corpus=dl19_dir, encoder_samples=64, reranker_queries=16),
                                 PrecisionConfig(), config)
     print(render_markdown(result))
     return result
+
+
+@pytest.fixture(scope="module")
+def openvino_report(report, demo_export, config, work):
+    """The same INT8 graphs run by OpenVINO, INT8 GEMMs and BF16 for the other ops (what
+    `triton --cpu-runtime openvino --openvino-compute bf16` serves), against FP32 on ONNX Runtime."""
+    pytest.importorskip("openvino")
+    checkpoint, graphs = demo_export
+    int8 = {spec.name: work / "int8" / spec.filename for spec in graph_specs(checkpoint)}
+    return measure_fidelity(checkpoint, {"fp32": dict(graphs), "int8": int8},
+                            replace(config, runtime="openvino", openvino_compute="bf16"))
+
+
+def test_int8_on_openvino_bf16_keeps_the_int8_gates(openvino_report, report):
+    print(render_markdown(openvino_report))
+    assert openvino_report["runtime"] == "OpenVINO CPU, bf16 compute"
+    encoder = openvino_report["encoder"]["precisions"]
+    assert encoder["fp32"] == report["encoder"]["precisions"]["fp32"]  # the reference is the same run
+    assert abs(encoder["int8"]["ndcg@10"] - encoder["fp32"]["ndcg@10"]) <= 0.005
+    assert encoder["int8"]["min_cosine"] >= 0.99
+    # not ONNX Runtime's INT8 vectors: another runtime's kernels
+    assert encoder["int8"]["mean_cosine"] != report["encoder"]["precisions"]["int8"]["mean_cosine"]
 
 
 def test_encoder_fp16_keeps_ndcg(report):
