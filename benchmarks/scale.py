@@ -180,6 +180,13 @@ def add_plan(row: dict, work: Path) -> None:
             stage["plan_error"] = round(planned[key] / stage["peak_rss_bytes"] - 1, 4)
 
 
+def _active_s(record: dict) -> float:
+    """Seconds of a build or stage record ("wall_s" or "seconds") without the time its processes
+    were stopped with SIGSTOP ("paused_s", written by hand when a measurement was paused so that
+    another one could run on a quiet machine)."""
+    return (record.get("wall_s", record.get("seconds")) or 0) - record.get("paused_s", 0)
+
+
 def _gib(value) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
@@ -196,13 +203,14 @@ def render_markdown(result: dict) -> str:
         slowest = max(stages, key=lambda n: stages[n]["seconds"] or 0) if stages else "-"
         status = "stopped (timeout)" if row["timed_out"] else ("ok" if row["exit_code"] == 0 else "failed")
         status += ", stage sum of a resumed build" if row.get("adopted") else ""
-        lines.append(f"| {row['shape']} | {' '.join([row['precision'], *row.get('options', [])])} | {row['exported_dtype']} | {row['wall_s'] / 60:.1f} "
+        status += f", {row['paused_s'] / 60:.0f} min stopped (SIGSTOP) not counted" if row.get("paused_s") else ""
+        lines.append(f"| {row['shape']} | {' '.join([row['precision'], *row.get('options', [])])} | {row['exported_dtype']} | {_active_s(row) / 60:.1f} "
                      f"({status}) | {_gib(row['peak_rss_bytes'])} | "
                      f"{'passed' if row['parity'].get('passed') else row['parity'].get('passed')} | {slowest} | "
                      f"{all(s['within_bound'] for s in stages.values())} |")
     lines += ["", "Per stage (seconds / peak RSS GiB / bound GiB / planner's error on the peak):", ""]
     for row in result["rows"]:
-        cells = ", ".join(f"{name} {s['seconds'] or 0:.0f} s / {_gib(s['peak_rss_bytes'])} / {_gib(s['rss_bound_bytes'])}"
+        cells = ", ".join(f"{name} {_active_s(s):.0f} s / {_gib(s['peak_rss_bytes'])} / {_gib(s['rss_bound_bytes'])}"
                           + (f" / {s['plan_error']:+.0%}" if "plan_error" in s else "")
                           for name, s in row["stages"].items())
         lines.append(f"- **{row['shape']} {' '.join([row['precision'], *row.get('options', [])])}**: {cells}")
@@ -226,7 +234,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(dict.fromkeys(n for r in rows for n in r["stages"]))
     bottom = [0.0] * len(rows)
     for name in names:
-        minutes = [(r["stages"].get(name, {}).get("seconds") or 0) / 60 for r in rows]
+        minutes = [_active_s(r["stages"].get(name, {})) / 60 for r in rows]
         left.bar(labels, minutes, bottom=bottom, label=name)
         bottom = [b + m for b, m in zip(bottom, minutes)]
     left.set_ylabel("minutes")

@@ -23,7 +23,11 @@ from resrank_export.runtime import BATCH_TOKENS
 #   dtype (FP16 from BF16: 2.59 GiB measured, 2.62 planned; FP32: 3.70 measured, 3.73 planned);
 # - parity: the PyTorch reference (weights in the graph's half dtype, else as stored) plus its
 #   FP32 activations, which grow with heads x batch tokens x the longest text (eager attention's
-#   scores), then one ONNX Runtime session of ORT_SESSION_FACTOR x its graph;
+#   scores), then one ONNX Runtime session of ORT_SESSION_FACTOR x its graph, or of
+#   ORT_HALF_SESSION_FACTOR x an FP16 graph (fitted at 4B: 19.48 GiB for 7.50 GiB of FP16
+#   weights; sampled, 16.2 GiB while the encoder graph ran and 19.5 GiB once the reranker's session
+#   loaded after it, so part of the first session's memory is not returned; at 0.6B one FP16
+#   session measured 1.3x, below the reference's peak there);
 # - calibration: one ONNX Runtime session of the FP32 encoder graph;
 # - precision_int8 (precision/pieces.py): the larger of joining the pieces (INT8_JOIN_FACTOR x the
 #   FP32 weights: the Q/DQ graph keeps FP32 weights; 3.6 GiB measured at 0.6B) and one piece's
@@ -36,6 +40,7 @@ from resrank_export.runtime import BATCH_TOKENS
 # - precision_fp16/bf16 (AutoCast): 3.0, NOT measured at a size past 2 GB.
 HOST_BASE_BYTES = int(0.4 * GIB)
 ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
+ORT_HALF_SESSION_FACTOR = 2.55  # FP16 graphs on the CPU provider, parity at 4B: (19.48 - 0.4) / 7.50 GiB
 REFERENCE_ACTIVATION_FACTOR = 4.5  # x heads x batch tokens x longest text x 4 bytes (0.6B FP16 parity: 3.95 GiB)
 STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "fidelity": 2.5}
 INT8_JOIN_FACTOR = 1.6
@@ -69,7 +74,8 @@ def _stage_peak(stage: str, model: ModelShape, stored: str, exported: str, max_t
     if stage == "export":
         held = model.weight_bytes(stored) + model.weight_bytes(exported)
     elif stage == "parity":
-        held = max(reference, int(ORT_SESSION_FACTOR * model.weight_bytes(exported)))
+        factor = ORT_HALF_SESSION_FACTOR if exported == "fp16" else ORT_SESSION_FACTOR
+        held = max(reference, int(factor * model.weight_bytes(exported)))
     elif stage == "calibration":  # the FP32 encoder graph in one session makes the slot vectors
         held = int(ORT_SESSION_FACTOR * model.weight_bytes("fp32"))
     elif stage == "precision_int8":
@@ -104,7 +110,7 @@ def render_build_plans(plans: list[BuildPlan], stored: str) -> str:
     rows += [(p.precision, p.exported_dtype, f"{p.peak_rss / GIB:.1f}", p.peak_stage,
               " + ".join(f"{size / GIB:.1f} ({name})" for name, size in p.graph_bytes.items())) for p in plans]
     note = (f"host memory of `build --precision P` with default options, weights stored in {stored}: what each "
-            "stage holds of the larger model, with constants measured at 0.6B (docs/scale.md, 'Planner')")
+            "stage holds of the larger model, with constants measured at 0.6B and 4B (docs/scale.md, 'Planner')")
     return "\n".join([render_table(rows), note])
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
-from resrank_export.engine.build_plan import (HOST_BASE_BYTES, INT8_JOIN_FACTOR, INT8_PIECE_FACTOR, ORT_SESSION_FACTOR,
-                                              REFERENCE_ACTIVATION_FACTOR, STAGE_FACTORS, QWEN3_VOCAB, plan_build)
+from resrank_export.engine.build_plan import (HOST_BASE_BYTES, INT8_JOIN_FACTOR, INT8_PIECE_FACTOR,
+                                              ORT_HALF_SESSION_FACTOR, ORT_SESSION_FACTOR, QWEN3_VOCAB,
+                                              REFERENCE_ACTIVATION_FACTOR, STAGE_FACTORS, plan_build)
 from resrank_export.runtime import BATCH_TOKENS
 from resrank_export.engine.plan import ModelShape
 from resrank_export.model.demo import QWEN3_SHAPES
 
 SHAPE = asdict(QWEN3_SHAPES["0.6b"])
+MEASURED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "scale" / "scale.json"
 
 
 @pytest.mark.parametrize(("precision", "stored", "stages"), [
@@ -34,7 +37,8 @@ def test_stages_and_their_weights_dtype_follow_export_dtype_auto(precision, stor
     exported = plan.exported_dtype
     expected = {"export": weights[stored] + weights[exported],  # the file as stored beside the converted module
                 "parity": max(weights[exported if exported != "fp32" else stored] + activations,
-                              int(ORT_SESSION_FACTOR * weights[exported])),
+                              int((ORT_HALF_SESSION_FACTOR if exported == "fp16" else ORT_SESSION_FACTOR)
+                                  * weights[exported])),
                 "calibration": int(ORT_SESSION_FACTOR * weights["fp32"]),  # the FP32 encoder graph
                 # the joined Q/DQ graph (FP32 weights), or one 384 MiB piece (256 MiB x the cut window)
                 "precision_int8": int(max(INT8_JOIN_FACTOR * weights["fp32"], INT8_PIECE_FACTOR * (384 << 20))),
@@ -62,3 +66,16 @@ def test_plan_command_for_a_released_qwen3_size(tmp_path):
     assert fp16["exported_dtype"] == "fp16" and fp16["graph_bytes"] == {"fp16": 2 * params}
     refused = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", "--gpu-memory", "16GiB"])
     assert refused.exit_code != 0 and "--qwen3-shape plans" in refused.output
+
+
+def test_planner_predicts_the_measured_builds_within_15_percent():
+    """Issue 12: the planner's build peak against every build of a released Qwen3 size measured by
+    benchmarks/scale.py (benchmarks/results/scale/scale.json: 0.6B fp16 and int8, 4B fp16)."""
+    rows = [r for r in json.loads(MEASURED.read_text())["rows"] if r["shape"] != "tiny" and r["exit_code"] == 0]
+    assert {(r["shape"], r["precision"]) for r in rows} >= {("0.6b", "fp16"), ("0.6b", "int8"), ("4b", "fp16")}
+    for row in rows:
+        shape = asdict(QWEN3_SHAPES[row["shape"]])
+        plan = plan_build(ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB), ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB + 1),
+                          row["precision"], "bf16")
+        measured = max(s["peak_rss_bytes"] for s in row["stages"].values())
+        assert abs(plan.peak_rss / measured - 1) <= 0.15, (row["shape"], row["precision"], plan.peak_rss, measured)
