@@ -174,8 +174,8 @@ OPENVINO_COMPUTE = ("f32", "bf16")
 
 
 class OpenVINOSession:
-    """An ONNX graph compiled by OpenVINO's CPU plugin, behind the two InferenceSession methods
-    this package calls (`get_inputs`, `run`). OpenVINO runs ModelOpt's Q/DQ graphs with INT8
+    """An ONNX graph compiled by OpenVINO's CPU plugin, behind the InferenceSession methods this
+    package calls (`get_inputs`, `get_outputs`, `run`). OpenVINO runs ModelOpt's Q/DQ graphs with INT8
     kernels (VNNI/AMX), and with `compute="bf16"` the floating-point ops in BF16 on CPUs with
     AMX or AVX512-BF16; ONNX Runtime's CPU provider has no BF16 kernels and leaves the GEMMs next
     to shared Q/DQ activations in FP32 (measured in docs/benchmarks.md). `compute` is the

@@ -1,8 +1,8 @@
 """The encoder or reranker graph on ONNX Runtime (or OpenVINO, parameter CPU_RUNTIME) inside
-the python backend (runs on any Triton, CPU included). All requests of one `execute` call, whatever their sequence lengths and candidate
-counts, are padded into as few runs as the token budget MAX_BATCH_TOKENS allows (see
-batching.py) and split back per request. A run that ORT refuses is retried request by request,
-so one bad request fails only itself."""
+the python backend (runs on any Triton, CPU included). All requests of one `execute` call,
+whatever their sequence lengths and candidate counts, are padded into as few runs as the token
+budget MAX_BATCH_TOKENS allows (see batching.py) and split back per request. A run that the
+runtime refuses is retried request by request, so one bad request fails only itself."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _error(exc: Exception):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
 
 
-def graph_session(path, params: dict[str, str]):
+def model_session(path, params: dict[str, str]):
     """The session the model's parameters ask for (written by triton/config.py)."""
     settings = SessionSettings.from_parameters(params)
     if params.get("CPU_RUNTIME", "onnxruntime") == "openvino":
@@ -27,7 +27,7 @@ def graph_session(path, params: dict[str, str]):
 
 class Model:
     def __init__(self, args: dict, config: dict, params: dict[str, str]):
-        self.session = graph_session(version_dir(args) / params["GRAPH"], params)
+        self.session = model_session(version_dir(args) / params["GRAPH"], params)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.merge = merger(self.input_names)
