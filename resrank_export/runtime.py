@@ -169,7 +169,10 @@ class ReferenceSession:
         return [np.asarray(out) for out in self._evaluator.run(output_names, feeds)]
 
 
-# OpenVINO's inference precisions for the ops a graph computes in floating point.
+# What runs a graph on the CPU (Triton's python backend, the fidelity report), and OpenVINO's
+# inference precisions for the ops a graph computes in floating point. (cli.py spells both out in
+# its choices so that it need not import this module at start-up.)
+CPU_RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_COMPUTE = ("f32", "bf16")
 
 

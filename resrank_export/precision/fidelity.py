@@ -13,12 +13,14 @@ import numpy as np
 
 from resrank_export.data.evaluation import ndcg_at_10
 from resrank_export.data.readers import iter_passages, read_qrels, read_queries
+from resrank_export.errors import ResRankExportError
 from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load_parity_data
 from resrank_export.lazy import require
 from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
 from resrank_export.precision import HALF_PRECISIONS
-from resrank_export.runtime import OpenVINOSession, encode_texts, graph_session, ort_session, run_session
+from resrank_export.runtime import (CPU_RUNTIMES, OPENVINO_COMPUTE, OpenVINOSession, encode_texts, graph_session,
+                                    ort_session, run_session)
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
@@ -40,11 +42,16 @@ class FidelityConfig:
     runtime: str = "onnxruntime"
     openvino_compute: str = "f32"
 
+    def __post_init__(self):
+        if self.runtime not in CPU_RUNTIMES:
+            raise ResRankExportError(f"fidelity runtime {self.runtime!r}: expected one of {', '.join(CPU_RUNTIMES)}")
+        if self.openvino_compute not in OPENVINO_COMPUTE:
+            raise ResRankExportError(f"fidelity OpenVINO compute {self.openvino_compute!r}: expected one of "
+                                     f"{', '.join(OPENVINO_COMPUTE)}")
+
     def compared_session(self, precision: str, path: Path):
         if precision != "fp32" and self.runtime == "openvino":
             return OpenVINOSession(path, compute=self.openvino_compute)
-        if self.runtime not in ("onnxruntime", "openvino"):
-            raise ResRankExportError(f"fidelity runtime {self.runtime!r}: expected onnxruntime or openvino")
         return graph_session(path)
 
     @property

@@ -303,15 +303,16 @@ def restore_value_shapes(model, fp32_graph) -> int:
     embeddings stayed unfused under --ort-optimize). Quantizing changes no tensor's shape: the
     FP32 graph's shapes replace ModelOpt's for every tensor both graphs compute, with the same type.
     Returns how many tensors carry the FP32 graph's shape."""
-    exported = {v.name: v for v in fp32_graph.graph.value_info}
+    def elem_type(value) -> int:
+        return value.type.tensor_type.elem_type
+
     produced = {name for node in model.graph.node for name in node.output}
-    kept = [v for v in model.graph.value_info if v.name not in exported or v.name not in produced
-            or exported[v.name].type.tensor_type.elem_type != v.type.tensor_type.elem_type]
     present = {v.name: v for v in model.graph.value_info}
-    restored = [v for name, v in exported.items() if name in produced and
-                (name not in present or present[name].type.tensor_type.elem_type == v.type.tensor_type.elem_type)]
+    restored = {v.name: v for v in fp32_graph.graph.value_info if v.name in produced
+                and (v.name not in present or elem_type(present[v.name]) == elem_type(v))}
+    kept = [v for v in model.graph.value_info if v.name not in restored]
     del model.graph.value_info[:]
-    model.graph.value_info.extend([*kept, *restored])
+    model.graph.value_info.extend([*kept, *restored.values()])
     return len(restored)
 
 

@@ -12,7 +12,7 @@ from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.lazy import require
 from resrank_export.precision import PRECISIONS
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
-from resrank_export.runtime import EXECUTION_MODES, OPENVINO_COMPUTE, SessionSettings
+from resrank_export.runtime import CPU_RUNTIMES, EXECUTION_MODES, OPENVINO_COMPUTE, SessionSettings
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -29,7 +29,6 @@ CANDIDATE_IDS = TensorSpec("candidate_ids", "bytes", (BATCH, CANDIDATES))
 RETRIEVAL_SCORES = TensorSpec("retrieval_scores", "float32", (BATCH, CANDIDATES))
 
 RETRIEVE_ENSEMBLE, RERANK_ENSEMBLE = "resrank", "resrank_rerank"
-CPU_RUNTIMES = ("onnxruntime", "openvino")
 GRAPH_MODELS = ("encoder", "reranker")
 
 

@@ -94,3 +94,12 @@ def test_markdown_lists_what_each_conversion_kept_fp32(report):
     kept = report["conversions"]["fp16/reranker"]["nodes"]["fp32"]
     assert kept.get("Softmax") and f"Softmax {kept['Softmax']}" in markdown.split("- fp16/reranker:")[1].splitlines()[0]
     assert "- int8/encoder:" in markdown and "SmoothQuant α 0.5" in markdown
+
+
+def test_fidelity_config_refuses_an_unknown_runtime_or_compute():
+    from resrank_export.errors import ResRankExportError
+
+    with pytest.raises(ResRankExportError, match="fidelity runtime 'tvm': expected one of onnxruntime, openvino"):
+        FidelityConfig(runtime="tvm")
+    with pytest.raises(ResRankExportError, match="fidelity OpenVINO compute 'fp8': expected one of f32, bf16"):
+        FidelityConfig(runtime="openvino", openvino_compute="fp8")
