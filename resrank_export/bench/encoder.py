@@ -1,14 +1,17 @@
 """Encoder throughput (passages/s): the same texts, batch size and pooling through Hugging Face
 PyTorch eager, sentence-transformers (PyTorch; its ONNX backends when `optimum` is installed)
-and our exported graph on ONNX Runtime at FP32, FP16 and INT8. Every run goes from texts to
-vectors (tokenization included, as sentence-transformers' encode does). Ratios are to
-sentence-transformers PyTorch timed in the same run."""
+and our exported graph on ONNX Runtime (FP32, FP16, INT8) and OpenVINO. Every run goes from texts
+to vectors (tokenization included, as sentence-transformers' encode does), each the way its
+library encodes: sentence-transformers batches texts sorted by characters, our graphs and the
+reference model by token count (`runtime.encode_texts`, what the index stage runs); the padding
+each way computes is recorded. Ratios are to sentence-transformers PyTorch timed in the same run."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,39 +31,24 @@ REFERENCE_PPS = {"sentence-transformers": 32.9, "sentence-transformers-onnx": 34
 Encode = Callable[[list[str]], np.ndarray]
 
 
-def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
-    """Row indices per batch, longest texts first (what sentence-transformers does), so every
-    backend pads the same way."""
+def sentence_transformers_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
+    """Row indices per batch as sentence-transformers' encode makes them: longest texts, in
+    characters, first."""
     order = np.argsort([-len(t) for t in texts], kind="stable")
     return [order[i:i + batch_size] for i in range(0, len(texts), batch_size)]
 
 
-def _batched(encode_batch: Callable[[list[str]], np.ndarray], batch_size: int) -> Encode:
-    def encode(texts: list[str]) -> np.ndarray:
-        chunks, rows = [], []
-        for batch in length_sorted_batches(texts, batch_size):
-            chunks.append(encode_batch([texts[i] for i in batch]))
-            rows.append(batch)
-        out = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
-        out[np.concatenate(rows)] = np.concatenate(chunks)
-        return out
-
-    return encode
+def padding(lengths: np.ndarray, batches: list[np.ndarray]) -> dict:
+    """Tokens computed (each batch padded to its longest row) against real tokens."""
+    computed = int(sum(len(rows) * lengths[rows].max() for rows in batches))
+    return {"real_tokens": int(lengths.sum()), "computed_tokens": computed,
+            "padding_share": 1 - int(lengths.sum()) / computed}
 
 
 def _pytorch_encoder(context: BenchContext, batch_size: int) -> Encode:
-    import torch
+    from resrank_export.model.reference import ResRankReference
 
-    from resrank_export.model.reference import load_encoder, passage_tokenizer
-
-    model, tokenizer = load_encoder(context.checkpoint), passage_tokenizer(context.checkpoint)
-
-    @torch.inference_mode()
-    def encode_batch(texts: list[str]) -> np.ndarray:
-        inputs = tokenizer(texts)
-        return model(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])).numpy()
-
-    return _batched(encode_batch, batch_size)
+    return partial(ResRankReference(context.checkpoint).encode, batch_size=batch_size)
 
 
 def onnx_encoder(graph: Path, context: BenchContext, batch_size: int) -> Encode:
@@ -72,10 +60,9 @@ def onnx_encoder(graph: Path, context: BenchContext, batch_size: int) -> Encode:
 def session_encoder(session, context: BenchContext, batch_size: int) -> Encode:
     """Texts -> vectors through an ONNX Runtime or OpenVINO session of the encoder graph."""
     from resrank_export.model.reference import passage_tokenizer
-    from resrank_export.runtime import run_session
+    from resrank_export.runtime import encode_texts
 
-    tokenizer = passage_tokenizer(context.checkpoint)
-    return _batched(lambda texts: run_session(session, tokenizer(texts))[0].astype(np.float32), batch_size)
+    return partial(encode_texts, session, passage_tokenizer(context.checkpoint), batch_size=batch_size)
 
 
 def sentence_transformer_folder(context: BenchContext, out: Path) -> Path:
@@ -172,7 +159,14 @@ def _encoders(config: BenchConfig, context: BenchContext, work: Path) -> dict[st
 
 def bench_encoder(config: BenchConfig, context: BenchContext) -> dict:
     """Throughput of every encoder backend on the same passages; returns the result dict."""
+    from resrank_export.model.reference import passage_tokenizer
+    from resrank_export.runtime import length_batches
+
     texts = context.data.passages[:config.encoder_passages]
+    lengths = passage_tokenizer(context.checkpoint)(texts)["attention_mask"].sum(1)
+    batching = {"sentence-transformers (characters)": padding(lengths, sentence_transformers_batches(
+                    texts, config.encoder_batch)),
+                "graphs and reference (tokens)": padding(lengths, length_batches(lengths, config.encoder_batch))}
     rows, reference = [], None
     with tempfile.TemporaryDirectory(prefix="resrank-bench-encoder-") as tmp:
         for name, encode in _encoders(config, context, Path(tmp)).items():
@@ -198,4 +192,4 @@ def bench_encoder(config: BenchConfig, context: BenchContext) -> dict:
     return {"benchmark": "encoder", "baseline": BASELINE, "passages": len(texts), "batch_size": config.encoder_batch,
             "max_tokens": context.checkpoint.config.max_passage_tokens, "data": context.data.source,
             "timed": "texts -> vectors, tokenization included; one run = all passages; warm-up = one batch",
-            "warmup": config.warmup, "repeats": config.repeats, "rows": rows}
+            "batching": batching, "warmup": config.warmup, "repeats": config.repeats, "rows": rows}

@@ -1,8 +1,9 @@
 """Physical limit: FLOPs per request from the model configs (2 x matmul parameters x tokens,
 plus the attention score and weighted-sum terms), the achieved GFLOP/s of the encoder and
-reranker rows timed in the same run, and the machine's float32 matrix-multiply peak measured
-now (numpy and torch). Embedding lookups, norms and softmax are left out: they are small and
-not matmuls."""
+reranker rows timed in the same run, and the machine's matrix-multiply peaks measured now: float32
+(numpy and torch) and bfloat16 (torch; AMX / AVX512-BF16 where the CPU has them), the ceilings of
+FP32 kernels and of BF16 / INT8 ones. Embedding lookups, norms and softmax are left out: they
+are small and not matmuls."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def forward_flops(shape: dict, tokens: float) -> dict:
 
 
 def matmul_peak(size: int, warmup: int, repeats: int) -> dict:
-    """float32 square matmul GFLOP/s with numpy and torch; the peak is the better of the two."""
+    """float32 square matmul GFLOP/s with numpy and torch (the peak is the better of the two), and
+    bfloat16 with torch."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -61,15 +63,30 @@ def matmul_peak(size: int, warmup: int, repeats: int) -> dict:
     flops = 2.0 * size ** 3
     numpy_timing, _ = measure(lambda: a @ b, warmup, repeats)
     torch_timing, _ = measure(lambda: torch.mm(ta, tb), warmup, repeats)
+    ta, tb = ta.bfloat16(), tb.bfloat16()
+    bf16_timing, _ = measure(lambda: torch.mm(ta, tb), warmup, repeats)
     result = {"size": size, "flops": flops, "numpy": numpy_timing.to_json(), "torch": torch_timing.to_json(),
-              "numpy_gflops": flops / numpy_timing.median_s / 1e9, "torch_gflops": flops / torch_timing.median_s / 1e9}
+              "torch_bf16": bf16_timing.to_json(), "numpy_gflops": flops / numpy_timing.median_s / 1e9,
+              "torch_gflops": flops / torch_timing.median_s / 1e9, "bf16_gflops": flops / bf16_timing.median_s / 1e9}
     result["peak_gflops"] = max(result["numpy_gflops"], result["torch_gflops"])
     return result
 
 
-def _achieved(flops: float, seconds: float, peak: float) -> dict:
+def _achieved(flops: float, seconds: float, peak: dict) -> dict:
     gflops = flops / seconds / 1e9
-    return {"achieved_gflops": gflops, "fraction_of_peak": gflops / peak}
+    return {"achieved_gflops": gflops, "fraction_of_peak": gflops / peak["peak_gflops"],
+            "fraction_of_bf16_peak": gflops / peak["bf16_gflops"]}
+
+
+def reranker_goal(rows: list[dict], peak: dict, k: int = 100, ratio: float = 10.0) -> dict | None:
+    """What a graph `ratio` times faster than ResRank PyTorch at `k` candidates would have to
+    sustain, against the measured peaks (issue 15's reranker goal)."""
+    pytorch = next((r for r in rows if r["name"] == "resrank-pytorch" and r["k"] == k), None)
+    if pytorch is None:
+        return None
+    needed = pytorch["achieved_gflops"] * ratio
+    return {"k": k, "ratio": ratio, "needed_gflops": needed, "of_fp32_peak": needed / peak["peak_gflops"],
+            "of_bf16_peak": needed / peak["bf16_gflops"]}
 
 
 def bench_flops(config: BenchConfig, context: BenchContext, results: dict[str, dict]) -> dict:
@@ -90,8 +107,7 @@ def bench_flops(config: BenchConfig, context: BenchContext, results: dict[str, d
         for row in results["encoder"]["rows"]:
             if row["status"] == "ok":
                 seconds = row["time"]["median_s"] / results["encoder"]["passages"]
-                encoder["rows"].append({"name": row["name"], **_achieved(per_passage["total"], seconds,
-                                                                        peak["peak_gflops"])})
+                encoder["rows"].append({"name": row["name"], **_achieved(per_passage["total"], seconds, peak)})
     else:
         encoder["note"] = "encoder benchmark not in this run: no achieved figures"
     reranker = {"shape": reranker_shape, "rows": []}
@@ -101,7 +117,8 @@ def bench_flops(config: BenchConfig, context: BenchContext, results: dict[str, d
                 flops = forward_flops(reranker_shape, row["tokens"])
                 reranker["rows"].append({"name": row["name"], "k": row["k"], "tokens": row["tokens"],
                                          "flops_per_request": flops,
-                                         **_achieved(flops["total"], row["time"]["median_s"], peak["peak_gflops"])})
+                                         **_achieved(flops["total"], row["time"]["median_s"], peak)})
+        reranker["goal"] = reranker_goal(reranker["rows"], peak)
     else:
         reranker["note"] = "reranker benchmark not in this run: no achieved figures"
     return {"benchmark": "flops", "peak": peak, "encoder": encoder, "reranker": reranker,

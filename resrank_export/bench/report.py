@@ -37,6 +37,11 @@ def _encoder_section(result: dict) -> list[str]:
                          f"{cosine} | {published} |")
         else:
             lines.append(f"| {row['label']} | not available: {row['reason']} | | | {published} |")
+    if "batching" in result:  # results written before batching was recorded have none
+        lines.append("")
+        for how, counts in result["batching"].items():
+            lines.append(f"- batches by {how}: {counts['computed_tokens']} tokens computed for "
+                         f"{counts['real_tokens']} real ({counts['padding_share'] * 100:.0f}% padding)")
     return lines
 
 
@@ -99,19 +104,31 @@ def _served_section(result: dict) -> list[str]:
 def _flops_section(result: dict) -> list[str]:
     peak = result["peak"]
     enc = result["encoder"]
+    bf16 = peak.get("bf16_gflops")  # results written before the BF16 peak was measured have none
     lines = ["## Physical limit", "",
              f"Measured float32 matmul ({peak['size']}²): numpy {peak['numpy_gflops']:.1f} GFLOP/s, torch "
-             f"{peak['torch_gflops']:.1f} GFLOP/s; peak used: {peak['peak_gflops']:.1f} GFLOP/s. Method: "
-             f"{result['method']}.", "",
-             f"Encoder: {enc['flops_per_passage']['total'] / 1e9:.3f} GFLOP per passage "
+             f"{peak['torch_gflops']:.1f} GFLOP/s; peak used: {peak['peak_gflops']:.1f} GFLOP/s"
+             + ("" if bf16 is None else f"; bfloat16 (torch): {bf16:.1f} GFLOP/s") + f". Method: {result['method']}.",
+             "", f"Encoder: {enc['flops_per_passage']['total'] / 1e9:.3f} GFLOP per passage "
              f"(mean {enc['mean_tokens']:.0f} tokens).", "",
-             "| model | backend | k | GFLOP/request | achieved GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|"]
+             "| model | backend | k | GFLOP/request | achieved GFLOP/s | % of FP32 peak | % of BF16 peak |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+
+    def cells(row: dict) -> str:
+        of_bf16 = row.get("fraction_of_bf16_peak")
+        return (f"{row['achieved_gflops']:.1f} | {row['fraction_of_peak'] * 100:.0f}% | "
+                + ("" if of_bf16 is None else f"{of_bf16 * 100:.0f}%") + " |")
+
     for row in enc["rows"]:
-        lines.append(f"| encoder | {row['name']} | - | {enc['flops_per_passage']['total'] / 1e9:.3f} | "
-                     f"{row['achieved_gflops']:.1f} | {row['fraction_of_peak'] * 100:.0f}% |")
+        lines.append(f"| encoder | {row['name']} | - | {enc['flops_per_passage']['total'] / 1e9:.3f} | {cells(row)}")
     for row in result["reranker"]["rows"]:
         lines.append(f"| reranker | {row['name']} | {row['k']} | {row['flops_per_request']['total'] / 1e9:.3f} | "
-                     f"{row['achieved_gflops']:.1f} | {row['fraction_of_peak'] * 100:.0f}% |")
+                     f"{cells(row)}")
+    goal = result["reranker"].get("goal")
+    if goal:
+        lines.append(f"\nA reranker graph {goal['ratio']:g}× faster than ResRank PyTorch at k = {goal['k']} would "
+                     f"sustain {goal['needed_gflops']:.0f} GFLOP/s: {goal['of_fp32_peak']:.1f}× the FP32 peak, "
+                     f"{goal['of_bf16_peak'] * 100:.0f}% of the BF16 peak.")
     for part in ("encoder", "reranker"):
         if "note" in result[part]:
             lines.append(f"\n{result[part]['note']}.")

@@ -59,7 +59,9 @@ def test_dl19_data_follows_the_run_file(dl19_dir):
 
 
 def test_encoder_benchmark_smoke(context):
-    from resrank_export.bench.encoder import BASELINE, LABELS, bench_encoder
+    from resrank_export.bench.encoder import BASELINE, LABELS, bench_encoder, sentence_transformers_batches
+    from resrank_export.model.reference import passage_tokenizer
+    from resrank_export.runtime import length_batches
 
     result = bench_encoder(SMOKE, context)
     rows = {r["name"]: r for r in result["rows"]}
@@ -72,6 +74,14 @@ def test_encoder_benchmark_smoke(context):
         _check_timing(row, SMOKE.repeats)
         assert _close(row["throughput_pps"], result["passages"] / row["time"]["median_s"])
         assert _close(row["ratio_vs_baseline"], baseline["time"]["median_s"] / row["time"]["median_s"])
+    # Each library batches its own way: sentence-transformers by characters, ours by tokens.
+    lengths = passage_tokenizer(context.checkpoint)(context.data.passages[:result["passages"]])["attention_mask"].sum(1)
+    for how, batches in (("sentence-transformers (characters)", sentence_transformers_batches(
+            context.data.passages[:result["passages"]], SMOKE.encoder_batch)),
+            ("graphs and reference (tokens)", length_batches(lengths, SMOKE.encoder_batch))):
+        counts = result["batching"][how]
+        assert counts["real_tokens"] == lengths.sum()
+        assert counts["computed_tokens"] == sum(len(rows) * lengths[rows].max() for rows in batches)
     # The FP32 graph and sentence-transformers compute the reference model's vectors.
     assert rows["onnx-fp32"]["mean_cosine_vs_pytorch"] > 0.99999
     assert rows[BASELINE]["mean_cosine_vs_pytorch"] > 0.99999
@@ -89,6 +99,16 @@ def test_encoder_benchmark_smoke(context):
     if has_openvino:
         assert rows["openvino-fp32"]["min_cosine_vs_pytorch"] > 0.99999
         assert rows["openvino-fp32-as-bf16"]["min_cosine_vs_pytorch"] > 0.999
+
+
+def test_sentence_transformers_batches_follow_its_encode_order():
+    """Longest texts in characters first, ties in input order: sentence-transformers' own sort."""
+    from resrank_export.bench.encoder import padding, sentence_transformers_batches
+
+    texts = ["bb", "a", "dddd", "cc", "eee"]
+    assert [b.tolist() for b in sentence_transformers_batches(texts, 2)] == [[2, 4], [0, 3], [1]]
+    counts = padding(np.array([2, 1, 4, 2, 3]), [np.array([2, 4]), np.array([0, 1, 3])])
+    assert counts == {"real_tokens": 12, "computed_tokens": 14, "padding_share": 1 - 12 / 14}
 
 
 def test_fulltext_prompt_holds_each_truncated_passage(context):
@@ -152,16 +172,25 @@ def test_flops_benchmark_uses_this_runs_timings(context):
     timing = {"median_s": 0.5, "times_s": [0.5]}
     results = {"encoder": {"passages": 10, "rows": [{"name": "onnx-fp32", "status": "ok", "time": timing}]},
                "reranker": {"rows": [{"name": "resrank-onnx-fp32", "status": "ok", "k": 4, "tokens": 40.0,
-                                      "time": timing}]}}
+                                      "time": timing},
+                                     {"name": "resrank-pytorch", "status": "ok", "k": 100, "tokens": 400.0,
+                                      "time": {"median_s": 0.25, "times_s": [0.25]}}]}}
     result = bench_flops(SMOKE, context, results)
-    peak = result["peak"]["peak_gflops"]
+    peak, bf16 = result["peak"]["peak_gflops"], result["peak"]["bf16_gflops"]
     assert peak == max(result["peak"]["numpy_gflops"], result["peak"]["torch_gflops"])
+    assert _close(bf16, result["peak"]["flops"] / result["peak"]["torch_bf16"]["median_s"] / 1e9)
     encoder_row = result["encoder"]["rows"][0]
     per_passage = result["encoder"]["flops_per_passage"]["total"]
     assert _close(encoder_row["achieved_gflops"], per_passage / (0.5 / 10) / 1e9)
-    reranker_row = result["reranker"]["rows"][0]
+    reranker_row, pytorch_row = result["reranker"]["rows"]
     assert reranker_row["flops_per_request"] == forward_flops(result["reranker"]["shape"], 40.0)
     assert _close(reranker_row["fraction_of_peak"], reranker_row["achieved_gflops"] / peak)
+    assert _close(reranker_row["fraction_of_bf16_peak"], reranker_row["achieved_gflops"] / bf16)
+    # The reranker goal (10x ResRank PyTorch at k = 100) as a rate to sustain against both peaks.
+    goal = result["reranker"]["goal"]
+    needed = forward_flops(result["reranker"]["shape"], 400.0)["total"] / (0.25 / 10) / 1e9
+    assert _close(goal["needed_gflops"], needed)
+    assert _close(goal["of_fp32_peak"], needed / peak) and _close(goal["of_bf16_peak"], needed / bf16)
 
 
 @pytest.mark.slow
@@ -197,6 +226,7 @@ def test_run_bench_writes_what_it_returns(context, tmp_path):
     assert written == json.loads(json.dumps(results["flops"]))
     summary = (out / "summary.md").read_text()
     assert f"{results['flops']['peak']['peak_gflops']:.1f} GFLOP/s" in summary
+    assert f"bfloat16 (torch): {results['flops']['peak']['bf16_gflops']:.1f} GFLOP/s" in summary
 
 
 def test_bench_refuses_a_folder_it_did_not_write(tmp_path):
