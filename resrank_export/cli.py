@@ -421,8 +421,9 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
               help="Which graphs of the build to serve (onnx/<precision>/; plans of engines/<precision>/).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="max_batch_size of the composing models (dynamic batching merges up to this many).")
-@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="How long dynamic batching waits to fill a batch, in microseconds.")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How long dynamic batching waits to fill a batch, in microseconds (each ensemble step "
+                   "adds it at low load; requests that queue while a model runs merge anyway).")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests queued per model beyond this are rejected.")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,

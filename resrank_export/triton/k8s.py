@@ -62,8 +62,8 @@ class K8sConfig:
     shm: str = "1Gi"  # /dev/shm: the python backend passes tensors through shared memory
     min_replicas: int = 1
     max_replicas: int = 4
-    # Dynamic batching makes requests wait up to max_queue_delay_us (2 ms by default) on purpose;
-    # scale out when the average wait is well past that.
+    # Requests wait in the queue while a model runs (plus max_queue_delay_us where one is set);
+    # scale out when the average wait is well past one model run.
     queue_target_us: int = 10_000
     startup_seconds: int = 900  # loading graphs and the index can take minutes
     kubernetes_version: str = "1.31.0"  # API schemas the manifests are validated against

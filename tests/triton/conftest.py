@@ -53,6 +53,9 @@ def triton_server(triton_build, triton_index, tmp_path_factory):
     from resrank_export.triton.server import ServerConfig, TritonServer
 
     repository = tmp_path_factory.mktemp("triton") / "model_repository"
-    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index, max_batch_size=8))
+    # a 2 ms batching wait: the batching test counts merged executions, which then do not hang on
+    # requests happening to queue while a model runs
+    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index, max_batch_size=8,
+                                  max_queue_delay_us=2000))
     with TritonServer(ServerConfig(repository=repository)) as server:
         yield server
