@@ -37,7 +37,10 @@ class BenchConfig:
     reranker_ks: tuple[int, ...] = (10, 20, 50, 100)
     reranker_queries: int = 3  # each query is timed `repeats` times at every k
     served_concurrency: tuple[int, ...] = (1, 4, 16)
-    served_requests: int = 64  # requests per concurrency level (after `warmup` per client)
+    served_requests: int = 64  # requests per concurrency level (after `warmup` per client), at least
+    # and at least this many per client: 4 requests each at 16 clients left the throughput to the
+    # slowest few (2x apart between runs)
+    served_requests_per_client: int = 16
     served_top_k: int = 20  # candidates per request of both ensembles
     served_passages: int = 1000  # passages in the served index
     served_batch_sizes: tuple[int, ...] = (8, 1)  # Triton max_batch_size: with, without batching
@@ -56,15 +59,19 @@ class BenchConfig:
         """Seconds per benchmark: keeps them from rotting in CI; the numbers mean nothing."""
         return dataclasses.replace(cls(
             preset="smoke", warmup=1, repeats=2, encoder_passages=16, encoder_batch=8, reranker_ks=(2, 4),
-            reranker_queries=1, served_concurrency=(1, 2), served_requests=4, served_top_k=3,
+            reranker_queries=1, served_concurrency=(1, 2), served_requests=4, served_requests_per_client=3, served_top_k=3,
             served_passages=24, served_batch_sizes=(4, 1), matmul_size=256), **overrides)
+
+    def served_level_requests(self, concurrency: int) -> int:
+        """Requests timed at one concurrency level of the served benchmark."""
+        return max(self.served_requests, self.served_requests_per_client * concurrency)
 
     def validate(self) -> None:
         unknown = sorted(set(self.only) - set(BENCHMARKS))
         if unknown:
             raise ResRankExportError(f"--only {','.join(unknown)}: expected names from {','.join(BENCHMARKS)}")
         for name in ("repeats", "encoder_passages", "encoder_batch", "reranker_queries", "served_requests",
-                     "served_top_k", "served_passages", "matmul_size"):
+                     "served_requests_per_client", "served_top_k", "served_passages", "matmul_size"):
             if getattr(self, name) < 1:
                 raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
         if self.warmup < 0 or self.threads < 0:

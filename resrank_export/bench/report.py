@@ -76,7 +76,10 @@ def _served_section(result: dict) -> list[str]:
     lines = ["## Served pipeline (Triton, tritonclient HTTP from a separate process)", ""]
     if result["status"] != "ok":
         return lines + [f"{result['status']}: {result['reason']}"]
-    lines += [f"Top-k {result['top_k']}, {result['requests_per_level']} requests per level, index of "
+    per_level = result["requests_per_level"]  # one number in results written before it grew with concurrency
+    requests = per_level if isinstance(per_level, int) else ", ".join(
+        f"{n} at concurrency {c}" for c, n in per_level.items())
+    lines += [f"Top-k {result['top_k']}, requests per level: {requests}; index of "
               f"{result['index_passages']} passages; {result['ort_threads']} intra-op thread(s) in both. "
               f"{_served_graphs(result)}", "",
               "| ensemble | where | max batch | concurrency | p50 ms | p95 ms | p99 ms | req/s |",

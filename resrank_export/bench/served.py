@@ -55,7 +55,7 @@ def latency_stats(latencies: list[float], wall_s: float) -> dict:
 
 def _payloads(config: BenchConfig, context: BenchContext) -> dict[str, list[tuple]]:
     """Requests of each ensemble, cycling over the benchmark's queries."""
-    data, n = context.data, config.served_requests
+    data, n = context.data, max(map(config.served_level_requests, config.served_concurrency))
     pairs = list(zip(data.queries, data.candidates))
     return {"search": [(pairs[i % len(pairs)][0], config.served_top_k) for i in range(n)],
             "rerank": [(pairs[i % len(pairs)][0], pairs[i % len(pairs)][1][:config.served_top_k]) for i in range(n)]}
@@ -131,7 +131,8 @@ def _served(config: BenchConfig, context: BenchContext, repository: Path,
     with TritonServer(ServerConfig(repository=repository)) as server:
         for ensemble in ENSEMBLES:
             for concurrency in config.served_concurrency:
-                stats = loader.submit(drive_load, server.http_url, ensemble, payloads[ensemble], concurrency,
+                requests = payloads[ensemble][:config.served_level_requests(concurrency)]
+                stats = loader.submit(drive_load, server.http_url, ensemble, requests, concurrency,
                                       config.warmup).result()
                 result.setdefault(ensemble, {})[str(concurrency)] = stats
                 log.info("served %s c=%d: %s", ensemble, concurrency,
@@ -151,7 +152,7 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
     """Latency and throughput served vs in-process; returns the result dict (status "not
     available" with the reason when a piece is missing)."""
     result = {"benchmark": "served", "concurrency": list(config.served_concurrency), "top_k": config.served_top_k,
-              "requests_per_level": config.served_requests, "index_passages": config.served_passages,
+              "requests_per_level": {str(c): config.served_level_requests(c) for c in config.served_concurrency}, "index_passages": config.served_passages,
               "batch_sizes": list(config.served_batch_sizes), "data": context.data.source,
               "graphs": {"precision": config.served_precision, "runtime": config.served_runtime,
                          "openvino_compute": config.served_openvino_compute}}
@@ -170,7 +171,10 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
         work = Path(tmp)
         corpus = _write_corpus(context.data.passages[:config.served_passages], work / "corpus.jsonl")
         build_index(IndexConfig(build=context.build, corpus=corpus, out=work / "index"))
-        result["in_process"] = _in_process(context.build, work / "index", payloads, config.warmup)
+        alone = config.served_level_requests(1)  # in-process is compared with concurrency 1
+        result["in_process"] = _in_process(context.build, work / "index",
+                                           {name: requests[:alone] for name, requests in payloads.items()},
+                                           config.warmup)
         served = {}
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as loader:

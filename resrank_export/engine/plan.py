@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from resrank_export.engine.profiles import GIB, BuildGraphs, EngineConfig, prompt_length
-from resrank_export.errors import CheckpointError, InputDataError
+from resrank_export.errors import InputDataError
 from resrank_export.model.checkpoint import Checkpoint, safetensors_header, safetensors_headers
 from resrank_export.precision import PRECISIONS
 

@@ -205,10 +205,11 @@ def test_served_benchmark_smoke(context):
     assert result["status"] == "ok", result.get("reason")
     first = str(SMOKE.served_batch_sizes[0])
     for ensemble in ENSEMBLES:
+        assert result["in_process"][ensemble]["requests"] == SMOKE.served_level_requests(1)
         for batch in map(str, SMOKE.served_batch_sizes):
             for concurrency in map(str, SMOKE.served_concurrency):
                 stats = result["served"][batch][ensemble][concurrency]
-                assert stats["requests"] == SMOKE.served_requests
+                assert stats["requests"] == SMOKE.served_level_requests(int(concurrency))
                 assert stats["p50_s"] <= stats["p95_s"] <= stats["p99_s"]
                 assert _close(stats["throughput_rps"], stats["requests"] / stats["wall_s"])
         assert _close(result["overhead_at_concurrency_1"][ensemble],
