@@ -59,8 +59,8 @@ class BenchConfig:
         """Seconds per benchmark: keeps them from rotting in CI; the numbers mean nothing."""
         return dataclasses.replace(cls(
             preset="smoke", warmup=1, repeats=2, encoder_passages=16, encoder_batch=8, reranker_ks=(2, 4),
-            reranker_queries=1, served_concurrency=(1, 2), served_requests=4, served_requests_per_client=3, served_top_k=3,
-            served_passages=24, served_batch_sizes=(4, 1), matmul_size=256), **overrides)
+            reranker_queries=1, served_concurrency=(1, 2), served_requests=4, served_requests_per_client=3,
+            served_top_k=3, served_passages=24, served_batch_sizes=(4, 1), matmul_size=256), **overrides)
 
     def served_level_requests(self, concurrency: int) -> int:
         """Requests timed at one concurrency level of the served benchmark."""
