@@ -40,9 +40,8 @@ def sentence_transformers_batches(texts: list[str], batch_size: int) -> list[np.
 
 def padding(lengths: np.ndarray, batches: list[np.ndarray]) -> dict:
     """Tokens computed (each batch padded to its longest row) against real tokens."""
-    computed = int(sum(len(rows) * lengths[rows].max() for rows in batches))
-    return {"real_tokens": int(lengths.sum()), "computed_tokens": computed,
-            "padding_share": 1 - int(lengths.sum()) / computed}
+    real, computed = int(lengths.sum()), int(sum(len(rows) * lengths[rows].max() for rows in batches))
+    return {"real_tokens": real, "computed_tokens": computed, "padding_share": 1 - real / computed}
 
 
 def _pytorch_encoder(context: BenchContext, batch_size: int) -> Encode:

@@ -152,7 +152,8 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
     """Latency and throughput served vs in-process; returns the result dict (status "not
     available" with the reason when a piece is missing)."""
     result = {"benchmark": "served", "concurrency": list(config.served_concurrency), "top_k": config.served_top_k,
-              "requests_per_level": {str(c): config.served_level_requests(c) for c in config.served_concurrency}, "index_passages": config.served_passages,
+              "requests_per_level": {str(c): config.served_level_requests(c) for c in config.served_concurrency},
+              "index_passages": config.served_passages,
               "batch_sizes": list(config.served_batch_sizes), "data": context.data.source,
               "graphs": {"precision": config.served_precision, "runtime": config.served_runtime,
                          "openvino_compute": config.served_openvino_compute}}
