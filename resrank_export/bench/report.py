@@ -31,17 +31,14 @@ def _encoder_section(result: dict) -> list[str]:
     for row in result["rows"]:
         published = "" if row.get("reference_pps") is None else f"{row['reference_pps']:.1f}"
         if row["status"] == "ok":
-            low = row.get("min_cosine_vs_pytorch")  # results written before min was recorded have none
-            cosine = f"{row['mean_cosine_vs_pytorch']:.5f}" + ("" if low is None else f" / {low:.5f}")
             lines.append(f"| {row['label']} | {row['throughput_pps']:.1f} | {row['ratio_vs_baseline']:.2f}× | "
-                         f"{cosine} | {published} |")
+                         f"{row['mean_cosine_vs_pytorch']:.5f} / {row['min_cosine_vs_pytorch']:.5f} | {published} |")
         else:
             lines.append(f"| {row['label']} | not available: {row['reason']} | | | {published} |")
-    if "batching" in result:  # results written before batching was recorded have none
-        lines.append("")
-        for how, counts in result["batching"].items():
-            lines.append(f"- batches by {how}: {counts['computed_tokens']} tokens computed for "
-                         f"{counts['real_tokens']} real ({counts['padding_share'] * 100:.0f}% padding)")
+    lines.append("")
+    for how, counts in result["batching"].items():
+        lines.append(f"- batches by {how}: {counts['computed_tokens']} tokens computed for "
+                     f"{counts['real_tokens']} real ({counts['padding_share'] * 100:.0f}% padding)")
     return lines
 
 
@@ -76,9 +73,7 @@ def _served_section(result: dict) -> list[str]:
     lines = ["## Served pipeline (Triton, tritonclient HTTP from a separate process)", ""]
     if result["status"] != "ok":
         return lines + [f"{result['status']}: {result['reason']}"]
-    per_level = result["requests_per_level"]  # one number in results written before it grew with concurrency
-    requests = per_level if isinstance(per_level, int) else ", ".join(
-        f"{n} at concurrency {c}" for c, n in per_level.items())
+    requests = ", ".join(f"{n} at concurrency {c}" for c, n in result["requests_per_level"].items())
     lines += [f"Top-k {result['top_k']}, requests per level: {requests}; index of "
               f"{result['index_passages']} passages; {result['ort_threads']} intra-op thread(s) in both. "
               f"{_served_graphs(result)}", "",
@@ -107,20 +102,18 @@ def _served_section(result: dict) -> list[str]:
 def _flops_section(result: dict) -> list[str]:
     peak = result["peak"]
     enc = result["encoder"]
-    bf16 = peak.get("bf16_gflops")  # results written before the BF16 peak was measured have none
     lines = ["## Physical limit", "",
              f"Measured float32 matmul ({peak['size']}²): numpy {peak['numpy_gflops']:.1f} GFLOP/s, torch "
-             f"{peak['torch_gflops']:.1f} GFLOP/s; peak used: {peak['peak_gflops']:.1f} GFLOP/s"
-             + ("" if bf16 is None else f"; bfloat16 (torch): {bf16:.1f} GFLOP/s") + f". Method: {result['method']}.",
+             f"{peak['torch_gflops']:.1f} GFLOP/s; peak used: {peak['peak_gflops']:.1f} GFLOP/s; "
+             f"bfloat16 (torch): {peak['bf16_gflops']:.1f} GFLOP/s. Method: {result['method']}.",
              "", f"Encoder: {enc['flops_per_passage']['total'] / 1e9:.3f} GFLOP per passage "
              f"(mean {enc['mean_tokens']:.0f} tokens).", "",
              "| model | backend | k | GFLOP/request | achieved GFLOP/s | % of FP32 peak | % of BF16 peak |",
              "|---|---|---:|---:|---:|---:|---:|"]
 
     def cells(row: dict) -> str:
-        of_bf16 = row.get("fraction_of_bf16_peak")
         return (f"{row['achieved_gflops']:.1f} | {row['fraction_of_peak'] * 100:.0f}% | "
-                + ("" if of_bf16 is None else f"{of_bf16 * 100:.0f}%") + " |")
+                f"{row['fraction_of_bf16_peak'] * 100:.0f}% |")
 
     for row in enc["rows"]:
         lines.append(f"| encoder | {row['name']} | - | {enc['flops_per_passage']['total'] / 1e9:.3f} | {cells(row)}")
