@@ -37,9 +37,10 @@ class BenchConfig:
     reranker_ks: tuple[int, ...] = (10, 20, 50, 100)
     reranker_queries: int = 3  # each query is timed `repeats` times at every k
     served_concurrency: tuple[int, ...] = (1, 4, 16)
-    served_requests: int = 64  # requests per concurrency level (after `warmup` per client), at least
-    # and at least this many per client: 4 requests each at 16 clients left the throughput to the
-    # slowest few (2x apart between runs)
+    # Requests timed per concurrency level (after `warmup` per client): at least `served_requests`,
+    # and at least `served_requests_per_client` per client; 4 requests each at 16 clients left the
+    # throughput to the slowest few (2x apart between runs).
+    served_requests: int = 64
     served_requests_per_client: int = 16
     served_top_k: int = 20  # candidates per request of both ensembles
     served_passages: int = 1000  # passages in the served index
