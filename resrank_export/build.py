@@ -23,11 +23,12 @@ from resrank_export.interrupt import INTERRUPTIONS, note_kept
 from resrank_export.manifest import (MANIFEST_FILE, StageRunner, describe_unfinished, key_of, library_versions,
                                      read_manifest, unfinished_stage)
 from resrank_export.model.checkpoint import Checkpoint, load_checkpoint
-from resrank_export.precision import PRECISIONS
+from resrank_export.precision import PRECISIONS, precision_row
 from resrank_export.precision.calibration import CalibrationConfig
 from resrank_export.precision.fidelity import FidelityConfig
 from resrank_export.precision.graphs import PrecisionConfig
 from resrank_export.precision.stages import PrecisionStagesConfig, check_precision_inputs, run_precision_stages
+from resrank_export.precision.weight_only import WeightOnlyConfig
 
 log = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -52,6 +53,7 @@ class BuildConfig:
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
     ort_optimize: bool = False  # also write ORT-fused graphs (onnx/<precision>/*.ort.onnx), parity-checked
+    weight_only: WeightOnlyConfig | None = None  # int8_wo / int4_awq knobs (the TOML's table); None: defaults
 
     def to_json(self) -> dict:
         """Every setting, resolved (the manifest records it): paths as strings, tuples as lists."""
@@ -60,7 +62,7 @@ class BuildConfig:
     @property
     def precision_stages(self) -> PrecisionStagesConfig:
         return PrecisionStagesConfig(self.precision, self.calibration, self.calibration_set, self.precision_graphs,
-                                     self.fidelity)
+                                     self.fidelity, self.weight_only)
 
 
 def _files_under(folder: Path, *parts: str) -> list[Path]:
@@ -309,8 +311,9 @@ def _index_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     out = Path(config.out)
     precision = config.precision
-    if precision == "bf16" and config.export.dtype != "bf16":
-        log.warning("stage index: encoding with the fp32 encoder (ONNX Runtime's CPU provider has no BF16 kernels)")
+    if "onnxruntime" not in precision_row(precision).cpu_runtimes and config.export.dtype != precision:
+        log.warning("stage index: encoding with the fp32 encoder (ONNX Runtime's CPU provider cannot run %s graphs)",
+                    precision)
         precision = "fp32"
     stage = "export" if precision == config.export.dtype else f"precision_{precision}"
 
@@ -334,9 +337,10 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     if config.triton_backend is None:
         return
-    if config.precision == "bf16" and config.triton_backend == "python":
+    if "onnxruntime" not in precision_row(config.precision).cpu_runtimes and config.triton_backend == "python":
         log.warning("stage triton: skipped, the python backend runs its graphs on ONNX Runtime's CPU provider, which "
-                    "has no BF16 kernels; on a GPU server: resrank-export triton --precision bf16 --backend tensorrt")
+                    "cannot run %s graphs; on a GPU server: resrank-export triton --precision %s --backend tensorrt",
+                    config.precision, config.precision)
         return
     if importlib.util.find_spec("tritonclient") is None:
         log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")

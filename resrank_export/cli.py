@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from resrank_export.config_file import load_config_callback, render_config
+from resrank_export.config_file import load_config_callback, render_config, render_table
 from resrank_export.errors import ResRankExportError
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
@@ -131,6 +131,8 @@ def main(verbose: bool) -> None:
               help="fp16/bf16/int8: BEIR folder with qrels (e.g. SciFact) for the encoder nDCG@10 comparison.")
 @click.option("--fidelity-rerank-data", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: BEIR folder with run.bm25.trec (e.g. DL19) for the reranker comparison.")
+@click.option("--precision-tables", type=click.UNPROCESSED, hidden=True,
+              help="Set by --config from its [int4_awq] / [int8_wo] tables (each precision's own knobs).")
 @click.option("--ort-optimize", is_flag=True,
               help="Also write graphs fused for ONNX Runtime (onnx/<precision>/*.ort.onnx: Attention, "
                    "SkipLayerNormalization, RMSNorm, ...), parity-checked; the Triton repository serves them.")
@@ -139,12 +141,16 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
           device, force, backend,
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
-          int8_cpu_kernels, int8_piece_size, fidelity_retrieval_data, fidelity_rerank_data, ort_optimize) -> None:
+          int8_cpu_kernels, int8_piece_size, fidelity_retrieval_data, fidelity_rerank_data, precision_tables,
+          ort_optimize) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
+    weight_only = _weight_only_tables(precision_tables)
     if print_config:
         click.echo(render_config(ctx), nl=False)
+        if precision in weight_only:
+            click.echo(render_table(precision, weight_only[precision].to_table()), nl=False)
         return
     from resrank_export.build import BuildConfig, run_build
     from resrank_export.engine.plan import parse_size
@@ -174,7 +180,8 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                                                           int8_piece_bytes=parse_size(int8_piece_size, "--int8-piece-size"),
                                                           calibration_device=device),
                          fidelity=FidelityConfig(retrieval_data=fidelity_retrieval_data,
-                                                 rerank_data=fidelity_rerank_data))
+                                                 rerank_data=fidelity_rerank_data),
+                         weight_only=weight_only.get(precision))
     manifest = run_build(config)
     parity = manifest["stages"]["parity"]["report"]
     click.echo(f"build written to {out}: reranker max |diff| {parity['reranker']['max_abs_diff']:.2e}, "
@@ -182,7 +189,21 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
     if precision != manifest["stages"]["export"]["report"]["dtype"]:
-        click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}")
+        from resrank_export.precision.fidelity import failed_gates
+
+        failed = failed_gates(manifest["stages"][f"fidelity_{precision}"]["report"])
+        click.echo(f"{precision} fidelity vs fp32: {out / 'fidelity.md'}; gates "
+                   + (f"FAILED: {'; '.join(failed)}" if failed else "passed"))
+
+
+def _weight_only_tables(tables: dict | None) -> dict:
+    """{precision: WeightOnlyConfig} of the --config file's precision tables (all checked, whichever
+    precision is built), with the defaults for the weight-only precisions it does not name."""
+    from resrank_export.precision.weight_only import DEFAULT_CONFIGS, WeightOnlyConfig
+
+    given = (tables or {}).get("tables", {})
+    return {**DEFAULT_CONFIGS, **{name: WeightOnlyConfig.from_table(name, table, tables["source"])
+                                  for name, table in given.items()}}
 
 
 @main.command("demo-checkpoint")
@@ -238,19 +259,20 @@ def qwen3_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: str, see
 def plan(gpu_memory, checkpoint, qwen3_shape, max_batch, workspace, as_json) -> None:
     """Estimate the build's host memory and graph bytes per precision and, with --gpu-memory, GPU memory
     (weights + activations + workspace) and the largest batch / k that fit."""
-    from resrank_export.engine.build_plan import build_plans, render_build_plans
-    from resrank_export.engine.plan import PlanConfig, parse_size, plan_checkpoint, render_plan
+    from resrank_export.engine.build_plan import build_plans, qwen3_shapes, render_build_plans
+    from resrank_export.engine.plan import PlanConfig, parse_size, plan_checkpoint, plan_qwen3_shape, render_plan
     from resrank_export.engine.profiles import EngineConfig
 
-    if qwen3_shape and (checkpoint or gpu_memory):
-        raise click.UsageError("--qwen3-shape plans the build's host memory of a released size; it takes no "
-                               "--checkpoint or --gpu-memory")
+    if qwen3_shape and checkpoint:
+        raise click.UsageError("--qwen3-shape plans a released size without its checkpoint; it takes no --checkpoint")
     stored, plans = build_plans(checkpoint, qwen3_shape)
     result = {"build": [p.to_json() for p in plans], "weights_stored": stored}
     text = [render_build_plans(plans, stored)]
     if gpu_memory:
-        gpu = plan_checkpoint(checkpoint, PlanConfig(parse_size(gpu_memory), EngineConfig(
-            max_batch=max_batch, workspace_bytes=parse_size(workspace, "--workspace"))))
+        config = PlanConfig(parse_size(gpu_memory), EngineConfig(max_batch=max_batch,
+                                                                  workspace_bytes=parse_size(workspace, "--workspace")))
+        gpu = (plan_qwen3_shape(*qwen3_shapes(qwen3_shape), config) if qwen3_shape
+               else plan_checkpoint(checkpoint, config))
         result.update(gpu.to_json())
         text.insert(0, render_plan(gpu))
     click.echo(json.dumps(result, indent=2) if as_json else "\n\n".join(text))

@@ -19,7 +19,9 @@ if sys.version_info >= (3, 11):
 else:  # tomllib joined the standard library in 3.11; tomli is the same parser
     import tomli as tomllib
 
-CONFIG_OPTIONS = ("config", "print_config")  # the options that handle the file itself
+CONFIG_OPTIONS = ("config", "print_config", "precision_tables")  # the options that handle the file itself
+# A command with this (hidden) parameter takes tables too: `[int4_awq]` holds that precision's knobs.
+TABLES_PARAM = "precision_tables"
 
 
 def option_key(param: click.Parameter) -> str:
@@ -45,10 +47,15 @@ def read_config_file(ctx: click.Context, path: Path) -> dict[str, Any]:
         raise InputDataError(f"{path}: not valid TOML ({exc})") from None
     options = _file_options(ctx.command)
     values: dict[str, Any] = {}
+    tables = _table_names(ctx.command)
     for key, value in data.items():
         if isinstance(value, dict):
-            raise InputDataError(f"{path}: key {key!r} is a table; the file takes one value per option "
-                                 "(e.g. parity-queries = 3), no [sections]")
+            if key not in tables:
+                raise InputDataError(f"{path}: [{key}] is not a table this command takes; "
+                                     + (f"expected one of {', '.join(f'[{t}]' for t in tables)}" if tables else
+                                        "the file takes one value per option (e.g. parity-queries = 3)"))
+            values.setdefault(TABLES_PARAM, {"source": str(path), "tables": {}})["tables"][key] = value
+            continue
         param = options.get(key)
         if param is None:
             raise InputDataError(f"{path}: unknown key {key!r}; expected option names of "
@@ -65,6 +72,23 @@ def read_config_file(ctx: click.Context, path: Path) -> dict[str, Any]:
             raise InputDataError(f"{path}: key {key!r}: {exc.message}") from None
         values[param.name] = _relative_to(path.parent, converted) if isinstance(param.type, click.Path) else converted
     return values
+
+
+def _table_names(command: click.Command) -> tuple[str, ...]:
+    """The precisions with knobs of their own (precision table rows with a config table), if the
+    command takes tables."""
+    from resrank_export.precision import TABLE
+
+    if not any(p.name == TABLES_PARAM for p in command.params):
+        return ()
+    return tuple(row.name for row in TABLE if row.recipe == "weight_only")
+
+
+def render_table(name: str, values: dict[str, Any]) -> str:
+    """A `[name]` TOML table of `values` (what --print-config appends for the chosen precision)."""
+    import tomli_w
+
+    return tomli_w.dumps({name: values})
 
 
 def _relative_to(folder: Path, value: Any) -> Any:

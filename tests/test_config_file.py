@@ -73,7 +73,7 @@ BAD = {
     "scalar-for-list": ('int8-exclude-op = "Gather"\n', "key 'int8-exclude-op' takes a list"),
     "list-for-scalar": ('precision = ["fp16"]\n', "key 'precision' takes one value"),
     "flag-not-bool": ('force = "yes"\n', "key 'force' is a flag"),
-    "table": ("[parity]\nqueries = 3\n", "key 'parity' is a table"),
+    "table": ("[parity]\nqueries = 3\n", "[parity] is not a table this command takes; expected one of [int8_wo], [int4_awq]"),
     "malformed": ('precision = "fp16\n', "not valid TOML"),
 }
 

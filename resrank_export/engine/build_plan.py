@@ -37,12 +37,16 @@ from resrank_export.runtime import BATCH_TOKENS
 #   calibrated tensor of every run, so this part grows with the calibration tokens);
 # - fidelity: 2.5 x the FP32 weights, one ONNX Runtime session at a time, the INT8 one the
 #   larger (its Q/DQ graph keeps FP32 weights; 5.87 GiB measured at 0.6B INT8);
-# - precision_fp16/bf16 (AutoCast): 3.0, NOT measured at a size past 2 GB.
+# - precision_fp16/bf16 (AutoCast): 3.0, NOT measured at a size past 2 GB;
+# - weight-only (precision_int8_wo, precision_int4_awq): the FP32 graph loaded with its weights, the
+#   AWQ probe's ONNX Runtime session of it and the quantized copy: WEIGHT_ONLY_FACTOR.
 HOST_BASE_BYTES = int(0.4 * GIB)
 ORT_SESSION_FACTOR = 1.3  # the FP16 0.6B encoder: 1.80 GiB process for 1.11 GiB of weights
 ORT_HALF_SESSION_FACTOR = 2.55  # FP16 graphs on the CPU provider, parity at 4B: (19.48 - 0.4) / 7.50 GiB
 REFERENCE_ACTIVATION_FACTOR = 4.5  # x heads x batch tokens x longest text x 4 bytes (0.6B FP16 parity: 3.95 GiB)
-STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "fidelity": 2.5}
+WEIGHT_ONLY_FACTOR = 2.5
+STAGE_FACTORS = {"precision_fp16": 3.0, "precision_bf16": 3.0, "precision_int8_wo": WEIGHT_ONLY_FACTOR,
+                 "precision_int4_awq": WEIGHT_ONLY_FACTOR, "fidelity": 2.5}
 INT8_JOIN_FACTOR = 1.6
 INT8_PIECE_FACTOR = 16.7
 QWEN3_VOCAB = 151_669  # the real Qwen3 tokenizer's ids; the reranker adds its placeholder token
@@ -101,7 +105,7 @@ def plan_build(encoder: ModelShape, reranker: ModelShape, precision: str, stored
         stages += [("calibration", "fp32"), (f"precision_{precision}", "fp32"), ("fidelity", "fp32")]
     planned = [StagePlan(name, dtype, _stage_peak(name, model, stored, exported, max_tokens)) for name, dtype in stages]
     peak = max(planned, key=lambda s: s.peak_rss)
-    graphs = {p: encoder.onnx_weight_bytes(p) + reranker.onnx_weight_bytes(p) for p in dict.fromkeys((exported, precision))}
+    graphs = {p: encoder.weight_bytes(p) + reranker.weight_bytes(p) for p in dict.fromkeys((exported, precision))}
     return BuildPlan(precision, exported, planned, peak.peak_rss, peak.stage, graphs)
 
 
@@ -114,16 +118,22 @@ def render_build_plans(plans: list[BuildPlan], stored: str) -> str:
     return "\n".join([render_table(rows), note])
 
 
+def qwen3_shapes(size: str) -> tuple[ModelShape, ModelShape]:
+    """(encoder, reranker) shapes of a released Qwen3 size with the real tokenizer's ids (the
+    reranker has one more: its placeholder token)."""
+    from resrank_export.model.demo import QWEN3_SHAPES
+
+    shape = asdict(QWEN3_SHAPES[size])
+    return ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB), ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB + 1)
+
+
 def build_plans(checkpoint_dir=None, qwen3_shape: str | None = None) -> tuple[str, list[BuildPlan]]:
     """(stored dtype, a plan per precision) of a checkpoint folder (default: the demo checkpoint),
     or of a released Qwen3 size stored in BF16 (the real tokenizer's 151,669 ids)."""
     from resrank_export.precision import PRECISIONS
 
     if qwen3_shape is not None:
-        from resrank_export.model.demo import QWEN3_SHAPES
-
-        shape = asdict(QWEN3_SHAPES[qwen3_shape])
-        encoder, reranker = ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB), ModelShape.qwen3(**shape, vocab=QWEN3_VOCAB + 1)
+        encoder, reranker = qwen3_shapes(qwen3_shape)
         stored, max_tokens = "bf16", 512  # build_qwen3_checkpoint's max_passage_tokens
     else:
         from resrank_export.model.checkpoint import load_checkpoint, stored_dtype

@@ -15,12 +15,9 @@ import numpy as np
 from resrank_export.engine.manifest import find_entry, read_engine_manifest
 from resrank_export.engine.stage import engines_dir, graphs_dir
 from resrank_export.engine.tensorrt import detect_runtime, load_engine, tensorrt_module
+from resrank_export.precision import precision_row
 
 log = logging.getLogger(__name__)
-# The fidelity report's gates for reduced-precision graphs: scores within max_abs_diff of the
-# reference and the same top-10 order on at least `top10_identical` of the queries.
-# BF16 keeps 8 mantissa bits to FP16's 11: its score gate is 4x wider.
-GATES = {"fp32": (1e-3, 1.0), "fp16": (2e-2, 0.66), "bf16": (8e-2, 0.5), "int8": (1e-1, 0.33)}
 TIMING_RUNS = 20
 
 
@@ -117,7 +114,7 @@ def check_build(build: Path, precision: str, queries: int = 3) -> list[GraphChec
     ref_scores = run_session(reranker_ort, feeds)[0]
     new_scores = runners["reranker"](feeds)[0]
 
-    atol, top10 = GATES[precision]
+    atol, top10 = precision_row(precision).engine_gate
     results = []
     for graph, ref, new, feed, session in (("encoder", ref_emb, new_emb, passages, encoder_ort),
                                            ("reranker", ref_scores, new_scores, feeds, reranker_ort)):

@@ -10,15 +10,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resrank_export.engine.profiles import GIB, BuildGraphs, EngineConfig, prompt_length
+from resrank_export.engine.profiles import GIB, PASSAGE_RUN_ROWS, BuildGraphs, EngineConfig, prompt_length
 from resrank_export.errors import InputDataError
 from resrank_export.model.checkpoint import Checkpoint, safetensors_header, safetensors_headers
-from resrank_export.precision import PRECISIONS
-
-# Bytes per weight: INT8 Q/DQ graphs hold the 2-D matmul weights of the transformer layers in
-# INT8 and everything else (embeddings, norms, biases) in FP16.
-_WEIGHT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "bf16": (2, 2), "int8": (1, 2)}  # (layer matmuls, rest)
-_ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2}  # INT8 graphs keep FP16 activations between Q/DQ pairs
+from resrank_export.precision import PRECISIONS, precision_row
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
 
@@ -75,16 +70,12 @@ class ModelShape:
                    hidden=hidden, intermediate=intermediate, heads=heads, layers=layers)
 
     def weight_bytes(self, precision: str) -> int:
-        """Weights in a TensorRT engine (INT8: layer matmuls INT8, the rest FP16)."""
-        matmul, rest = _WEIGHT_BYTES[precision]
-        return self.layer_matmul_parameters * matmul + (self.parameters - self.layer_matmul_parameters) * rest
-
-    def onnx_weight_bytes(self, precision: str) -> int:
-        """Weights in the build's ONNX graph of `precision`. The INT8 Q/DQ graph keeps every weight
-        in FP32 with a QuantizeLinear/DequantizeLinear pair on it (ModelOpt's default; TensorRT
-        folds the pair into INT8 weights when it builds the engine): measured at Qwen3-0.6B, the
-        INT8 graphs are the FP32 graphs' 2.38 GB each."""
-        return self.weight_bytes("fp32" if precision == "int8" else precision)
+        """Weights in the build's ONNX graph of `precision`, and in a TensorRT engine of it: the
+        precision table's bytes for the layers' matmul weights and for the rest (the INT8 and
+        weight-only graphs store INT8/INT4 weights and an INT8 embedding table)."""
+        row = precision_row(precision)
+        rest = self.parameters - self.layer_matmul_parameters
+        return int(self.layer_matmul_parameters * row.matmul_weight_bytes + rest * row.other_weight_bytes)
 
     def activation_bytes(self, batch: int, length: int, precision: str) -> int:
         """Peak activations of one forward pass: TensorRT reuses memory across layers, so about
@@ -93,7 +84,7 @@ class ModelShape:
         attention materialises (2 x heads x length^2 per row)."""
         per_token = 4 * self.hidden + 2 * self.intermediate
         scores = 2 * self.heads * length * length
-        return _ACTIVATION_BYTES[precision] * batch * (length * per_token + scores)
+        return precision_row(precision).activation_bytes * batch * (length * per_token + scores)
 
 
 def _product(shape: list[int]) -> int:
@@ -116,6 +107,11 @@ class PrecisionPlan:
     largest_k_at_batch_1: int
 
 
+# Which precision to serve when several fit, most faithful first (their fidelity gates in
+# precision/__init__.py); fp32 is no serving choice on a GPU.
+GPU_PREFERENCE = ("fp16", "bf16", "int8_wo", "int8", "int4_awq")
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     gpu_memory: int
@@ -125,8 +121,14 @@ class MemoryPlan:
     reranker_parameters: int
     precisions: list[PrecisionPlan] = field(default_factory=list)
 
+    @property
+    def recommended(self) -> str | None:
+        """The most faithful precision (GPU_PREFERENCE) whose engines fit at the planned batch and k."""
+        fitting = {p.precision for p in self.precisions if p.fits}
+        return next((name for name in GPU_PREFERENCE if name in fitting), None)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "recommended": self.recommended}
 
 
 @dataclass(frozen=True)
@@ -139,56 +141,76 @@ class PlanConfig:
 
 def _footprint(encoder: ModelShape, reranker: ModelShape, projector_parameters: int, passage_tokens: int,
                prompt_tokens: int, precision: str, batch: int, k: int) -> tuple[int, int]:
-    """(weights, activations) with both engines resident, at batch `batch` and k candidates
-    (the encoder sees up to max(batch, k) texts: rerank-only requests encode their k passages)."""
+    """(weights, activations) with both engines resident, at batch `batch` and k candidates (the
+    encoder sees up to max(batch, k) texts, in runs of PASSAGE_RUN_ROWS: rerank-only requests
+    encode their k passages)."""
     weights = encoder.weight_bytes(precision) + reranker.weight_bytes(precision) \
-        + projector_parameters * _WEIGHT_BYTES[precision][1]
-    return weights, encoder.activation_bytes(max(batch, k), passage_tokens, precision) \
+        + projector_parameters * precision_row(precision).other_weight_bytes
+    return weights, encoder.activation_bytes(max(batch, min(k, PASSAGE_RUN_ROWS)), passage_tokens, precision) \
         + reranker.activation_bytes(batch, prompt_tokens, precision)
 
 
 def plan_memory(checkpoint: Checkpoint, config: PlanConfig) -> MemoryPlan:
     """Estimate GPU memory per precision and the largest batch / k that fit `config.gpu_memory`."""
-    encoder = ModelShape.from_dir(checkpoint.encoder_dir)
-    reranker = ModelShape.from_dir(checkpoint.reranker_dir)
     projector = 0
     if checkpoint.projector_path is not None:
         projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
     graphs = BuildGraphs(checkpoint.config, checkpoint.reranker_dir / "tokenizer.json", checkpoint.encoder_dim)
     builder = graphs.prompt_builder()
-    ck, engine = checkpoint.config, config.engine
-    k_max = engine.max_candidates or ck.max_candidates
+    ck = checkpoint.config
+    return plan_models(ModelShape.from_dir(checkpoint.encoder_dir), ModelShape.from_dir(checkpoint.reranker_dir),
+                       projector, ck.max_passage_tokens, lambda k: prompt_length(builder, ck.max_query_tokens, k),
+                       ck.max_candidates, config)
+
+
+# A Qwen3-shape checkpoint's reranker prompt (`build_qwen3_checkpoint`: the default template, 64
+# query tokens), measured with the real Qwen3 tokenizer: 198 tokens at k = 10, 739 at k = 100.
+QWEN3_PROMPT_FIXED, QWEN3_PROMPT_PER_SLOT = 139, 6
+QWEN3_PASSAGE_TOKENS, QWEN3_MAX_CANDIDATES = 512, 100
+
+
+def plan_qwen3_shape(encoder: ModelShape, reranker: ModelShape, config: PlanConfig) -> MemoryPlan:
+    """The GPU plan of a released Qwen3 size without its checkpoint (`plan --qwen3-shape`), with the
+    settings `qwen3-checkpoint` writes (512 passage tokens, 100 candidates)."""
+    return plan_models(encoder, reranker, 0, QWEN3_PASSAGE_TOKENS,
+                       lambda k: QWEN3_PROMPT_FIXED + QWEN3_PROMPT_PER_SLOT * k, QWEN3_MAX_CANDIDATES, config)
+
+
+def plan_models(encoder: ModelShape, reranker: ModelShape, projector: int, passage_tokens: int, prompt_tokens,
+                max_candidates: int, config: PlanConfig) -> MemoryPlan:
+    """The plan of every precision for two backbones' shapes; `prompt_tokens(k)` bounds the reranker
+    prompt of k candidates."""
+    engine = config.engine
+    k_max = engine.max_candidates or max_candidates
     fixed = engine.workspace_bytes + config.reserve_bytes
 
     def total(precision: str, batch: int, k: int) -> int:
-        prompt = prompt_length(builder, ck.max_query_tokens, k)
-        return sum(_footprint(encoder, reranker, projector, ck.max_passage_tokens, prompt, precision, batch, k)) + fixed
+        return sum(_footprint(encoder, reranker, projector, passage_tokens, prompt_tokens(k), precision, batch, k)) \
+            + fixed
 
     plans = []
     for precision in PRECISIONS:
-        weights, activations = _footprint(encoder, reranker, projector, ck.max_passage_tokens,
-                                          prompt_length(builder, ck.max_query_tokens, k_max), precision,
-                                          engine.max_batch, k_max)
+        weights, activations = _footprint(encoder, reranker, projector, passage_tokens, prompt_tokens(k_max),
+                                          precision, engine.max_batch, k_max)
         needed = weights + activations + fixed
         plans.append(PrecisionPlan(
             precision=precision, weights=weights, activations=activations,
             workspace=engine.workspace_bytes, reserve=config.reserve_bytes, total=needed,
             fits=needed <= config.gpu_memory,
             largest_batch_at_max_k=_largest(lambda b, p=precision: total(p, b, k_max) <= config.gpu_memory, 4096),
-            largest_k_at_batch_1=_largest(lambda k, p=precision: total(p, 1, k) <= config.gpu_memory, ck.max_candidates)))
+            largest_k_at_batch_1=_largest(lambda k, p=precision: total(p, 1, k) <= config.gpu_memory, max_candidates)))
     return MemoryPlan(config.gpu_memory, engine.max_batch, k_max, encoder.parameters, reranker.parameters, plans)
 
 
 def graph_weight_bytes(checkpoint: Checkpoint, precision: str) -> dict[str, int]:
     """Bytes of the weights the encoder and reranker ONNX graphs store at `precision` (the build's
-    disk-space check; the projector is part of the reranker graph, FP32 in an INT8 one)."""
+    disk-space check; the projector is part of the reranker graph)."""
     projector = 0
     if checkpoint.projector_path is not None:
         projector = sum(_product(s) for s in _header_shapes(checkpoint.projector_path).values())
-    projector_bytes = 4 if precision == "int8" else _WEIGHT_BYTES[precision][1]
-    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).onnx_weight_bytes(precision),
-            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).onnx_weight_bytes(precision)
-            + projector * projector_bytes}
+    return {"encoder": ModelShape.from_dir(checkpoint.encoder_dir).weight_bytes(precision),
+            "reranker": ModelShape.from_dir(checkpoint.reranker_dir).weight_bytes(precision)
+            + int(projector * precision_row(precision).other_weight_bytes)}
 
 
 def _largest(fits, upper: int) -> int:
@@ -226,7 +248,12 @@ def render_plan(plan: MemoryPlan) -> str:
               "yes" if p.fits else "no", str(p.largest_batch_at_max_k), str(p.largest_k_at_batch_1))
              for p in plan.precisions]
     note = "estimate: one layer of activations live, eager attention scores materialised; 0 = does not fit"
-    return "\n".join([head, render_table(rows), note])
+    smaller = [f"{p.precision} up to k {p.largest_k_at_batch_1}" for p in plan.precisions if p.largest_k_at_batch_1]
+    pick = (f"pick {plan.recommended}: the most faithful precision that fits (order: {', '.join(GPU_PREFERENCE)})"
+            if plan.recommended else f"no precision fits both engines in {_gib(plan.gpu_memory)} GiB at batch "
+            f"{plan.max_batch} and k {plan.max_candidates}; at batch 1: "
+            + (", ".join(smaller) if smaller else "none either (a larger GPU, or one model per GPU)"))
+    return "\n".join([head, render_table(rows), note, pick])
 
 
 def render_table(rows: list[tuple[str, ...]]) -> str:

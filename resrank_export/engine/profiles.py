@@ -17,6 +17,9 @@ LEVELS = ("min", "opt", "max")
 # A query's tokens can merge with the template text around it (BPE), so its token count inside
 # the prompt may differ from its count alone by one at each end.
 QUERY_BOUNDARY_SLACK = 2
+# Passages the repository's passage_encoder sends to the encoder engine in one run (a rerank of
+# more candidates takes several runs).
+PASSAGE_RUN_ROWS = 64
 GIB = 1 << 30
 
 

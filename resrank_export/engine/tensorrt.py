@@ -11,6 +11,7 @@ from pathlib import Path
 from resrank_export.engine.manifest import EngineEntry, GpuRuntime, check_compatible, detect_gpu
 from resrank_export.engine.profiles import EngineConfig, Profile
 from resrank_export.errors import EngineError, MissingDependencyError, NotAvailableError
+from resrank_export.precision import precision_row
 from resrank_export.lazy import require
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ def _network(trt, builder, precision: str, config) -> tuple[object, bool]:
     mode = typing_mode(trt.__version__)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "flag" else 0
     if mode == "builder_flags":
-        if precision == "bf16":
-            raise EngineError(f"BF16 graphs need TensorRT 9 or newer (strongly typed networks); this is TensorRT "
-                              f"{trt.__version__}: build the fp16 graphs instead")
+        if precision == "bf16" or precision_row(precision).recipe == "weight_only":
+            raise EngineError(f"{precision} graphs need TensorRT 9 or newer (strongly typed networks; INT4 and INT8 "
+                              f"weight-only need 10); this is TensorRT {trt.__version__}: build the fp16 or int8 "
+                              "graphs instead")
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
@@ -50,10 +52,25 @@ def _network(trt, builder, precision: str, config) -> tuple[object, bool]:
     return builder.create_network(flags), mode != "builder_flags"
 
 
+def check_tensorrt_layout(onnx_path: Path) -> None:
+    """Refuse, before TensorRT runs, a graph whose weights it cannot take: block-wise INT8 weights
+    (`int8_wo`'s CPU default; TensorRT 10 reads blocked DequantizeLinear for INT4 weights only)."""
+    onnx = require("onnx", "reading a graph")
+    structure = onnx.load(str(onnx_path), load_external_data=False)
+    int8 = {i.name for i in structure.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    blocked = [n for n in structure.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8
+               and any(a.name == "block_size" and a.i > 0 for a in n.attribute)]
+    if blocked:
+        raise EngineError(f"{onnx_path}: {len(blocked)} INT8 weights stored in blocks (int8_wo's default, for CPU "
+                          "serving); TensorRT takes block-wise weights in INT4 only: rebuild with `block-size = 0` "
+                          "in the build TOML's [int8_wo] table (one scale per output channel)")
+
+
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: str, config: EngineConfig,
                  timing_cache: Path, runtime: GpuRuntime, source_sha256: str) -> EngineEntry:
     """Compile one ONNX graph into a plan at `plan_path`; returns its manifest entry. The
     graph is parsed from its file so weights in a `.onnx.data` side file (>2 GiB) load too."""
+    check_tensorrt_layout(onnx_path)
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

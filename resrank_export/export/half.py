@@ -66,6 +66,18 @@ def graph_file_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*"))
 
 
+def external_data_files(path) -> list[Path]:
+    """The side files a graph's initializers point at (its `location`s, beside the graph): what
+    must travel with the graph file, e.g. into a Triton model's version folder."""
+    onnx = require("onnx", "reading a graph")
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    structure = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in structure.graph.initializer if uses_external_data(t)}
+    return [path.parent / location for location in sorted(locations)]
+
+
 def save_graph(model, path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
     """onnx.save, with the weights in `<file>.data` beside the graph when they pass `threshold`
     (a precision graph of a 1.7B+ model passes protobuf's 2 GiB limit)."""

@@ -38,15 +38,17 @@ def _check_query(query: str) -> None:
 
 
 class ResRankPipeline:
-    def __init__(self, build_dir: str | Path, index_dir: str | Path | None = None):
-        from resrank_export.index.encode import OnnxEncoder
+    def __init__(self, build_dir: str | Path, index_dir: str | Path | None = None, precision: str | None = None):
+        """`precision`: the graphs of onnx/<precision>/ (what a repository of that precision serves);
+        None: the exported ones."""
+        from resrank_export.index.encode import OnnxEncoder, encoder_graph
         from resrank_export.index.retriever import Retriever
 
         build = Path(build_dir)
         self.prompts = load_prompt_builder(build / "tokenizer" / "reranker" / "tokenizer.json",
                                            read_resrank_config(build / CONFIG_FILE))
-        self.reranker = ort_session(build / "onnx" / "fp32" / "reranker.onnx")
-        self.encoder = OnnxEncoder(build)
+        self.encoder = OnnxEncoder(build, precision=precision)
+        self.reranker = ort_session(encoder_graph(build, precision).with_name("reranker.onnx"))
         self.retriever = Retriever.load(index_dir, build) if index_dir is not None else None
 
     def score(self, query: str, slot_vectors: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load
 from resrank_export.lazy import require
 from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
-from resrank_export.precision import HALF_PRECISIONS
+from resrank_export.precision import HALF_PRECISIONS, precision_row
 from resrank_export.runtime import (CPU_RUNTIMES, OPENVINO_COMPUTE, OpenVINOSession, encode_texts, graph_session,
                                     ort_session, run_session)
 
@@ -159,11 +159,34 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
 
 def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]], config: FidelityConfig) -> dict:
     """`graphs`: {precision: {"encoder": path, "reranker": path}}, "fp32" included."""
-    return {
+    report = {
         "encoder": _encoder_fidelity(checkpoint, {p: g["encoder"] for p, g in graphs.items()}, config),
         "reranker": _reranker_fidelity(checkpoint, graphs, config),
         "runtime": config.runtime_label,
     }
+    report["gates"] = {p: gate_checks(report, p) for p in graphs if p != "fp32"}
+    return report
+
+
+def gate_checks(report: dict, precision: str) -> list[dict]:
+    """The precision table's fidelity gates of `precision` against the measured report: one entry
+    per gate the data allows (nDCG only with retrieval data), each with its limit, value and verdict."""
+    row = precision_row(precision)
+    encoder = report["encoder"]["precisions"][precision]
+    checks = [("encoder min cosine", row.min_cosine, encoder["min_cosine"], "min"),
+              ("encoder nDCG@10 drop", row.max_ndcg_drop, -encoder["ndcg@10_delta"] if "ndcg@10_delta" in encoder
+               else None, "max"),
+              ("reranker Kendall tau", row.min_kendall_tau, report["reranker"]["precisions"][precision]["kendall_tau"],
+               "min")]
+    return [{"gate": name, "limit": limit, "value": value,
+             "passed": bool(value >= limit if kind == "min" else value <= limit)}
+            for name, limit, value, kind in checks if limit is not None and value is not None]
+
+
+def failed_gates(report: dict) -> list[str]:
+    """One line per failed gate of a fidelity report, e.g. "int4_awq: encoder min cosine 0.93 < 0.95"."""
+    return [f"{precision}: {c['gate']} {c['value']:.4f} {'<' if 'drop' not in c['gate'] else '>'} {c['limit']}"
+            for precision, checks in report.get("gates", {}).items() for c in checks if not c["passed"]]
 
 
 def render_markdown(report: dict, title: str | None = None) -> str:
@@ -183,6 +206,11 @@ def render_markdown(report: dict, title: str | None = None) -> str:
     for precision, r in rr["precisions"].items():
         lines.append(f"| {precision} | {r['kendall_tau']:.4f} | {r['top10_overlap']:.3f} | {r['top10_identical']:.3f} "
                      f"| {r['score_mae']:.2e} | {r['score_max_abs_diff']:.2e} |")
+    if report.get("gates"):
+        lines += ["", "## Gates (the precision table's, against FP32)", "", "| precision | gate | limit | value | |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p} | {c['gate']} | {c['limit']} | {c['value']:.4f} | {'passed' if c['passed'] else 'FAILED'} |"
+                  for p, checks in report["gates"].items() for c in checks]
     if report.get("conversions"):
         lines += ["", "## What each conversion kept in FP32", ""]
         lines += [f"- {name}: {_conversion_summary(c)}" for name, c in report["conversions"].items()]
@@ -196,10 +224,18 @@ def _conversion_summary(conversion: dict) -> str:
         half = {p: sum(conversion["nodes"].get(p, {}).values()) for p in HALF_PRECISIONS}
         made = "; ".join(f"{n} nodes {p.upper()}" for p, n in half.items() if n) or "no half-precision node"
         return f"{made}; FP32 kept: {kept}"
+    if "bits" in conversion:  # weight-only
+        block = f"blocks of {conversion['block_size']}" if conversion["block_size"] else "per output channel"
+        awq = (f"AWQ on {conversion['awq_tokens']} rows per input (alphas {conversion['awq_alphas']})"
+               if conversion["awq_alphas"] else "round to nearest")
+        return (f"{conversion['gemms']} GEMM weights INT{conversion['bits']} {block}, {awq}; "
+                f"{conversion['int8_per_channel_gemms']} FFN down-projections INT8; activations FP32; "
+                f"embedding table {conversion['embedding']} ({len(conversion['embedding_tables'])})")
     smooth = conversion.get("smoothquant")
     smooth_text = (f"SmoothQuant α {smooth['alpha']} on {smooth['gemms']} GEMMs ({smooth['inputs']} inputs)"
                    if smooth else "no SmoothQuant")
     return (f"{conversion['quantize_nodes']} Q/DQ pairs ({conversion['method']}, {conversion['samples']} samples); "
-            f"{smooth_text}; FFN down-projections FP32: {len(conversion['ffn_output_gemms_kept_fp32'])}; "
+            f"{smooth_text}; FFN down-projections with FP32 activations (INT8 weight-only): "
+            f"{len(conversion['ffn_output_gemms_kept_fp32'])}; "
             f"attention GEMMs {'INT8' if conversion['attention_qdq'] else 'FP32'}; exclusions: "
             f"{', '.join(conversion['exclude_ops'] + conversion['exclude_nodes']) or 'none'}")

@@ -24,6 +24,7 @@ from resrank_export.export.half import (EXTERNAL_DATA_THRESHOLD, HALF_KEEP_FP32_
 from resrank_export.export.onnx import ISOLATE_BYTES
 from resrank_export.isolated import run_isolated
 from resrank_export.precision import HALF_PRECISIONS
+from resrank_export.precision.compact import compact_embeddings, float_matmul_weights, store_weights
 from resrank_export.precision.pieces import (CarriedValues, join_pieces, merged_reports, piece_model, plan_pieces,
                                              release_memory)
 from resrank_export.progress import track
@@ -375,6 +376,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     del fp32_graph
     rewired = unshare_dequantized_activations(model)
     seven_bit = seven_bit_weights(model) if config.int8_cpu_integer_kernels else 0
+    model, stored = _store_compactly(model, set(kept_fp32))
     save_graph(model, dst)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),
@@ -383,10 +385,25 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
               "smoothquant": smoothing, "fp32_consumers_rewired": rewired,
               "merged_gemms": merged, "seven_bit_weights": seven_bit, "value_shapes_restored": restored,
               "pieces": len(pieces), "piece_bytes": config.int8_piece_bytes, "names_renamed_in_join": renamed,
-              "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"]}
+              "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"], **stored}
     log.info("int8 %s: %d Q/DQ pairs (%s, %d piece%s)", Path(dst).name, ops["QuantizeLinear"],
              config.calibration_method, len(pieces), "" if len(pieces) == 1 else "s")
     return report
+
+
+def _store_compactly(model, weight_only_gemms: set[str]) -> tuple:
+    """The Q/DQ graph with its weights stored as INT8 (ModelOpt's `qdq_to_dq`: each weight's
+    QuantizeLinear folded into INT8 levels, what `quantize(dq_only=True)` does), the GEMMs whose
+    activations stay FP32 (`weight_only_gemms`, the FFN down-projections) INT8 weight-only per
+    output channel, and the token-embedding table INT8 per row: no FP32 copy of a weight is left
+    for a session to hold (the Q/DQ graph was the FP32 graph's size, 2.38 GB at Qwen3-0.6B).
+    Returns (model, report entries)."""
+    model = require("modelopt.onnx.quantization.qdq_utils", "INT8 quantization").qdq_to_dq(model)
+    floats = set(float_matmul_weights(model))
+    formats = {n.input[1]: (8, 0) for n in model.graph.node if n.name in weight_only_gemms and n.input[1] in floats}
+    store_weights(model, formats)
+    embeddings = compact_embeddings(model, "int8")
+    return model, {"weights": "int8", "weight_only_gemms": len(formats), "embedding_tables": embeddings}
 
 
 def _quantize_piece(structure, weights_dir: Path, piece, path: Path, out: Path, gemms: set[str],

@@ -71,29 +71,45 @@ def smooth_gemm_inputs(model, gemm_names: set[str], amax: dict[str, np.ndarray],
     """Rewrites `model` in place: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) per input channel j
     (weights of all GEMMs sharing the input together), x / s on each GEMM edge, w_j * s_j; `amax`
     is `channel_absmax` of the `smoothable_groups` inputs."""
-    onnx = require("onnx", "SmoothQuant")
-    numpy_helper = onnx.numpy_helper
+    numpy_helper = require("onnx", "SmoothQuant").numpy_helper
     groups = smoothable_groups(model, gemm_names)
     if not groups:
         return {"alpha": alpha, "gemms": 0, "inputs": 0}
     weights = {init.name: init for init in model.graph.initializer}
-    first_user = {}
-    largest = 0.0
+    scales = {}
     for tensor, nodes in groups.items():
-        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
-        wmax = np.max([np.abs(w).max(axis=1) for w in arrays], axis=0)
+        wmax = np.max([np.abs(numpy_helper.to_array(weights[n.input[1]])).max(axis=1) for n in nodes], axis=0)
         usable = (amax[tensor] > 0) & (wmax > 0)
-        scale = np.ones_like(wmax, dtype=np.float32)
-        scale[usable] = amax[tensor][usable] ** alpha / wmax[usable] ** (1 - alpha)
-        largest = max(largest, float(scale.max()))
-        for node, w in zip(nodes, arrays):
-            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype), node.input[1]))
-        divisor, smoothed = f"{tensor}_smoothquant_inv", f"{tensor}_smoothquant"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), divisor))
-        first_user[nodes[0].output[0]] = onnx.helper.make_node("Mul", [tensor, divisor], [smoothed],
-                                                         name=f"{tensor}_smoothquant_mul")
+        scales[tensor] = np.ones_like(wmax, dtype=np.float32)
+        scales[tensor][usable] = amax[tensor][usable] ** alpha / wmax[usable] ** (1 - alpha)
+    scale_gemm_inputs(model, groups, scales, "smoothquant")
+    largest = max(float(scale.max()) for scale in scales.values())
+    report = {"alpha": alpha, "gemms": sum(len(n) for n in groups.values()), "inputs": len(groups),
+              "max_scale": largest}
+    log.info("smoothquant: %d GEMMs over %d inputs, alpha %.2f, largest factor %.1f", report["gemms"],
+             report["inputs"], alpha, largest)
+    return report
+
+
+def scale_gemm_inputs(model, groups: dict[str, list], scales: dict[str, np.ndarray], tag: str) -> None:
+    """Rewrites `model` in place, exactly in FP32: for each input tensor of `groups` (as
+    `smoothable_groups` gives them) with a factor s per channel in `scales`, one Mul(x, 1/s) on
+    the GEMMs' edge (named `<tensor>_<tag>`) and each GEMM's weight rows multiplied by s."""
+    onnx = require("onnx", "scaling GEMM inputs")
+    numpy_helper = onnx.numpy_helper
+    weights = {init.name: init for init in model.graph.initializer}
+    first_user = {}
+    for tensor, scale in scales.items():
+        nodes = groups[tensor]
         for node in nodes:
-            node.input[0] = smoothed
+            w = numpy_helper.to_array(weights[node.input[1]])
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype), node.input[1]))
+        divisor, scaled = f"{tensor}_{tag}_inv", f"{tensor}_{tag}"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), divisor))
+        first_user[nodes[0].output[0]] = onnx.helper.make_node("Mul", [tensor, divisor], [scaled],
+                                                               name=f"{tensor}_{tag}_mul")
+        for node in nodes:
+            node.input[0] = scaled
     ordered = []
     for node in model.graph.node:  # each Mul goes right before its first GEMM: topological order kept
         if node.output[0] in first_user:
@@ -103,8 +119,3 @@ def smooth_gemm_inputs(model, gemm_names: set[str], amax: dict[str, np.ndarray],
         ordered.append(kept)
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-    report = {"alpha": alpha, "gemms": sum(len(n) for n in groups.values()), "inputs": len(groups),
-              "max_scale": largest}
-    log.info("smoothquant: %d GEMMs over %d inputs, alpha %.2f, largest factor %.1f", report["gemms"],
-             report["inputs"], alpha, largest)
-    return report

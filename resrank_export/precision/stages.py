@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,13 @@ from resrank_export.isolated import run_isolated
 from resrank_export.manifest import StageRunner
 from resrank_export.model.checkpoint import Checkpoint
 from resrank_export.model.specs import GraphSpec
-from resrank_export.precision import HALF_PRECISIONS
+from resrank_export.precision import precision_row
 from resrank_export.precision.calibration import CARD_FILE, CalibrationConfig, build_calibration_set, load_calibration
-from resrank_export.precision.fidelity import FidelityConfig, measure_fidelity, render_markdown
+from resrank_export.precision.fidelity import FidelityConfig, failed_gates, measure_fidelity, render_markdown
 from resrank_export.precision.graphs import PrecisionConfig, check_int8_config, convert_half, quantize_int8
+from resrank_export.precision.weight_only import DEFAULT_CONFIGS, WeightOnlyConfig, quantize_weight_only
 
+log = logging.getLogger(__name__)
 CALIBRATION_DIR = "calibration"
 FIDELITY_JSON, FIDELITY_MD = "fidelity.json", "fidelity.md"
 
@@ -33,6 +36,21 @@ class PrecisionStagesConfig:
     calibration_set: CalibrationConfig = field(default_factory=CalibrationConfig)
     graphs: PrecisionConfig = field(default_factory=PrecisionConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    # the weight-only precision's knobs (the build TOML's [int4_awq] / [int8_wo] table); None: its defaults
+    weight_only: WeightOnlyConfig | None = None
+
+    @property
+    def weight_only_config(self) -> WeightOnlyConfig:
+        return self.weight_only or DEFAULT_CONFIGS[self.precision]
+
+    def settings(self) -> dict:
+        """What the precision stage's graphs depend on besides the FP32 graphs and calibration set."""
+        recipe = precision_row(self.precision).recipe
+        if recipe == "int8_qdq":
+            return vars(self.graphs)
+        if recipe == "weight_only":
+            return vars(self.weight_only_config)
+        return {"half_keep_fp32_ops": self.graphs.half_keep_fp32_ops, "autocast_samples": self.graphs.autocast_samples}
 
 
 def _data_identity(path: Path | None) -> dict:
@@ -47,31 +65,39 @@ def _data_identity(path: Path | None) -> dict:
 
 def check_precision_inputs(checkpoint: Checkpoint, config: PrecisionStagesConfig) -> None:
     """Fail before the export on what can be checked up front: method name, given calibration."""
-    if config.precision == "int8":
+    recipe = precision_row(config.precision).recipe
+    if recipe == "int8_qdq":
         check_int8_config(config.graphs)
+    if recipe == "weight_only":
+        config.weight_only_config.check(precision_row(config.precision).weight_bits)
     if config.precision != "fp32" and config.calibration is not None:
         for spec in graph_specs(checkpoint):
             load_calibration(config.calibration, spec)
 
 
 def _convert_graph(src: Path, dst: Path, calibration_dir: Path, spec: GraphSpec, precision: str,
-                   config: PrecisionConfig) -> dict:
+                   config: PrecisionConfig, weight_only: WeightOnlyConfig | None) -> dict:
     calibration = load_calibration(calibration_dir, spec)
-    if precision in HALF_PRECISIONS:
+    row = precision_row(precision)
+    if row.recipe == "autocast":
         return convert_half(src, dst, calibration, config, precision)
+    if row.recipe == "weight_only":
+        return quantize_weight_only(src, dst, calibration, row.weight_bits, weight_only)
     return quantize_int8(src, dst, calibration, config)
 
 
 def make_precision_graphs(checkpoint: Checkpoint, fp32_graphs: dict[str, Path], calibration_dir: Path,
-                          precision: str, out: Path, config: PrecisionConfig) -> dict[str, dict]:
+                          precision: str, out: Path, config: PrecisionConfig,
+                          weight_only: WeightOnlyConfig | None = None) -> dict[str, dict]:
     """Each graph of `fp32_graphs` converted to `precision` as out/<graph file>; {graph: conversion report}.
     A graph past ISOLATE_BYTES is converted in a process of its own (isolated.py): measured at
     Qwen3-0.6B, the build process began the INT8 stage holding 2.8 GiB that the calibration
     stage's ONNX Runtime session had left allocated."""
     reports = {}
+    weight_only = weight_only or DEFAULT_CONFIGS.get(precision)
     for spec in graph_specs(checkpoint):
         src = Path(fp32_graphs[spec.name])
-        args = (src, out / spec.filename, calibration_dir, spec, precision, config)
+        args = (src, out / spec.filename, calibration_dir, spec, precision, config, weight_only)
         if graph_file_bytes(src) > ISOLATE_BYTES:
             reports[spec.name] = run_isolated(_convert_graph, *args, what=f"{precision} graph of {spec.name}")
         else:
@@ -139,16 +165,13 @@ def _precision_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, co
     def convert() -> dict:
         fp32 = {spec.name: work / "onnx" / "fp32" / spec.filename for spec in graph_specs(checkpoint)}
         report = make_precision_graphs(checkpoint, fp32, work / CALIBRATION_DIR, precision, work / "onnx" / precision,
-                                       config.graphs)
+                                       config.graphs, config.weight_only)
         return {"outputs": [work / "onnx" / precision / spec.filename for spec in graph_specs(checkpoint)],
                 "report": report}
 
-    settings = vars(config.graphs) if precision == "int8" else \
-        {"half_keep_fp32_ops": config.graphs.half_keep_fp32_ops,
-         "autocast_samples": config.graphs.autocast_samples}
     runner.run(f"precision_{precision}", {"graphs": runner.output_hashes("export"),
                                           "calibration": runner.output_hashes("calibration"),
-                                          "settings": settings}, convert)
+                                          "settings": config.settings()}, convert)
 
 
 def _fidelity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: PrecisionStagesConfig) -> None:
@@ -158,6 +181,8 @@ def _fidelity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, con
         graphs = {p: {spec.name: work / "onnx" / p / spec.filename for spec in graph_specs(checkpoint)}
                   for p in ("fp32", precision)}
         report = measure_fidelity(checkpoint, graphs, config.fidelity)
+        for failure in failed_gates(report):
+            log.warning("fidelity gate FAILED: %s (see %s)", failure, work / FIDELITY_MD)
         report["conversions"] = {f"{precision}/{name}": conversion
                                  for name, conversion in runner.stages[f"precision_{precision}"]["report"].items()}
         for name in (FIDELITY_JSON, FIDELITY_MD):

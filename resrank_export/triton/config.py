@@ -10,7 +10,7 @@ from pathlib import Path
 
 from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.lazy import require
-from resrank_export.precision import PRECISIONS
+from resrank_export.precision import PRECISIONS, precision_row
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
 from resrank_export.runtime import CPU_RUNTIMES, EXECUTION_MODES, OPENVINO_COMPUTE, SessionSettings
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -80,12 +80,13 @@ class TritonConfig:
             raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ResRankExportError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.precision == "bf16" and self.backend == "python":
-            raise NotAvailableError("--precision bf16 with the python backend: its ONNX Runtime sessions run on the CPU, "
-                                    "which has no BF16 kernels; serve bf16 with --backend tensorrt (or onnxruntime on "
-                                    "a GPU), or fp16 on a CPU")
         if self.cpu_runtime not in CPU_RUNTIMES:
             raise ResRankExportError(f"cpu_runtime {self.cpu_runtime!r}: expected one of {', '.join(CPU_RUNTIMES)}")
+        if self.backend == "python" and self.cpu_runtime not in precision_row(self.precision).cpu_runtimes:
+            raise NotAvailableError(f"--precision {self.precision} with the python backend: {self.cpu_runtime} on a CPU "
+                                    f"cannot run these graphs ({precision_row(self.precision).summary}); serve "
+                                    f"{self.precision} with --backend tensorrt (or onnxruntime on a GPU), or fp16 or "
+                                    "int8 on a CPU")
         if self.cpu_runtime == "openvino":
             if self.backend != "python":
                 raise ResRankExportError(f"--cpu-runtime openvino runs the graphs in the python backend; "

@@ -10,7 +10,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from resrank_export.engine.profiles import PASSAGE_RUN_ROWS
 from resrank_export.errors import ResRankExportError
+from resrank_export.export.half import external_data_files
 from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
 from resrank_export.index.layout import read_index_info
 from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
@@ -95,7 +97,14 @@ def _graph_model(config: TritonConfig, spec: GraphSpec) -> tuple[TritonConfig, d
             if not graph.is_file():
                 raise ResRankExportError(f"{graph}: fused graph not found; run `resrank-export build --out "
                                          f"{config.build} --precision {config.precision} --ort-optimize` first")
-        return config, {"model.onnx": graph}
+        # the weights past 1 GiB sit in a side file the graph names (`encoder.onnx.data`): it goes
+        # beside model.onnx under its own name, where ONNX Runtime looks for it
+        sides = external_data_files(graph)
+        for side in sides:
+            if not side.is_file():
+                raise ResRankExportError(f"{side}: the weights of {graph} are missing (the graph stores them in this "
+                                         "file); rebuild the graph")
+        return config, {"model.onnx": graph, **{side.name: side for side in sides}}
     from resrank_export.engine.manifest import cc_model_filenames, read_engine_manifest
     from resrank_export.engine.stage import engines_dir
 
@@ -135,7 +144,7 @@ def write_repository(config: TritonConfig) -> dict:
     refuse_foreign_folder(out, MARKER_FILE, "a resrank-export model repository")
     specs = model_specs(encoder_dim(build))
     batch = config.max_batch_size
-    encoder_batch = max(batch, min(settings.max_candidates, 64))  # passages of one request go in one batch
+    encoder_batch = max(batch, min(settings.max_candidates, PASSAGE_RUN_ROWS))  # passages of one request go in one batch
     tokenizers = {role: build / "tokenizer" / role / "tokenizer.json" for role in ("encoder", "reranker")}
     settings_file = build / CONFIG_FILE
     python = {  # model -> (parameters, files)

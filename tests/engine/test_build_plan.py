@@ -46,8 +46,8 @@ def test_stages_and_their_weights_dtype_follow_export_dtype_auto(precision, stor
     for stage in plan.stages:  # the larger model (the reranker, one placeholder id more)
         assert stage.peak_rss == HOST_BASE_BYTES + expected[stage.stage]
     assert plan.peak_rss == max(s.peak_rss for s in plan.stages)
-    assert plan.graph_bytes[plan.exported_dtype] == encoder.onnx_weight_bytes(plan.exported_dtype) \
-        + reranker.onnx_weight_bytes(plan.exported_dtype)
+    assert plan.graph_bytes[plan.exported_dtype] == encoder.weight_bytes(plan.exported_dtype) \
+        + reranker.weight_bytes(plan.exported_dtype)
 
 
 def test_plan_command_for_a_released_qwen3_size(tmp_path):
@@ -64,8 +64,44 @@ def test_plan_command_for_a_released_qwen3_size(tmp_path):
     params = sum(ModelShape.qwen3(**asdict(QWEN3_SHAPES["4b"]), vocab=v).parameters for v in (QWEN3_VOCAB, QWEN3_VOCAB + 1))
     assert 3.9e9 < params / 2 < 4.1e9  # Qwen3-4B's published size
     assert fp16["exported_dtype"] == "fp16" and fp16["graph_bytes"] == {"fp16": 2 * params}
-    refused = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", "--gpu-memory", "16GiB"])
+    refused = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", "--checkpoint", str(tmp_path)])
     assert refused.exit_code != 0 and "--qwen3-shape plans" in refused.output
+
+
+def test_gpu_plan_of_a_released_qwen3_size_names_what_serves_it():
+    """`plan --qwen3-shape 4b --gpu-memory ...`: the engines' weights per precision are the parameters
+    of both 4B models at the table's bytes (2 for FP16; 0.63 / 1 for INT4's layer matmuls / the
+    rest); every `fits` is total <= the GPU; the pick is the most faithful precision that fits; on
+    16 GiB (4 GiB workspace) none fits batch 8 x k 100 and the answer names what serves at batch 1;
+    on 8 GiB nothing does."""
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+    from resrank_export.engine.plan import GPU_PREFERENCE
+
+    encoder, reranker = (ModelShape.qwen3(**asdict(QWEN3_SHAPES["4b"]), vocab=v) for v in (QWEN3_VOCAB, QWEN3_VOCAB + 1))
+    layers = encoder.layer_matmul_parameters + reranker.layer_matmul_parameters
+    rest = encoder.parameters + reranker.parameters - layers
+
+    def plan(*options):
+        result = CliRunner().invoke(main, ["plan", "--qwen3-shape", "4b", *options])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    for memory in ("16GiB", "24GiB"):
+        data = json.loads(plan("--gpu-memory", memory, "--json"))
+        rows = {p["precision"]: p for p in data["precisions"]}
+        assert rows["fp16"]["weights"] == 2 * (encoder.parameters + reranker.parameters) > 14 * 2**30
+        assert abs(rows["int4_awq"]["weights"] - (0.63 * layers + rest)) <= 2
+        for row in rows.values():
+            assert row["fits"] == (row["total"] <= data["gpu_memory"])
+        fitting = [p for p in GPU_PREFERENCE if rows[p]["fits"]]
+        assert data["recommended"] == (fitting[0] if fitting else None)
+    assert data["recommended"] == "int8_wo"  # 24 GiB: FP16's 15 GiB of weights leave too little room
+    text = plan("--gpu-memory", "16GiB")
+    assert "no precision fits both engines in 16.00 GiB at batch 8 and k 100; at batch 1: int8 up to k" in text
+    assert "int4_awq up to k" in text
+    assert "at batch 1: none either" in plan("--gpu-memory", "8GiB")
 
 
 def test_planner_predicts_the_measured_builds_within_15_percent():

@@ -26,7 +26,7 @@ from resrank_export.engine.manifest import (
 from resrank_export.engine.profiles import QUERY_BOUNDARY_SLACK, BuildGraphs, EngineConfig, engine_profiles
 from resrank_export.engine.script import write_build_script
 from resrank_export.engine.stage import engines_dir, install_plans, plan_engine_actions, source_hash
-from resrank_export.engine.tensorrt import load_engine, typing_mode
+from resrank_export.engine.tensorrt import check_tensorrt_layout, load_engine, typing_mode
 from resrank_export.errors import EngineError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -202,6 +202,29 @@ def test_build_script_matches_the_profiles(tiny_build, tmp_path):
     if shellcheck:
         result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("bits,block,refused", [(8, 128, True), (8, 0, False), (4, 32, False)])
+def test_block_wise_int8_weights_are_refused_before_tensorrt(tmp_path, bits, block, refused):
+    """TensorRT reads block-wise DequantizeLinear weights in INT4 only: int8_wo's CPU default (INT8
+    blocks of 128) is refused in one line naming the file and the [int8_wo] setting to change."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resrank_export.precision.compact import BLOCK_OPSET, store_weights
+
+    weight = np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [numpy_helper.from_array(weight, "w")]),
+        opset_imports=[helper.make_opsetid("", BLOCK_OPSET)])
+    store_weights(model, {"w": (bits, block)})
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    if refused:
+        with pytest.raises(EngineError, match=r"g\.onnx: 1 INT8 weights stored in blocks .*block-size = 0"):
+            check_tensorrt_layout(tmp_path / "g.onnx")
+    else:
+        check_tensorrt_layout(tmp_path / "g.onnx")
 
 
 def test_typing_mode_follows_the_tensorrt_release():

@@ -12,6 +12,7 @@ from resrank_export.engine.plan import ModelShape, PlanConfig, parse_size, plan_
 from resrank_export.engine.profiles import GIB, EngineConfig
 from resrank_export.errors import InputDataError
 from resrank_export.model.reference import load_backbone
+from resrank_export.precision import PRECISIONS
 
 
 def _layer_linear_parameters(model: torch.nn.Module) -> int:
@@ -31,7 +32,9 @@ def test_parameter_count_matches_the_real_model(tiny_checkpoint, reranker):
         assert shape.layer_matmul_parameters == _layer_linear_parameters(model) > 0
         assert shape.weight_bytes("fp32") == 4 * real
         assert shape.weight_bytes("fp16") == 2 * real
-        assert shape.weight_bytes("int8") == 2 * real - shape.layer_matmul_parameters
+        assert shape.weight_bytes("int8") == real  # INT8 weights and embedding table (the norms are a rounding)
+        rest = real - shape.layer_matmul_parameters
+        assert shape.weight_bytes("int4_awq") == int(0.63 * shape.layer_matmul_parameters + rest)
         assert (shape.hidden, shape.layers) == (model.config.hidden_size, model.config.num_hidden_layers)
 
 
@@ -53,8 +56,10 @@ def test_fit_decision_at_its_boundary(tiny_checkpoint):
 def test_precisions_order_their_totals(tiny_checkpoint):
     plan = plan_memory(tiny_checkpoint(), PlanConfig(16 * GIB))
     totals = {p.precision: p.total for p in plan.precisions}
-    assert list(totals) == ["fp32", "fp16", "bf16", "int8"]
+    assert list(totals) == list(PRECISIONS)
     assert totals["fp32"] > totals["fp16"] == totals["bf16"] > totals["int8"]  # BF16 and FP16: 2 bytes a value
+    weights = {p.precision: p.weights for p in plan.precisions}
+    assert weights["fp16"] > weights["int8"] == weights["int8_wo"] > weights["int4_awq"]
 
 
 @pytest.mark.parametrize("text, expected", [("16GiB", 16 << 30), ("24GB", 24 * 10**9), ("1.5 GiB", 3 << 29),
@@ -80,7 +85,7 @@ def test_plan_command_prints_json(tiny_checkpoint):
     data = json.loads(result.output)
     assert data["gpu_memory"] == 16 << 30
     assert data["encoder_parameters"] == ModelShape.from_dir(checkpoint.encoder_dir).parameters
-    assert [p["precision"] for p in data["precisions"]] == ["fp32", "fp16", "bf16", "int8"]
+    assert [p["precision"] for p in data["precisions"]] == list(PRECISIONS)
 
 
 def test_qwen3_shape_from_its_config_numbers_matches_a_written_checkpoint(qwen3_tokenizer_dir, tmp_path):
@@ -96,4 +101,4 @@ def test_qwen3_shape_from_its_config_numbers_matches_a_written_checkpoint(qwen3_
         config = json.loads((folder / "config.json").read_text())
         written = ModelShape.from_dir(folder)
         assert written == ModelShape.qwen3(**asdict(QWEN3_SHAPES["tiny"]), vocab=config["vocab_size"])
-        assert written.onnx_weight_bytes("int8") == written.weight_bytes("fp32")  # FP32 weights under Q/DQ
+        assert written.weight_bytes("int8") == written.parameters  # INT8 weights and embedding table stored
