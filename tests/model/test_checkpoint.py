@@ -93,6 +93,18 @@ BROKEN = [
     ("max-query-tokens-negative", {}, _config(max_query_tokens=-3), CONFIG_FILE, ["'max_query_tokens'", "> 0"]),
     ("max-candidates-zero", {}, _config(max_candidates=0), CONFIG_FILE, ["'max_candidates'", "> 0"]),
     ("max-candidates-string", {}, _config(max_candidates="10"), CONFIG_FILE, ["'max_candidates'", "int"]),
+    # A huge count must fail here: the planner and the stages size their arrays by it.
+    ("max-candidates-huge", {}, _config(max_candidates=10**12), CONFIG_FILE, ["'max_candidates'", "<= 131,072"]),
+    ("max-candidates-float", {}, _config(max_candidates=1e12), CONFIG_FILE, ["'max_candidates'", "int"]),
+    # The tiny Qwen3 reranker has 4096 positions, the tiny BERT encoder 512.
+    ("max-candidates-past-positions", {}, _config(max_candidates=4090), CONFIG_FILE,
+     ["'max_candidates' (4090)", "'max_query_tokens' (16)", "4106", "4096", "reranker/config.json"]),
+    ("max-passage-tokens-past-positions", {}, _config(max_passage_tokens=513), CONFIG_FILE,
+     ["'max_passage_tokens' (513)", "512", "encoder/config.json"]),
+    ("max-query-tokens-past-positions", {}, _config(max_query_tokens=600), CONFIG_FILE,
+     ["'max_query_tokens' (600)", "512", "encoder"]),
+    ("alpha-nan", {}, _config(residual_alpha=float("nan")), CONFIG_FILE, ["'residual_alpha'", "finite"]),
+    ("alpha-infinite", {}, _config(residual_alpha=float("inf")), CONFIG_FILE, ["'residual_alpha'", "finite"]),
     ("normalize-string", {}, _config(normalize="yes"), CONFIG_FILE, ["'normalize'", "bool"]),
     ("alpha-bool", {}, _config(residual_alpha=True), CONFIG_FILE, ["'residual_alpha'", "number"]),
 ]
