@@ -530,8 +530,8 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the gateway binds to.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True,
               help="Port the gateway listens on.")
-@click.option("--api-key", envvar="RESRANK_GATEWAY_API_KEY", help="Require this key on /v1/* "
-              "(Authorization: Bearer KEY or X-API-Key). Also read from $RESRANK_GATEWAY_API_KEY.")
+@click.option("--api-key", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key). Default: "
+              "$RESRANK_GATEWAY_API_KEY. An empty key (or variable) is refused, never taken as no key.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--max-documents", type=click.IntRange(min=1),
@@ -540,10 +540,10 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
               help="Seconds per Triton call before the client gets 504.")
 def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout) -> None:
     """HTTP front end: Cohere/Jina-style POST /v1/rerank, POST /v1/search, /health, /metrics."""
-    from resrank_export.triton.gateway import GatewayConfig, run_gateway
+    from resrank_export.triton.gateway import GatewayConfig, api_key_setting, run_gateway
 
     run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
-                              api_key=api_key or None, max_body_bytes=max_body_bytes, max_documents=max_documents,
+                              api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes, max_documents=max_documents,
                               timeout_s=timeout))
 
 
