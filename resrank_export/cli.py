@@ -11,11 +11,13 @@ import click
 
 from resrank_export.config_file import load_config_callback, render_config
 from resrank_export.errors import ResRankExportError
+from resrank_export.export import MAX_OPSET, MIN_OPSET  # light: two numbers, no imports
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
 from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
 log = logging.getLogger("resrank_export")
+PORT = click.IntRange(min=0, max=65535)
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
 
 
@@ -39,7 +41,9 @@ def _setup_logging(verbose: bool) -> None:
 
 class _Group(click.Group):
     """Turns our typed errors into one line on stderr and their exit code; SIGTERM and Ctrl-C
-    stop a command cleanly (resrank_export/interrupt.py) with one line saying what was kept."""
+    stop a command cleanly (resrank_export/interrupt.py) with one line saying what was kept. A
+    library's own exception that no stage turned into ours is still one line, never a traceback
+    (-v logs it)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -51,6 +55,14 @@ class _Group(click.Group):
         except Interrupted as exc:
             click.echo(exc.summary(), err=True)
             sys.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            log.debug("unexpected error", exc_info=True)
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"error: {ctx.invoked_subcommand}: unexpected {type(exc).__name__}"
+                       f"{': ' + reason if reason else ''} (rerun with -v for the traceback)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +94,8 @@ def main(verbose: bool) -> None:
                    "for the parity check. Default: the embedded standard-library corpus.")
 @click.option("--parity-queries", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many queries the parity check ranks.")
-@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(min=MIN_OPSET, max=MAX_OPSET), default=18, show_default=True,
+              help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--export-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
@@ -505,9 +518,9 @@ def k8s(repository, out, name, namespace, image, model_store, s3_secret, service
 @click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
               help="Model repository folder (from `resrank-export triton` or <build>/model_repository).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds to.")
-@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="HTTP port (0: a free one).")
-@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True, help="gRPC port (0: a free one).")
-@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True,
+@click.option("--http-port", type=PORT, default=8000, show_default=True, help="HTTP port (0: a free one).")
+@click.option("--grpc-port", type=PORT, default=8001, show_default=True, help="gRPC port (0: a free one).")
+@click.option("--metrics-port", type=PORT, default=8002, show_default=True,
               help="Prometheus metrics port (0: a free one).")
 @click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
 def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
@@ -622,8 +635,10 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encod
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="ResRank checkpoint whose encoder (PyTorch, FP32 arithmetic) makes the slot vectors. Default: the "
                    "demo checkpoint.")
-@click.option("--encoder-samples", type=int, default=64, show_default=True, help="Passages in the encoder set.")
-@click.option("--reranker-queries", type=int, default=16, show_default=True, help="Queries in the reranker set.")
+@click.option("--encoder-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Passages in the encoder set.")
+@click.option("--reranker-queries", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Queries in the reranker set.")
 @click.option("--candidates", type=click.IntRange(min=1),
               help="Candidates per reranker query. Default: the checkpoint's max_candidates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")

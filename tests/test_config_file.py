@@ -73,6 +73,14 @@ BAD = {
     "scalar-for-list": ('int8-exclude-op = "Gather"\n', "key 'int8-exclude-op' takes a list"),
     "list-for-scalar": ('precision = ["fp16"]\n', "key 'precision' takes one value"),
     "flag-not-bool": ('force = "yes"\n', "key 'force' is a flag"),
+    # The command line refuses 2.7 and true for an integer; int() would have made them 2 and 1.
+    "float-for-int": ("max-batch = 2.7\n", "key 'max-batch' takes an integer, got 2.7"),
+    "bool-for-int": ("parity-queries = true\n", "key 'parity-queries' takes an integer, got True"),
+    "number-for-path": ("out = 5\n", "key 'out' takes a string, got 5"),
+    "number-in-list": ("int8-exclude-op = [5]\n", "key 'int8-exclude-op' takes a string in each item, got 5"),
+    "date-for-choice": ("precision = 1979-05-27\n", "key 'precision' takes a string"),
+    "bool-for-float": ("int8-smoothquant-alpha = true\n", "key 'int8-smoothquant-alpha' takes a number"),
+    "opset-past-range": ("opset = 99999\n", "key 'opset'"),
     "table": ("[parity]\nqueries = 3\n", "key 'parity' is a table"),
     "malformed": ('precision = "fp16\n', "not valid TOML"),
 }
