@@ -60,7 +60,7 @@ class ResRankConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise CheckpointError(
-                f"{source}: unknown field(s) {', '.join(unknown)}; expected only {', '.join(known)}"
+                f"{source}: unknown field(s) {', '.join(map(repr, unknown))}; expected only {', '.join(known)}"
             )
         values: dict[str, Any] = {}
         for name, value in data.items():
