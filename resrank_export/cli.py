@@ -18,6 +18,7 @@ from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
 log = logging.getLogger("resrank_export")
 PORT = click.IntRange(min=0, max=65535)
+SEED = click.IntRange(min=0, max=2**32 - 1)  # what numpy's and torch's generators all accept
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
 
 
@@ -203,7 +204,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
 @click.option("--reranker", type=click.Choice(["qwen3", "minilm"]), default="qwen3", show_default=True,
               help="qwen3: small seeded Qwen3 (untrained); minilm: BERT reranker initialised from "
                    "the MiniLM weights (pretrained activation statistics, also untrained for ranking).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random reranker weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random reranker weights.")
 def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
     """Write a checkpoint from the bundled all-MiniLM-L6-v2 encoder and an untrained reranker
     (no download). Its rankings are not meaningful; its graphs and shapes are."""
@@ -223,7 +224,7 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
               help="Released Qwen3 / Qwen3-Embedding size of both the encoder and the reranker.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="dtype of the saved weights (the releases are BF16).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 def qwen3_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: str, seed: int) -> None:
     """Write a checkpoint of real Qwen3 shape with the real tokenizer, Qwen3-Embedding's conventions
     and seeded random weights: for measuring cost at real sizes (its rankings mean nothing)."""
@@ -641,7 +642,7 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encod
               help="Queries in the reranker set.")
 @click.option("--candidates", type=click.IntRange(min=1),
               help="Candidates per reranker query. Default: the checkpoint's max_candidates.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the passage and query sample.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the PyTorch encoder making the slot vectors runs.")
 def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed, device) -> None:

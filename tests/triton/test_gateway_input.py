@@ -30,16 +30,15 @@ GOOD = {"query": "json", "documents": ["ok", "fine"]}
 @pytest.fixture(scope="module")
 def gateway_url(tiny_build, tiny_index, tmp_path_factory):
     from resrank_export.triton.config import TritonConfig
-    from resrank_export.triton.gateway import GatewayConfig, create_app, listen
+    from resrank_export.triton.gateway import GatewayConfig, create_app
     from resrank_export.triton.repository import write_repository
 
     repository = tmp_path_factory.mktemp("gateway-edge") / "repository"
     write_repository(TritonConfig(build=tiny_build, out=repository, index=tiny_index))
     config = GatewayConfig(repository=repository, triton_url=f"127.0.0.1:{free_port()}", port=free_port(),
                            api_key=API_KEY, timeout_s=5)
-    sock = listen(config.host, config.port)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
@@ -48,7 +47,6 @@ def gateway_url(tiny_build, tiny_index, tmp_path_factory):
     yield f"http://127.0.0.1:{config.port}"
     server.should_exit = True
     thread.join(30)
-    sock.close()
 
 
 def _post(url: str, body, **headers):
