@@ -87,7 +87,7 @@ def _read_passages(path: Path) -> Iterator[tuple[int, Passage]]:
     try:
         yield from _parse_passages(path)
     except UnicodeDecodeError as exc:
-        raise InputDataError(f"{path}: not UTF-8 text (byte {exc.start} of a line: {exc.reason})") from None
+        raise InputDataError(f"{path}: not UTF-8 text ({exc.reason}: {exc.object[exc.start:exc.end]!r})") from None
 
 
 def _parse_passages(path: Path) -> Iterator[tuple[int, Passage]]:
