@@ -557,8 +557,8 @@ def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_doc
     from resrank_export.triton.gateway import GatewayConfig, api_key_setting, run_gateway
 
     run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
-                              api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes, max_documents=max_documents,
-                              timeout_s=timeout))
+                              api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes,
+                              max_documents=max_documents, timeout_s=timeout))
 
 
 @main.command()

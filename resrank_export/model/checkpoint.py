@@ -117,7 +117,8 @@ class ResRankConfig:
             raise CheckpointError(f"{source}: field 'max_passage_tokens' is {self.max_passage_tokens}; with "
                                   "'append_eos' expected at least 2 (the EOS takes one)")
         if not math.isfinite(self.residual_alpha):
-            raise CheckpointError(f"{source}: field 'residual_alpha' is {self.residual_alpha}; expected a finite number")
+            raise CheckpointError(f"{source}: field 'residual_alpha' is {self.residual_alpha}; "
+                                  "expected a finite number")
         for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
             value = getattr(self, name)
             if not 0 < value <= MAX_LENGTH:
