@@ -16,7 +16,8 @@ from pathlib import Path
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.onnx import AUTO, EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
-from resrank_export.export.parity import RUN_FILE, ParityConfig, check_parity, compare_graphs, reference_outputs
+from resrank_export.export.parity import (RUN_FILE, ParityConfig, check_parity, check_parity_data, compare_graphs,
+                                         reference_outputs)
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
 from resrank_export.interrupt import INTERRUPTIONS, note_kept
@@ -93,6 +94,7 @@ def run_build(config: BuildConfig) -> dict:
     # so does --device cuda where PyTorch or ONNX Runtime sees no GPU.
     runtime = _engine_runtime(config)
     _check_devices(config)
+    check_parity_data(config.parity)
     out = Path(config.out)
     resume = out.absolute().parent / f".{out.name}.partial"  # finished stages of an interrupted build
     with output_lock(out):  # a second build into the same --out is refused here, before any work

@@ -11,11 +11,14 @@ import click
 
 from resrank_export.config_file import load_config_callback, render_config, render_table
 from resrank_export.errors import ResRankExportError
+from resrank_export.export import MAX_OPSET, MIN_OPSET  # light: two numbers, no imports
 from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
 from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
 log = logging.getLogger("resrank_export")
+PORT = click.IntRange(min=0, max=65535)
+SEED = click.IntRange(min=0, max=2**32 - 1)  # what numpy's and torch's generators all accept
 _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch", "transformers", "modelopt", "urllib3", "faiss")
 
 
@@ -39,7 +42,9 @@ def _setup_logging(verbose: bool) -> None:
 
 class _Group(click.Group):
     """Turns our typed errors into one line on stderr and their exit code; SIGTERM and Ctrl-C
-    stop a command cleanly (resrank_export/interrupt.py) with one line saying what was kept."""
+    stop a command cleanly (resrank_export/interrupt.py) with one line saying what was kept. A
+    library's own exception that no stage turned into ours is still one line, never a traceback
+    (-v logs it)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -51,6 +56,14 @@ class _Group(click.Group):
         except Interrupted as exc:
             click.echo(exc.summary(), err=True)
             sys.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            log.debug("unexpected error", exc_info=True)
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"error: {ctx.invoked_subcommand}: unexpected {type(exc).__name__}"
+                       f"{': ' + reason if reason else ''} (rerun with -v for the traceback)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +95,8 @@ def main(verbose: bool) -> None:
                    "for the parity check. Default: the embedded standard-library corpus.")
 @click.option("--parity-queries", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many queries the parity check ranks.")
-@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(min=MIN_OPSET, max=MAX_OPSET), default=18, show_default=True,
+              help="ONNX opset.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the graph (.onnx.data). Default: only when over 1 GiB.")
 @click.option("--export-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
@@ -211,7 +225,7 @@ def _weight_only_tables(tables: dict | None) -> dict:
 @click.option("--reranker", type=click.Choice(["qwen3", "minilm"]), default="qwen3", show_default=True,
               help="qwen3: small seeded Qwen3 (untrained); minilm: BERT reranker initialised from "
                    "the MiniLM weights (pretrained activation statistics, also untrained for ranking).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random reranker weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random reranker weights.")
 def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
     """Write a checkpoint from the bundled all-MiniLM-L6-v2 encoder and an untrained reranker
     (no download). Its rankings are not meaningful; its graphs and shapes are."""
@@ -231,7 +245,7 @@ def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
               help="Released Qwen3 / Qwen3-Embedding size of both the encoder and the reranker.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="dtype of the saved weights (the releases are BF16).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 def qwen3_checkpoint(out: Path, tokenizer_dir: Path, shape: str, dtype: str, seed: int) -> None:
     """Write a checkpoint of real Qwen3 shape with the real tokenizer, Qwen3-Embedding's conventions
     and seeded random weights: for measuring cost at real sizes (its rankings mean nothing)."""
@@ -527,9 +541,9 @@ def k8s(repository, out, name, namespace, image, model_store, s3_secret, service
 @click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
               help="Model repository folder (from `resrank-export triton` or <build>/model_repository).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds to.")
-@click.option("--http-port", type=click.IntRange(min=0), default=8000, show_default=True, help="HTTP port (0: a free one).")
-@click.option("--grpc-port", type=click.IntRange(min=0), default=8001, show_default=True, help="gRPC port (0: a free one).")
-@click.option("--metrics-port", type=click.IntRange(min=0), default=8002, show_default=True,
+@click.option("--http-port", type=PORT, default=8000, show_default=True, help="HTTP port (0: a free one).")
+@click.option("--grpc-port", type=PORT, default=8001, show_default=True, help="gRPC port (0: a free one).")
+@click.option("--metrics-port", type=PORT, default=8002, show_default=True,
               help="Prometheus metrics port (0: a free one).")
 @click.option("--print-docker", is_flag=True, help="Print the NGC container command for a GPU host and exit.")
 def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) -> None:
@@ -552,8 +566,8 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the gateway binds to.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True,
               help="Port the gateway listens on.")
-@click.option("--api-key", envvar="RESRANK_GATEWAY_API_KEY", help="Require this key on /v1/* "
-              "(Authorization: Bearer KEY or X-API-Key). Also read from $RESRANK_GATEWAY_API_KEY.")
+@click.option("--api-key", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key). Default: "
+              "$RESRANK_GATEWAY_API_KEY. An empty key (or variable) is refused, never taken as no key.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--max-documents", type=click.IntRange(min=1),
@@ -562,11 +576,11 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
               help="Seconds per Triton call before the client gets 504.")
 def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout) -> None:
     """HTTP front end: Cohere/Jina-style POST /v1/rerank, POST /v1/search, /health, /metrics."""
-    from resrank_export.triton.gateway import GatewayConfig, run_gateway
+    from resrank_export.triton.gateway import GatewayConfig, api_key_setting, run_gateway
 
     run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
-                              api_key=api_key or None, max_body_bytes=max_body_bytes, max_documents=max_documents,
-                              timeout_s=timeout))
+                              api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes,
+                              max_documents=max_documents, timeout_s=timeout))
 
 
 @main.command()
@@ -644,11 +658,13 @@ def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encod
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="ResRank checkpoint whose encoder (PyTorch, FP32 arithmetic) makes the slot vectors. Default: the "
                    "demo checkpoint.")
-@click.option("--encoder-samples", type=int, default=64, show_default=True, help="Passages in the encoder set.")
-@click.option("--reranker-queries", type=int, default=16, show_default=True, help="Queries in the reranker set.")
+@click.option("--encoder-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Passages in the encoder set.")
+@click.option("--reranker-queries", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Queries in the reranker set.")
 @click.option("--candidates", type=click.IntRange(min=1),
               help="Candidates per reranker query. Default: the checkpoint's max_candidates.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passage and query sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the passage and query sample.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the PyTorch encoder making the slot vectors runs.")
 def calibrate(corpus, out, checkpoint, encoder_samples, reranker_queries, candidates, seed, device) -> None:

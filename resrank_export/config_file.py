@@ -66,6 +66,7 @@ def read_config_file(ctx: click.Context, path: Path) -> dict[str, Any]:
             raise InputDataError(f"{path}: key {key!r} takes one value, not a list")
         if param.is_flag and not param.secondary_opts and value is not True and value is not False:
             raise InputDataError(f"{path}: key {key!r} is a flag; expected true or false")
+        _check_toml_type(path, key, param, value)
         try:
             converted = param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
@@ -89,6 +90,22 @@ def render_table(name: str, values: dict[str, Any]) -> str:
     import tomli_w
 
     return tomli_w.dumps({name: values})
+
+
+# The TOML type each click type takes; anything else (paths, choices, text) takes a string. Without
+# this, click's int() would make 2.7 a 2 and true a 1, which the command line refuses.
+_TOML_TYPES = ((click.types.BoolParamType, (bool,), "true or false"),
+               (click.types.IntParamType, (int,), "an integer"),
+               (click.types.FloatParamType, (int, float), "a number"))
+
+
+def _check_toml_type(path: Path, key: str, param: click.Parameter, value: Any) -> None:
+    expected, words = next(((types, words) for kind, types, words in _TOML_TYPES if isinstance(param.type, kind)),
+                           ((str,), "a string"))
+    for item in value if param.multiple else [value]:
+        if not isinstance(item, expected) or (isinstance(item, bool) and bool not in expected):
+            raise InputDataError(f"{path}: key {key!r} takes {words}{' in each item' if param.multiple else ''}, "
+                                 f"got {item!r}")
 
 
 def _relative_to(folder: Path, value: Any) -> Any:

@@ -164,8 +164,13 @@ def output_lock(target: Path) -> Iterator[None]:
             _held_locks[path] = (fd, _held_locks[path][1] - 1)
         return
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, target)
+    try:  # the first write of every output: a path that cannot be written fails here, before any work
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, target)
+    except OSError as exc:
+        _remove_empty(created)
+        raise ResRankExportError(f"{target}: cannot write there ({exc.strerror or exc}: "
+                                 f"{exc.filename or target.parent})") from None
     _held_locks[path] = (fd, 1)
     try:
         yield
@@ -173,9 +178,14 @@ def output_lock(target: Path) -> Iterator[None]:
         del _held_locks[path]
         path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
         os.close(fd)
-        for folder in created:  # a run that wrote nothing leaves no empty parents behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """A run that wrote nothing leaves no empty parents behind (deepest first)."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _acquire(path: Path, target: Path) -> int:

@@ -103,6 +103,43 @@ def test_failed_stage_keeps_the_previous_build(first_build, build_copy):
     assert _entries(build_copy.parent) == ["build"]
 
 
+def _beir_without(folder: Path, missing: str) -> Path:
+    folder.mkdir()
+    for name in ("run.bm25.trec", "queries.jsonl", "corpus.jsonl"):
+        if name != missing:
+            (folder / name).write_text("")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["missing-folder", "no-queries", "no-corpus"])
+def test_bad_parity_data_on_a_rerun_fails_before_any_work(first_build, build_copy, tmp_path, how):
+    """A rerun once skipped parity as unchanged (the embedded corpus' key) and recorded the bogus
+    path; a run file without queries.jsonl was a FileNotFoundError traceback."""
+    data = {"missing-folder": lambda: tmp_path / "nowhere",
+            "no-queries": lambda: _beir_without(tmp_path / "beir", "queries.jsonl"),
+            "no-corpus": lambda: _beir_without(tmp_path / "beir", "corpus.jsonl")}[how]()
+    expected = {"missing-folder": f"{data}: parity data folder not found",
+                "no-queries": f"{data / 'queries.jsonl'}: file not found",
+                "no-corpus": f"{data / 'corpus.jsonl'}: file not found"}[how]
+    before = sha256_tree(build_copy)
+    with pytest.raises(ResRankExportError) as caught:
+        run_build(BuildConfig(out=build_copy, checkpoint=first_build[0], parity=ParityConfig(data_dir=data)))
+    assert str(caught.value).startswith(expected)
+    assert sha256_tree(build_copy) == before
+    assert _entries(build_copy.parent) == ["build"]
+
+
+@pytest.mark.parametrize("how", ["under-a-file", "is-a-file"])
+def test_an_out_path_that_cannot_be_written_is_one_error(first_build, tmp_path, how):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    out = blocker / "build" if how == "under-a-file" else blocker
+    with pytest.raises(ResRankExportError) as caught:
+        run_build(BuildConfig(out=out, checkpoint=first_build[0]))
+    assert str(caught.value).startswith(f"{out.absolute() if how == 'under-a-file' else out}: ")
+    assert _entries(tmp_path) == ["blocker"] and blocker.read_text() == "a file, not a folder"
+
+
 def test_relative_out_path(first_build, build_copy, monkeypatch):
     """`--out resrank-build` (relative, as `make demo` passes it): stages that run must record
     their outputs relative to the build folder."""

@@ -139,6 +139,40 @@ def test_bad_int8_piece_size_is_one_line_naming_the_option(tmp_path, size):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("args, option", [
+    (["build", "--opset", "99999"], "--opset"),  # was onnx's ValidationError after the export
+    (["build", "--opset", "16"], "--opset"),
+    (["calibrate", "--encoder-samples", "0"], "--encoder-samples"),
+    (["calibrate", "--reranker-queries", "-1"], "--reranker-queries"),
+    (["serve", "--http-port", "70000"], "--http-port"),
+])
+def test_out_of_range_options_exit_2_before_any_work(tmp_path, args, option):
+    result = _invoke(*args, "--out" if args[0] != "serve" else "--repository", str(tmp_path / "out"))
+    assert result.exit_code == 2 and option in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_opset_range_is_what_the_exporter_writes():
+    """MAX_OPSET (the CLI's bound, kept free of imports) within torch.onnx's and onnx's own newest."""
+    import onnx
+    from torch.onnx._constants import ONNX_MAX_OPSET
+
+    from resrank_export.export import MAX_OPSET
+
+    assert MAX_OPSET <= min(ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
+def test_plan_of_a_huge_max_candidates_is_one_line(tiny_checkpoint, tmp_path):
+    """It once allocated a prompt of 10^12 slots until the kernel killed it."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint().root, checkpoint)
+    config = json.loads((checkpoint / CONFIG_FILE).read_text())
+    (checkpoint / CONFIG_FILE).write_text(json.dumps({**config, "max_candidates": 10**12}))
+    result = _invoke("plan", "--checkpoint", str(checkpoint), "--gpu-memory", "16GiB")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {checkpoint / CONFIG_FILE}: field 'max_candidates'")
+
+
 def test_demo_checkpoint_refuses_existing_folder(tmp_path):
     result = _invoke("demo-checkpoint", str(tmp_path))
     assert result.exit_code == 1 and "already exists" in result.stderr

@@ -73,6 +73,14 @@ BAD = {
     "scalar-for-list": ('int8-exclude-op = "Gather"\n', "key 'int8-exclude-op' takes a list"),
     "list-for-scalar": ('precision = ["fp16"]\n', "key 'precision' takes one value"),
     "flag-not-bool": ('force = "yes"\n', "key 'force' is a flag"),
+    # The command line refuses 2.7 and true for an integer; int() would have made them 2 and 1.
+    "float-for-int": ("max-batch = 2.7\n", "key 'max-batch' takes an integer, got 2.7"),
+    "bool-for-int": ("parity-queries = true\n", "key 'parity-queries' takes an integer, got True"),
+    "number-for-path": ("out = 5\n", "key 'out' takes a string, got 5"),
+    "number-in-list": ("int8-exclude-op = [5]\n", "key 'int8-exclude-op' takes a string in each item, got 5"),
+    "date-for-choice": ("precision = 1979-05-27\n", "key 'precision' takes a string"),
+    "bool-for-float": ("int8-smoothquant-alpha = true\n", "key 'int8-smoothquant-alpha' takes a number"),
+    "opset-past-range": ("opset = 99999\n", "key 'opset'"),
     "table": ("[parity]\nqueries = 3\n", "[parity] is not a table this command takes; expected one of [int8_wo], [int4_awq]"),
     "malformed": ('precision = "fp16\n', "not valid TOML"),
 }
@@ -111,3 +119,44 @@ def test_build_from_a_config_file_records_the_resolved_settings(tiny_checkpoint,
     assert manifest["stages"]["parity"]["inputs"]["queries"] == 2  # the stage ran with it
     assert manifest["stages"]["parity"]["report"]["passed"] is True
     assert "triton" not in manifest["stages"]
+
+
+def _toml_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.text(max_size=12) | st.integers(min_value=-2**63, max_value=2**63 - 1) | st.booleans()
+               | st.floats(allow_nan=True, allow_infinity=True) | st.dates() | st.datetimes())
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(min_size=1, max_size=6), inner, max_size=2), max_leaves=4)
+
+
+def test_no_config_file_ends_in_a_traceback_or_leaves_output(tmp_path):
+    """Property: any TOML file of build keys (and some unknown ones) with any TOML value either
+    loads (and its printed config loads back to the same text) or is a one-line error naming the
+    file, exit 1; nothing is written beside it."""
+    import tomli_w
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(sorted(_build_keys())) | st.text(min_size=1, max_size=8)
+    config = tmp_path / "build.toml"
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(values=st.dictionaries(keys, _toml_values(), max_size=4))
+    def check(values):
+        config.write_text(tomli_w.dumps(values))
+        result = _invoke("build", "--config", str(config), "--out", str(tmp_path / "out"), "--print-config")
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+        assert result.exit_code in (0, 1), result.output
+        if result.exit_code == 1:
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {config}: ")
+        else:
+            printed = tmp_path / "printed.toml"
+            printed.write_text(result.stdout)
+            again = _invoke("build", "--config", str(printed), "--print-config")
+            printed.unlink()
+            assert again.exit_code == 0 and again.stdout == result.stdout
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["build.toml"]
+
+    check()

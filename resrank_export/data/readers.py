@@ -39,17 +39,28 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             raise InputDataError(f"{path}: not UTF-8 text") from None
 
 
-def _field(obj: dict, names: tuple[str, ...], path: Path, lineno: int) -> str:
+def _field(obj: dict, names: tuple[str, ...], path: Path, lineno: int, kinds: tuple = (str, int)) -> str:
+    """The first of `names` present, as text. Ids may be numbers; texts must be strings (a list or
+    object would otherwise be indexed as its Python repr)."""
     for name in names:
         if name in obj and obj[name] is not None:
-            return str(obj[name])
+            value = obj[name]
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                expected = "a string" if kinds == (str,) else "a string or an integer"
+                raise InputDataError(f"{path}:{lineno}: field {name!r} must be {expected}, got "
+                                     f"{type(value).__name__} {json.dumps(value)[:60]}")
+            return str(value)
     raise InputDataError(f"{path}:{lineno}: missing field; expected one of {', '.join(names)}")
+
+
+def _text(obj: dict, names: tuple[str, ...], path: Path, lineno: int) -> str:
+    return _field(obj, names, path, lineno, (str,))
 
 
 def _passage_text(obj: dict, path: Path, lineno: int) -> str:
     """BEIR joins title and text with a space (as sentence-transformers' BEIR evaluation does)."""
-    text = _field(obj, ("text", "contents", "passage"), path, lineno)
-    title = str(obj.get("title") or "").strip()
+    text = _text(obj, ("text", "contents", "passage"), path, lineno)
+    title = _text(obj, ("title",), path, lineno).strip() if obj.get("title") else ""
     return f"{title} {text}".strip() if title else text.strip()
 
 
@@ -73,6 +84,13 @@ def iter_passages(path: str | Path) -> Iterator[Passage]:
 
 
 def _read_passages(path: Path) -> Iterator[tuple[int, Passage]]:
+    try:
+        yield from _parse_passages(path)
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"{path}: not UTF-8 text ({exc.reason}: {exc.object[exc.start:exc.end]!r})") from None
+
+
+def _parse_passages(path: Path) -> Iterator[tuple[int, Passage]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         for lineno, obj in iter_jsonl(path):
@@ -94,12 +112,20 @@ def _read_passages(path: Path) -> Iterator[tuple[int, Passage]]:
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
-    """BEIR queries.jsonl ({_id, text}) -> {query id: text}."""
+    """BEIR queries.jsonl ({_id, text}) -> {query id: text}. A duplicate id or an empty text is an
+    error naming the line (a dict would keep one of two queries silently)."""
     path = Path(path)
     if path.is_dir():
         path = path / "queries.jsonl"
-    return {_field(o, ("_id", "id", "qid"), path, n): _field(o, ("text", "query"), path, n)
-            for n, o in iter_jsonl(path)}
+    queries: dict[str, str] = {}
+    for n, obj in iter_jsonl(path):
+        qid, text = _field(obj, ("_id", "id", "qid"), path, n), _text(obj, ("text", "query"), path, n)
+        if qid in queries:
+            raise InputDataError(f"{path}:{n}: duplicate query id {qid!r}")
+        if not text.strip():
+            raise InputDataError(f"{path}:{n}: query {qid!r} has empty text")
+        queries[qid] = text
+    return queries
 
 
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:

@@ -14,6 +14,8 @@ from resrank_export.engine.profiles import GIB, PASSAGE_RUN_ROWS, BuildGraphs, E
 from resrank_export.errors import InputDataError
 from resrank_export.model.checkpoint import Checkpoint, safetensors_header, safetensors_headers
 from resrank_export.precision import PRECISIONS, precision_row
+
+MAX_SIZE = 1 << 60  # 1 EiB: past any memory or disk a size option describes
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _LAYER_MATMUL = re.compile(r"(^|\.)(layers?|layer\.\d+|h)\.\d+\..*weight$|\.layer\.\d+\..*weight$")
 
@@ -23,7 +25,10 @@ def parse_size(text: str, option: str = "--gpu-memory") -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise InputDataError(f"{option} {text!r}: expected a size such as 512MiB, 16GiB, 24GB or 80GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not size < MAX_SIZE:  # also inf: 400 digits overflow float (int(inf) raised OverflowError)
+        raise InputDataError(f"{option} {text!r}: expected a size below 1 EiB")
+    return int(size)
 
 
 def _header_shapes(path: Path) -> dict[str, list[int]]:

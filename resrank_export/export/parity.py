@@ -66,11 +66,26 @@ class ParityData:
     candidates: list[list[str]]  # passage texts per query, best first
 
 
+def check_parity_data(config: ParityConfig) -> None:
+    """Before any work: a --parity-data folder that is missing, or holds a run without the queries
+    or corpus it ranks, is an error (never the embedded corpus instead: a rerun would then skip
+    parity as unchanged and record the bogus path)."""
+    data_dir = config.data_dir
+    if data_dir is None:
+        return
+    if not data_dir.is_dir():
+        raise InputDataError(f"{data_dir}: parity data folder not found")
+    if (data_dir / RUN_FILE).is_file():
+        for name in ("queries.jsonl", "corpus.jsonl"):
+            if not (data_dir / name).is_file():
+                raise InputDataError(f"{data_dir / name}: file not found; a parity data folder with {RUN_FILE} "
+                                     "needs queries.jsonl and corpus.jsonl (BEIR layout)")
+
+
 def load_parity_data(config: ParityConfig, k: int) -> ParityData:
     """Queries with k candidate texts each, from the BEIR folder or the embedded corpus."""
+    check_parity_data(config)
     data_dir = config.data_dir
-    if data_dir is not None and not data_dir.is_dir():  # a mistyped path must not pass silently
-        raise InputDataError(f"{data_dir}: parity data folder not found")
     if data_dir is not None and (data_dir / RUN_FILE).is_file():
         run = read_trec_run(data_dir / RUN_FILE)
         queries = read_queries(data_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resrank_export.errors import ResRankExportError
+from resrank_export.errors import InputDataError, ResRankExportError
 from resrank_export.index.config import IndexConfig
 from resrank_export.index.layout import FAISS_FILE, FORMAT_VERSION, VECTORS_FILE
 
@@ -21,6 +21,7 @@ def _kind_params(config: IndexConfig, count: int, dim: int) -> dict:
         return {}
     if config.kind == "hnsw":
         return {"M": config.hnsw_m, "efConstruction": config.ef_construction, "efSearch": config.ef_search}
+    check_nlist(config, count)
     nlist = config.nlist or max(1, min(round(4 * math.sqrt(count)), count // 39))
     # SciFact/MiniLM (nlist 132): nprobe 16 gives recall@10 0.91 against exact search, 32 gives 0.97.
     nprobe = min(nlist, config.nprobe or max(32, nlist // 8))
@@ -36,6 +37,14 @@ def _kind_params(config: IndexConfig, count: int, dim: int) -> dict:
 
 
 IVF_KINDS = ("ivf", "ivfpq")  # kinds whose inverted lists merge (per-shard adds on Ray, on-disk lists)
+
+
+def check_nlist(config: IndexConfig, count: int) -> None:
+    """IVF training needs a vector per list (FAISS raises inside `train` otherwise)."""
+    trained = min(count, config.train_size)
+    if config.kind in IVF_KINDS and config.nlist is not None and config.nlist > trained:
+        raise InputDataError(f"--nlist {config.nlist}: more inverted lists than the {trained} vectors the index "
+                             f"trains on ({count} passages); expected at most {trained}")
 
 
 def trained_index(faiss, vectors: np.ndarray, config: IndexConfig, count: int, dim: int) -> tuple:

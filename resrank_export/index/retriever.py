@@ -147,6 +147,8 @@ def run_search(config: SearchConfig) -> Iterator[QueryHits]:
     """Search every query of `config`, encoding them in batches; yields results in query order."""
     if (config.query is None) == (config.queries_file is None):
         raise ResRankExportError("give exactly one of a query text (--query) or a queries file (--queries)")
+    if config.query is not None and not config.query.strip():  # as the served pipeline refuses it
+        raise ResRankExportError("--query is empty or whitespace-only; expected the text to search for")
     queries = [(None, config.query)] if config.query is not None else list(read_queries(config.queries_file).items())
     info = read_index_info(Path(config.index))
     retriever = Retriever.load(config.index, config.build or info["build"])

@@ -26,7 +26,7 @@ from resrank_export.index.encode import (
     encode_chunks,
     open_work_dir,
 )
-from resrank_export.index.faiss_index import write_faiss
+from resrank_export.index.faiss_index import IVF_KINDS, check_nlist, write_faiss
 from resrank_export.index.layout import IDS_FILE, INDEX_FILE, TEXTS_FILE, VECTORS_FILE, read_index_info
 from resrank_export.index.report import index_report, write_report
 from resrank_export.index.retriever import Retriever, check_encoder_matches
@@ -45,6 +45,8 @@ def build_index(config: IndexConfig, on_chunk: ProgressHook | None = None) -> di
         return _reindex(Path(config.source_index), config)
     require("faiss", "building a FAISS index")  # fail before hours of encoding
     refuse_foreign_folder(config.out, INDEX_FILE, "an index folder")
+    if config.kind in IVF_KINDS and config.nlist is not None:  # a pass over the corpus, not hours of encoding
+        check_nlist(config, sum(1 for _ in corpus_passages(config.corpus)))
     encoder = OnnxEncoder(config.build, batch_size=config.batch_size, precision=config.precision,
                           providers=config.providers)
     work = config.work_dir or config.out.parent / f".{config.out.name}.partial"

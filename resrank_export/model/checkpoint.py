@@ -20,6 +20,10 @@ from resrank_export.model.text import PASSAGE_MARKER, PASSAGES_MARKER, QUERY_MAR
 CONFIG_FILE = "resrank.json"
 PROJECTOR_FILE = "projector.safetensors"
 POOLINGS = ("last", "mean", "cls")
+# Ceiling of the length and count fields before the backbones' own position limits are read: every
+# stage sizes arrays by them (the planner builds a prompt of max_candidates slots), so a typo such
+# as 1e12 must fail here, not take the machine's memory.
+MAX_LENGTH = 1 << 17  # 131,072: the longest context of the Qwen3 releases (with YaRN)
 PROJECTORS = ("none", "linear", "mlp2x_gelu")
 
 
@@ -56,7 +60,7 @@ class ResRankConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise CheckpointError(
-                f"{source}: unknown field(s) {', '.join(unknown)}; expected only {', '.join(known)}"
+                f"{source}: unknown field(s) {', '.join(map(repr, unknown))}; expected only {', '.join(known)}"
             )
         values: dict[str, Any] = {}
         for name, value in data.items():
@@ -112,11 +116,14 @@ class ResRankConfig:
         if self.append_eos and self.max_passage_tokens < 2:
             raise CheckpointError(f"{source}: field 'max_passage_tokens' is {self.max_passage_tokens}; with "
                                   "'append_eos' expected at least 2 (the EOS takes one)")
+        if not math.isfinite(self.residual_alpha):
+            raise CheckpointError(f"{source}: field 'residual_alpha' is {self.residual_alpha}; "
+                                  "expected a finite number")
         for name in ("max_passage_tokens", "max_query_tokens", "max_candidates"):
-            if getattr(self, name) <= 0:
-                raise CheckpointError(
-                    f"{source}: field '{name}' is {getattr(self, name)}; expected an integer > 0"
-                )
+            value = getattr(self, name)
+            if not 0 < value <= MAX_LENGTH:
+                raise CheckpointError(f"{source}: field '{name}' is {value}; expected an integer > 0 and "
+                                      f"<= {MAX_LENGTH:,}")
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,12 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not UTF-8 text") from None
 
 
-def _hidden_size(model_dir: Path, role: str) -> int:
+def _backbone_config(model_dir: Path, role: str) -> dict:
+    """The backbone's config.json, with a positive integer 'hidden_size'; its weights and tokenizer exist."""
     config_path = model_dir / "config.json"
     config = _read_json(config_path)
     size = config.get("hidden_size") if isinstance(config, dict) else None
-    if not isinstance(size, int) or size <= 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise CheckpointError(f"{config_path}: {role} config has no positive integer 'hidden_size'")
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
     if not weights:
@@ -168,7 +176,20 @@ def _hidden_size(model_dir: Path, role: str) -> int:
         raise CheckpointError(
             f"{model_dir / 'tokenizer.json'}: file not found; the {role} needs a fast tokenizer file"
         )
-    return size
+    return config
+
+
+def _check_positions(config_path: Path, backbone: dict, role: str, needed: dict[str, int]) -> None:
+    """The texts the fields admit fit the backbone's position table (`max_position_embeddings`):
+    longer inputs fail inside transformers (absolute positions) or run past what the model saw."""
+    positions = backbone.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return
+    total = sum(needed.values())
+    if total > positions:
+        fields = " + ".join(f"field '{name}' ({value})" for name, value in needed.items())
+        raise CheckpointError(f"{config_path}: {fields} = {total} tokens, more than the {role}'s {positions} "
+                              f"positions (max_position_embeddings of {role}/config.json)")
 
 
 def safetensors_header(path: Path) -> dict[str, dict]:
@@ -304,8 +325,13 @@ def load_checkpoint(root: str | Path) -> Checkpoint:
     for role in ("encoder", "reranker"):
         if not (root / role).is_dir():
             raise CheckpointError(f"{root / role}: folder not found; a checkpoint needs {role}/")
-    encoder_dim = _hidden_size(root / "encoder", "encoder")
-    reranker_hidden = _hidden_size(root / "reranker", "reranker")
+    encoder, reranker = _backbone_config(root / "encoder", "encoder"), _backbone_config(root / "reranker", "reranker")
+    encoder_dim, reranker_hidden = encoder["hidden_size"], reranker["hidden_size"]
+    for name in ("max_passage_tokens", "max_query_tokens"):  # the encoder encodes passages and queries
+        _check_positions(config_path, encoder, "encoder", {name: getattr(config, name)})
+    # Each candidate takes one slot token of the reranker's prompt, beside the query's tokens.
+    _check_positions(config_path, reranker, "reranker", {"max_candidates": config.max_candidates,
+                                                         "max_query_tokens": config.max_query_tokens})
     if config.projector == "none":
         if encoder_dim != reranker_hidden:
             raise CheckpointError(

@@ -95,3 +95,6 @@ def run_query(config: QueryConfig) -> list[tuple[str, float]]:
             return [(passages[int(i)].id, score) for i, score in zip(ranked.ids, ranked.scores.tolist())]
     except utils.InferenceServerException as exc:
         raise QueryError(f"Triton at {config.url} ({config.protocol}): {exc.message()}") from None
+    except OSError as exc:  # the HTTP client's connection errors (refused, unknown host) are OSErrors
+        raise QueryError(f"Triton at {config.url} ({config.protocol}): cannot connect "
+                         f"({exc.strerror or exc}); is `resrank-export serve` running there?") from None

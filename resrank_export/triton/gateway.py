@@ -9,7 +9,9 @@ request models are local to create_app, where string annotations cannot be resol
 
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -40,6 +42,11 @@ class GatewayConfig:
     timeout_s: float = 60.0  # per Triton call; past it the client gets 504
 
     def validate(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ResRankExportError(f"--api-key / ${API_KEY_ENV} is set but empty (an unset variable in a script?): "
+                                     "that would serve /v1/* without authentication; give a key, or neither")
+        if not 1 <= self.port <= 65535:
+            raise ResRankExportError(f"--port {self.port}: expected 1 to 65535")
         if self.max_body_bytes < 1 or (self.max_documents is not None and self.max_documents < 1):
             raise ResRankExportError("--max-body-bytes and --max-documents must be >= 1")
         if self.timeout_s <= 0:
@@ -120,8 +127,9 @@ def _models(limits: RepositoryLimits, config: GatewayConfig):
         model: str | None = Field(None, description="Accepted for compatibility; the served reranker is used.")
         query: Text
         documents: list[Text | Document] = Field(min_length=1, max_length=max_documents)
-        top_n: int | None = Field(None, ge=1, description="Return the best top_n (default: all).")
-        return_documents: bool = False
+        # strict: true, 2.0 or "2" are not numbers here, as they are not in the schema
+        top_n: int | None = Field(None, ge=1, strict=True, description="Return the best top_n (default: all).")
+        return_documents: bool = Field(False, strict=True)
         truncate: Literal["END", "NONE"] = Field(
             "END", description="END: cut over-long query/documents; NONE: refuse them with 400.")
 
@@ -157,8 +165,8 @@ def _models(limits: RepositoryLimits, config: GatewayConfig):
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")
         query: Text
-        top_k: int = Field(10, ge=1, le=limits.max_top_k or 1)
-        return_texts: bool = False
+        top_k: int = Field(10, ge=1, le=limits.max_top_k or 1, strict=True)
+        return_texts: bool = Field(False, strict=True)
 
         @field_validator("query")
         @classmethod
@@ -264,6 +272,7 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
     prometheus = require("prometheus_client", "the gateway (pip install 'resrank-export[gateway]')")
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     config.validate()
     limits = limits or RepositoryLimits.read(Path(config.repository))
@@ -292,6 +301,9 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
         route, begin = request.url.path, time.perf_counter()
         if config.api_key and route.startswith("/v1/") and not _authorized(request.headers, config.api_key):
             response = JSONResponse({"message": "missing or wrong API key (Authorization: Bearer KEY)"}, 401)
+        elif request.method == "POST" and not _json_content(request.headers.get("content-type")):
+            response = JSONResponse({"message": f"Content-Type {request.headers['content-type']!r}: expected "
+                                                "application/json"}, 415)
         else:
             response = await call_next(request)
         known = route if route in {r.path for r in app.routes} else "other"
@@ -302,6 +314,12 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
     @app.exception_handler(GatewayError)
     async def gateway_error(request, exc: GatewayError):
         return JSONResponse({"message": str(exc)}, exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        """FastAPI's own answers (a body that is not UTF-8, 404, 405) in the same {"message"} shape."""
+        message = "body is not UTF-8 JSON" if exc.detail == "There was an error parsing the body" else exc.detail
+        return JSONResponse({"message": str(message)}, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -375,6 +393,14 @@ def _reason(error: dict) -> str:
     return str(error.get("msg"))
 
 
+def _json_content(content_type: str | None) -> bool:
+    """No Content-Type (FastAPI reads JSON then), application/json or application/*+json."""
+    if content_type is None:
+        return True
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _authorized(headers, key: str) -> bool:
     given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
     return secrets.compare_digest(given.encode(), key.encode())
@@ -392,9 +418,38 @@ def _refuse_overlong(limits: RepositoryLimits, query: str, texts: list[str]) -> 
                                     "truncate=END cuts it")
 
 
+def api_key_setting(option: str | None) -> str | None:
+    """--api-key, else $RESRANK_GATEWAY_API_KEY. A variable set to "" stays "" (and `validate`
+    refuses it): click drops empty variables, which would switch authentication off unnoticed."""
+    return option if option is not None else os.environ.get(API_KEY_ENV)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the gateway says where it serves: an address this
+    machine does not have, or a port in use, is one line naming it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ResRankExportError(f"--host {host!r}: not an address to listen on ({exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ResRankExportError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    return sock
+
+
 def run_gateway(config: GatewayConfig) -> None:
     """`resrank-export gateway`: serve until Ctrl-C (uvicorn handles the signals)."""
     uvicorn = require("uvicorn", "the gateway (pip install 'resrank-export[gateway]')")
-    app = create_app(config)
-    log.info("gateway on http://%s:%d -> Triton gRPC %s", config.host, config.port, config.triton_url)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    config.validate()
+    sock = listen(config.host, config.port)
+    try:
+        app = create_app(config)
+        log.info("gateway on http://%s:%d -> Triton gRPC %s", config.host, config.port, config.triton_url)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        sock.close()

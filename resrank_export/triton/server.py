@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resrank_export.errors import MissingDependencyError, ResRankExportError
+from resrank_export.lazy import require
 
 log = logging.getLogger(__name__)
 # Log lines after which the server will never become ready.
@@ -85,6 +86,19 @@ def check_stub_numpy(version: str) -> None:
                                      "(nvidia-pytriton) garbles string tensors with numpy 2; pip install 'numpy<2'")
 
 
+def check_model_configs(repository: Path) -> None:
+    """Every <model>/config.pbtxt parses as Triton's ModelConfig (the same protobuf Triton reads):
+    an edited or truncated file is one line naming it, not Triton's "failed to load" without it."""
+    from google.protobuf import text_format
+
+    model_config_pb2 = require("tritonclient.grpc.model_config_pb2", "serving (pip install 'resrank-export[triton]')")
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        try:
+            text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            raise ServerError(f"{path}: not a valid Triton model configuration ({exc})") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -116,6 +130,10 @@ class TritonServer:
     """A running tritonserver; use as a context manager or call start()/stop()."""
 
     def __init__(self, config: ServerConfig):
+        for name in ("http", "grpc", "metrics"):
+            port = getattr(config, f"{name}_port")
+            if not 0 <= port <= 65535:
+                raise ServerError(f"--{name}-port {port}: expected 0 (a free port) to 65535")
         self.config = config
         self.process: subprocess.Popen | None = None
         self.ports = {name: getattr(config, f"{name}_port") or free_port(config.host)
@@ -154,6 +172,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not (Path(self.config.repository) / "resrank_repository.json").is_file():
             raise ServerError(f"{self.config.repository}: not a model repository written by `resrank-export triton`")
+        check_model_configs(Path(self.config.repository))
         install = TritonInstall.find()
         check_stub_numpy(importlib.metadata.version("numpy"))
         self._work = Path(tempfile.mkdtemp(prefix="resrank-triton-"))

@@ -50,6 +50,12 @@ def test_beir_folder_reads_corpus_jsonl(tmp_path):
     ("c.tsv", "d1\tok\nd2\n", ":2:", "expected 'id<TAB>text'"),
     ("c.tsv", "d1\tok\nd1\tagain\n", ":2:", "duplicate passage id"),
     ("c.tsv", "d1\t   \n", ":1:", "empty text"),
+    # A text that is not a string would be indexed as its Python repr ("5", "['a']", "{...}").
+    ("c.jsonl", '{"_id": "d1", "text": 5}\n', ":1:", "field 'text' must be a string, got int 5"),
+    ("c.jsonl", '{"_id": "d1", "text": ["a", "b"]}\n', ":1:", "field 'text' must be a string, got list"),
+    ("c.jsonl", '{"_id": "d1", "text": {"en": "a"}}\n', ":1:", "field 'text' must be a string, got dict"),
+    ("c.jsonl", '{"_id": "d1", "title": 3, "text": "ok"}\n', ":1:", "field 'title' must be a string"),
+    ("c.jsonl", '{"_id": ["d1"], "text": "ok"}\n', ":1:", "field '_id' must be a string or an integer"),
 ])
 def test_malformed_passages_name_file_and_line(tmp_path, name, text, where, words):
     path = _write(tmp_path / name, text)
@@ -67,12 +73,33 @@ def test_missing_and_non_utf8_files(tmp_path):
         list(iter_passages(tmp_path / "latin1.jsonl"))
 
 
+@pytest.mark.parametrize("name, line", [("latin1.tsv", "d1\tcaf\xe9\n"), ("latin1.txt", "caf\xe9\n")])
+def test_non_utf8_tsv_and_text_name_the_file(tmp_path, name, line):
+    path = tmp_path / name
+    path.write_bytes(("d0\tfine\n" if name.endswith(".tsv") else "fine\n").encode() + line.encode("latin-1"))
+    with pytest.raises(InputDataError) as caught:
+        list(iter_passages(path))
+    assert str(caught.value).startswith(f"{path}: not UTF-8")
+
+
 def test_queries(tmp_path):
     _write(tmp_path / "queries.jsonl", '{"_id": "q1", "text": "fleas"}\n{"qid": 7, "query": "retrieval"}\n')
     assert read_queries(tmp_path) == {"q1": "fleas", "7": "retrieval"}
     _write(tmp_path / "queries.jsonl", '{"_id": "q1"}\n')
     with pytest.raises(InputDataError, match=r"queries.jsonl:1: missing field"):
         read_queries(tmp_path)
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ('{"_id": "q1", "text": "fleas"}\n{"_id": "q1", "text": "ticks"}\n', ":2:", "duplicate query id 'q1'"),
+    ('{"_id": "q1", "text": " "}\n', ":1:", "query 'q1' has empty text"),
+    ('{"_id": "q1", "text": 42}\n', ":1:", "field 'text' must be a string"),
+])
+def test_malformed_queries_name_file_and_line(tmp_path, text, where, words):
+    path = _write(tmp_path / "queries.jsonl", text)
+    with pytest.raises(InputDataError) as caught:
+        read_queries(path)
+    assert str(caught.value).startswith(f"{path}{where}") and words in str(caught.value)
 
 
 def test_trec_run_is_ordered_by_rank(tmp_path):

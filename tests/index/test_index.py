@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resrank_export.data.default_corpus import stdlib_passages
-from resrank_export.errors import IndexFormatError, InputDataError
+from resrank_export.errors import IndexFormatError, InputDataError, ResRankExportError
 from resrank_export.index.config import IndexConfig
 from resrank_export.index.encode import OnnxEncoder
 from resrank_export.index.retriever import Retriever, check_encoder_matches
@@ -194,6 +194,23 @@ def test_index_cli_reports_bad_input_on_one_line(tiny_build, tmp_path):
                                        "--out", str(tmp_path / "index")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"error: {corpus}:3: malformed JSON (Expecting ',' delimiter)"]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_more_lists_than_passages_is_refused_before_encoding(tiny_build, tmp_path, kind):
+    """FAISS cannot train more lists than vectors: refused on one line, no index and no .partial."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": f"passage number {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(InputDataError, match=r"--nlist 6: more inverted lists than the 5 vectors"):
+        build_index(IndexConfig(build=tiny_build, corpus=corpus, out=tmp_path / "index", kind=kind, nlist=6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_search_refuses_an_empty_query(flat_index):
+    from resrank_export.index.retriever import SearchConfig, run_search
+
+    with pytest.raises(ResRankExportError, match="--query is empty or whitespace-only"):
+        list(run_search(SearchConfig(index=flat_index, query=" \t")))
 
 
 def test_build_index_stage_records_the_final_build_and_is_skipped_on_rerun(tiny_checkpoint, corpus_file, tmp_path):

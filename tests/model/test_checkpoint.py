@@ -93,6 +93,18 @@ BROKEN = [
     ("max-query-tokens-negative", {}, _config(max_query_tokens=-3), CONFIG_FILE, ["'max_query_tokens'", "> 0"]),
     ("max-candidates-zero", {}, _config(max_candidates=0), CONFIG_FILE, ["'max_candidates'", "> 0"]),
     ("max-candidates-string", {}, _config(max_candidates="10"), CONFIG_FILE, ["'max_candidates'", "int"]),
+    # A huge count must fail here: the planner and the stages size their arrays by it.
+    ("max-candidates-huge", {}, _config(max_candidates=10**12), CONFIG_FILE, ["'max_candidates'", "<= 131,072"]),
+    ("max-candidates-float", {}, _config(max_candidates=1e12), CONFIG_FILE, ["'max_candidates'", "int"]),
+    # The tiny Qwen3 reranker has 4096 positions, the tiny BERT encoder 512.
+    ("max-candidates-past-positions", {}, _config(max_candidates=4090), CONFIG_FILE,
+     ["'max_candidates' (4090)", "'max_query_tokens' (16)", "4106", "4096", "reranker/config.json"]),
+    ("max-passage-tokens-past-positions", {}, _config(max_passage_tokens=513), CONFIG_FILE,
+     ["'max_passage_tokens' (513)", "512", "encoder/config.json"]),
+    ("max-query-tokens-past-positions", {}, _config(max_query_tokens=600), CONFIG_FILE,
+     ["'max_query_tokens' (600)", "512", "encoder"]),
+    ("alpha-nan", {}, _config(residual_alpha=float("nan")), CONFIG_FILE, ["'residual_alpha'", "finite"]),
+    ("alpha-infinite", {}, _config(residual_alpha=float("inf")), CONFIG_FILE, ["'residual_alpha'", "finite"]),
     ("normalize-string", {}, _config(normalize="yes"), CONFIG_FILE, ["'normalize'", "bool"]),
     ("alpha-bool", {}, _config(residual_alpha=True), CONFIG_FILE, ["'residual_alpha'", "number"]),
 ]
@@ -178,3 +190,50 @@ def test_default_sample_sizes_scale_down_with_the_encoder_parameters(tiny_checkp
     assert parameter_count(big.encoder_dir) == 151669 * 1024 + 28 * 1024 * 15409
     assert scaled_sample_size(2000, big, 100) == math.ceil(2000 * 50e6 / parameter_count(big.encoder_dir))
     assert scaled_sample_size(6, big, 2) == 2 and scaled_sample_size(2000, big, 900) == 900
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.text(max_size=20) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.integers(min_value=-2**70, max_value=2**70)
+               | st.sampled_from([0, 1, 2, 511, 512, 513, 4096, 10**12, 1e12, "{query}", "{passages}", "<|passage|>"]))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=6), inner, max_size=2), max_leaves=4)
+
+
+def test_no_resrank_json_ends_in_anything_but_a_checkpoint_or_one_line(tiny_checkpoint, tmp_path):
+    """Property: any resrank.json (fields of the valid one replaced or added with any JSON value,
+    or not an object at all) gives a Checkpoint whose lengths fit the backbones and whose alpha is
+    finite, or a one-line CheckpointError naming a file of the folder; nothing is written."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from resrank_export.fs import sha256_tree
+
+    root = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint().root, root)
+    valid = json.loads((root / CONFIG_FILE).read_text())
+    positions = {role: json.loads((root / role / "config.json").read_text())["max_position_embeddings"]
+                 for role in ("encoder", "reranker")}
+    fields = st.sampled_from(sorted(valid)) | st.text(max_size=8)
+    configs = st.dictionaries(fields, _json_values(), max_size=4).map(lambda changes: {**valid, **changes}) \
+        | _json_values()
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(config=configs)
+    def check(config):
+        (root / CONFIG_FILE).write_text(json.dumps(config))
+        before = sha256_tree(root)
+        try:
+            loaded = load_checkpoint(root).config
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(root) in str(exc)
+        else:
+            assert math.isfinite(loaded.residual_alpha)
+            assert max(loaded.max_passage_tokens, loaded.max_query_tokens) <= positions["encoder"]
+            assert loaded.max_candidates + loaded.max_query_tokens <= positions["reranker"]
+        assert sha256_tree(root) == before
+
+    check()
