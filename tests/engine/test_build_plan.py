@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from resrank_export.engine.build_plan import QWEN3_VOCAB, plan_build
+from resrank_export.engine.build_plan import QWEN3_VOCAB, BuildPlan, plan_build
 from resrank_export.engine.plan import ModelShape
 from resrank_export.engine.profiles import GIB
 from resrank_export.model.demo import QWEN3_SHAPES
@@ -79,7 +79,7 @@ def test_plan_command_for_a_released_qwen3_size(tmp_path):
     assert refused.exit_code != 0 and "--qwen3-shape plans" in refused.output
 
 
-def _measured(fitted: bool) -> list[tuple[dict, object]]:
+def _measured(fitted: bool) -> list[tuple[dict, BuildPlan]]:
     """(row, plan) of every successful build of a released Qwen3 size in scale.json, among those the
     planner was fitted on or the others (the tiny shape is no released size: its base dominates)."""
     rows = [r for r in json.loads(MEASURED.read_text())["rows"] if r["shape"] != "tiny" and r["exit_code"] == 0
