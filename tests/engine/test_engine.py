@@ -8,7 +8,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def _shapes(argument: str) -> dict[str, tuple[int, ...]]:
             for name, dims in (item.split(":") for item in argument.split(","))}
 
 
-def test_build_script_matches_the_profiles(tiny_build, tmp_path):
+def test_build_script_matches_the_profiles(tiny_build, linter, tmp_path):
     _, build = tiny_build
     config = EngineConfig(max_batch=3, workspace_bytes=2 << 30)
     profiles = engine_profiles(_graphs(build), config)
@@ -198,10 +197,8 @@ def test_build_script_matches_the_profiles(tiny_build, tmp_path):
     (tmp_path / "weak").mkdir()
     weak = _run_build_script(script, tmp_path / "weak", STRONGLY_TYPED="")  # TensorRT 8: no such flag
     assert len(weak) == 2 and all("--stronglyTyped" not in call for call in weak)
-    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
-    if shellcheck:
-        result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout
+    result = subprocess.run([linter("shellcheck"), str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
 
 @pytest.mark.parametrize("bits,block,refused", [(8, 128, True), (8, 0, False), (4, 32, False)])

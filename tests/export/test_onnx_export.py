@@ -168,13 +168,16 @@ def test_half_export_holds_half_weights_keeps_norms_fp32_and_matches_pytorch_in_
 
 def test_isolated_export_writes_the_same_graphs_from_child_processes(tiny_export, tmp_path):
     """isolate=True (automatic past ISOLATE_BYTES of weights): each graph exported in a spawned
-    process gives the same outputs as the in-process export."""
+    process gives the same outputs as the in-process export: both graphs, on every reranker case."""
     checkpoint, graphs = tiny_export()
     isolated = export_onnx(checkpoint, tmp_path, ExportConfig(isolate=True))
-    tokens = ResRankReference(checkpoint).passage_tokenizer(TEXTS)
-    ours = run_session(ort_session(isolated["encoder"]), tokens)[0]
-    np.testing.assert_array_equal(ours, run_session(ort_session(graphs["encoder"]), tokens)[0])
-    assert isolated["reranker"].is_file() and onnx.load(str(isolated["reranker"])).graph.node
+    reference = ResRankReference(checkpoint)
+    feeds = [("encoder", reference.passage_tokenizer(TEXTS))]
+    feeds += [("reranker", _reranker_inputs(reference, queries, k, seed))
+              for seed, (queries, k) in enumerate(_reranker_cases(checkpoint.config.max_candidates))]
+    for name, inputs in feeds:
+        ours = run_session(ort_session(isolated[name]), inputs)[0]
+        np.testing.assert_array_equal(ours, run_session(ort_session(graphs[name]), inputs)[0], err_msg=name)
 
 
 def test_export_refuses_auto_dtype_in_one_line(tiny_checkpoint, tmp_path):

@@ -9,10 +9,15 @@ import pytest
 
 from resrank_export.errors import NotAvailableError, ResRankExportError
 from resrank_export.export.onnx import graph_specs
-from resrank_export.export.parity import _row_cosine
+from resrank_export.export.parity import PARITY_GATES, _row_cosine
 from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
 from resrank_export.precision.graphs import PrecisionConfig, convert_half, quantize_int8
 from resrank_export.runtime import ReferenceSession, graph_session, is_bfloat16_graph, ort_session, run_session
+
+# Min cosine against the FP32 graph on held-out inputs: FP16 and BF16 at their parity gates, INT8 at
+# the fidelity gate's 0.99 (docs/precision.md, tests/precision/test_fidelity.py). Measured on these
+# checkpoints: FP16 >= 0.9999997, BF16 >= 0.99989, INT8 >= 0.999996.
+MIN_COSINE = {"fp16": PARITY_GATES["fp16"].min_cosine, "bf16": PARITY_GATES["bf16"].min_cosine, "int8": 0.99}
 
 
 @pytest.fixture(scope="module", params=["qwen3", "bert"])
@@ -47,8 +52,7 @@ def test_precision_graphs_track_fp32_and_keep_io(exported, precision):
         assert _io_types(dst) == _io_types(src)
         ref = run_session(ort_session(src), held[name])[0]
         got = run_session(graph_session(dst), held[name])[0]  # bf16: onnx's reference evaluator
-        floor = {"fp16": 0.999, "bf16": 0.995, "int8": 0.95}[precision]
-        assert _row_cosine(ref, got).min() > floor, (name, precision)
+        assert _row_cosine(ref, got).min() >= MIN_COSINE[precision], (name, precision, _row_cosine(ref, got).min())
         assert not np.array_equal(ref, got)
         if precision in ("fp16", "bf16"):
             kept = report["nodes"]["fp32"]

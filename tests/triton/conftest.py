@@ -1,10 +1,11 @@
 """A real tritonserver on the demo build (python backend, CPU) and a 300-passage index of the
-embedded corpus, started once per session for every test file here that serves (the server,
-batching and gateway tests), with the in-process pipeline as their reference."""
+embedded corpus, started once per session for the server and gateway tests (the batching test
+starts its own with other batching settings), with the in-process pipeline as their reference."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,18 +45,29 @@ def reference(triton_build, triton_index):
 
 
 @pytest.fixture(scope="session")
-def triton_server(triton_build, triton_index, tmp_path_factory):
-    """Session server; skipped where tritonclient or the nvidia-pytriton wheel is missing."""
+def serve_demo(triton_build, triton_index, tmp_path_factory):
+    """Factory: `with serve_demo(**settings) as server` runs a real tritonserver on a repository of
+    the demo build and index written with those TritonConfig settings; skipped where tritonclient
+    or the nvidia-pytriton wheel is missing."""
     pytest.importorskip("tritonclient.grpc")
     pytest.importorskip("pytriton")
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
     from resrank_export.triton.server import ServerConfig, TritonServer
 
-    repository = tmp_path_factory.mktemp("triton") / "model_repository"
-    # a 2 ms batching wait: the batching test counts merged executions, which then do not hang on
-    # requests happening to queue while a model runs
-    write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index, max_batch_size=8,
-                                  max_queue_delay_us=2000))
-    with TritonServer(ServerConfig(repository=repository)) as server:
+    @contextmanager
+    def serve(**settings):
+        repository = tmp_path_factory.mktemp("triton") / "model_repository"
+        write_repository(TritonConfig(build=triton_build, out=repository, index=triton_index, max_batch_size=8,
+                                      **settings))
+        with TritonServer(ServerConfig(repository=repository)) as server:
+            yield server
+
+    return serve
+
+
+@pytest.fixture(scope="session")
+def triton_server(serve_demo):
+    """The session's server, with the default batching settings."""
+    with serve_demo() as server:
         yield server

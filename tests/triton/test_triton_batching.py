@@ -16,6 +16,7 @@ from resrank_export.runtime import ort_session, run_session
 from resrank_export.triton.models.batching import merge_encoder, merge_reranker, merger, plan_runs
 
 ATOL = 1e-5  # padding changes only summation order
+BATCHING_WAIT_US = 1_000_000  # generous: 16 client threads' requests reach a model well within it of each other
 TEXTS = [["fleas"], ["The quick brown fox jumps over the lazy dog near the river bank.", "a b"],
          [" ".join(["Dense retrieval encodes passages into vectors."] * 6)], ["x y z"]]
 QUERIES = [(["how long do fleas live"], 3), (["x"], 1), (["what is dense retrieval and why rerank", "q"], 7),
@@ -87,6 +88,15 @@ def test_runs_cover_every_request_once_within_the_budget(budget):
 
 # --- the real server --------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def batching_server(serve_demo):
+    """A server whose batched models wait up to BATCHING_WAIT_US for more requests: concurrent
+    requests then merge whenever they reach a model within that bound of each other, not only when
+    they happen to queue while it runs (the default wait, 0, leaves that to thread timing)."""
+    with serve_demo(max_queue_delay_us=BATCHING_WAIT_US) as server:
+        yield server
+
+
 def _stats(client, model: str) -> tuple[int, int]:
     """(requests answered, executions) of a model, from Triton's statistics (a request of the
     passage encoder carries many rows, so rows would not do)."""
@@ -96,7 +106,7 @@ def _stats(client, model: str) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_requests_of_different_lengths_share_executions(triton_server, reference, triton_passages):
+def test_requests_of_different_lengths_share_executions(batching_server, reference, triton_passages):
     """48 searches and 24 reranks, every one with its own query length (and k), from 16 clients:
     a batcher that merged only equal shapes could never merge two of them."""
     pytest.importorskip("tritonclient.grpc")
@@ -109,12 +119,12 @@ def test_requests_of_different_lengths_share_executions(triton_server, reference
     expected = [reference.search(q, k) for q, k in searches] + [reference.rerank(q, p) for q, p in reranks]
     calls = [("search", args) for args in searches] + [("rerank", args) for args in reranks]
 
-    with ResRankClient(triton_server.grpc_url, "grpc") as probe:
+    with ResRankClient(batching_server.grpc_url, "grpc") as probe:
         before = {m: _stats(probe, m) for m in ("encoder", "reranker")}
 
         def call(item):
             kind, args = item
-            with ResRankClient(triton_server.grpc_url, "grpc") as client:
+            with ResRankClient(batching_server.grpc_url, "grpc") as client:
                 return getattr(client, kind)(*args)
 
         with cf.ThreadPoolExecutor(16) as pool:

@@ -2,7 +2,9 @@
 kill -9 of each composing model's stub (serve's watchdog must make readiness false, reload the
 model and bring traffic back), a server restart mid-load, and corrupt files at startup through
 the real `resrank-export serve` CLI. After each fault the same requests must return what they
-returned before it. The deadlines asserted are the serving contract (docs/triton.md), not speed."""
+returned before it. The deadlines asserted are the serving contract (docs/triton.md), not speed;
+readiness is checked by the order of what a poller observed (not ready, then ready again), with
+the times printed, not by a race against the poll interval."""
 
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from resrank_export.triton.client import ResRankClient  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REQUEST_TIMEOUT = 10.0  # every client call; a call that hits it is a hang
-NOT_READY_WITHIN = 5.0  # after the kill
 RECOVERED_WITHIN = 30.0  # after the kill (or the restart)
+POLL_SECONDS = 0.01  # between readiness checks: a reload keeps it false for seconds (a stub starting)
 SCORE_ATOL = 1e-4
 PYTHON_MODELS = ("query_tokenizer", "encoder", "faiss_lookup", "passage_encoder", "prompt_builder", "reranker",
                  "rank_sort")
@@ -96,7 +98,7 @@ class Load:
             if ready != last:
                 self.readiness.append((time.monotonic(), ready))
                 last = ready
-            time.sleep(0.05)
+            time.sleep(POLL_SECONDS)
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,9 +177,9 @@ def test_stub_kill_under_load_is_detected_and_repaired(recovery_server, baseline
     finally:
         load.stop()
     went_down = next((t for t, ready in load.readiness if t > killed_at and not ready), None)
-    assert went_down is not None and went_down - killed_at < NOT_READY_WITHIN, "readiness never went false"
+    assert went_down is not None, f"readiness never went false: {load.readiness}"
     back_up = next((t for t, ready in load.readiness if t > went_down and ready), None)
-    assert back_up is not None and back_up - killed_at < RECOVERED_WITHIN, "readiness never came back"
+    assert back_up is not None and back_up - killed_at < RECOVERED_WITHIN, f"never ready again: {load.readiness}"
     figures = load.check(baseline, killed_at)
     assert [r.model for r in server.watchdog.restores[restores:]] == [model]
     assert model in {stub.model for stub in live_stubs(server.process.pid).values()}
@@ -278,10 +280,16 @@ def test_model_that_cannot_be_reloaded_stops_serve(triton_build, triton_index, t
         victim = next(stub for stub in live_stubs(server_pid).values() if stub.model == "faiss_lookup")
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
-        readiness = []
+        readiness = []  # (seconds after the kill, ready) while serve runs, until it exits or is ready again
         while serve.poll() is None and time.monotonic() < killed_at + 150:
             readiness.append((time.monotonic() - killed_at, _ready(http_url)))
+            if readiness[-1][1] and not all(ready for _, ready in readiness):
+                break
             time.sleep(0.2)
+        went_down = next((i for i, (_, ready) in enumerate(readiness) if not ready), None)
+        assert went_down is not None, "readiness never went false"
+        ready_after = [t for t, ready in readiness[went_down:] if ready]
+        assert not ready_after, f"ready again {ready_after[0]:.1f} s after the kill without faiss_lookup"
         _, stderr = serve.communicate(timeout=30)
     finally:
         if serve.poll() is None:
@@ -291,8 +299,6 @@ def test_model_that_cannot_be_reloaded_stops_serve(triton_build, triton_index, t
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: model faiss_lookup could not be reloaded"), stderr
     assert "index.faiss" in last, last
-    ready_after = [t for t, ready in readiness if ready and t > NOT_READY_WITHIN]
-    assert not ready_after, f"ready again {ready_after[0]:.1f} s after the kill without faiss_lookup"
     print(f"\nexit {serve.returncode} {time.monotonic() - killed_at:.1f} s after the kill: {last}")
 
 
