@@ -51,7 +51,7 @@ def read_config_file(ctx: click.Context, path: Path) -> dict[str, Any]:
     for key, value in data.items():
         if isinstance(value, dict):
             if key not in tables:
-                raise InputDataError(f"{path}: [{key}] is not a table this command takes; "
+                raise InputDataError(f"{path}: table {key!r} is not one this command takes; "
                                      + (f"expected one of {', '.join(f'[{t}]' for t in tables)}" if tables else
                                         "the file takes one value per option (e.g. parity-queries = 3)"))
             values.setdefault(TABLES_PARAM, {"source": str(path), "tables": {}})["tables"][key] = value

@@ -81,7 +81,7 @@ BAD = {
     "date-for-choice": ("precision = 1979-05-27\n", "key 'precision' takes a string"),
     "bool-for-float": ("int8-smoothquant-alpha = true\n", "key 'int8-smoothquant-alpha' takes a number"),
     "opset-past-range": ("opset = 99999\n", "key 'opset'"),
-    "table": ("[parity]\nqueries = 3\n", "[parity] is not a table this command takes; expected one of [int8_wo], [int4_awq]"),
+    "table": ("[parity]\nqueries = 3\n", "table 'parity' is not one this command takes; expected one of [int8_wo], [int4_awq]"),
     "malformed": ('precision = "fp16\n', "not valid TOML"),
 }
 

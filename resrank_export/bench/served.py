@@ -66,8 +66,8 @@ def drive_load(url: str, ensemble: str, payloads: list[tuple], concurrency: int,
     HTTP client is not thread-safe), all released together; per-request latencies and wall time."""
     from resrank_export.triton.client import ResRankClient
 
-    shares = [payloads[i::concurrency] for i in range(concurrency)]
-    start_line = threading.Barrier(concurrency + 1)
+    shares = [share for share in (payloads[i::concurrency] for i in range(concurrency)) if share]
+    start_line = threading.Barrier(len(shares) + 1)  # fewer payloads than clients: only the clients with work
     latencies: list[float] = []
     errors: list[str] = []
 
@@ -86,7 +86,7 @@ def drive_load(url: str, ensemble: str, payloads: list[tuple], concurrency: int,
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             start_line.abort()
 
-    threads = [threading.Thread(target=client_thread, args=(share,)) for share in shares if share]
+    threads = [threading.Thread(target=client_thread, args=(share,)) for share in shares]
     for thread in threads:
         thread.start()
     try:
