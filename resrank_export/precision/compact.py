@@ -14,7 +14,6 @@ from resrank_export.lazy import require
 
 BLOCK_OPSET = 21  # DequantizeLinear's block_size and the INT4 type
 EMBEDDING_STORAGE = ("int8", "fp16", "fp32")
-EMBEDDING_MIN_ELEMENTS = 1 << 20  # Gather tables this large are token embeddings (positions stay as they are)
 
 
 def _scales(weight: np.ndarray, levels: int, axis: int) -> np.ndarray:
@@ -72,8 +71,8 @@ def _dq_weight(model, name: str, q: np.ndarray, scale: np.ndarray, bits: int, bl
 
 
 def compact_embeddings(model, storage: str) -> list[str]:
-    """Token-embedding tables (a Gather's 2-D initializer of at least EMBEDDING_MIN_ELEMENTS, read
-    by that Gather alone) stored as `storage`: "int8" one symmetric scale per row, the rows
+    """Token-embedding tables (the 2-D initializer of a Gather whose indices are a graph input, the
+    token ids, read by that Gather alone; position and token-type tables stay) stored as `storage`: "int8" one symmetric scale per row, the rows
     gathered as INT8 then cast and multiplied by their gathered scale (exact per row, and only
     the looked-up rows are widened; a DequantizeLinear before the Gather would widen the whole
     table on every run); "fp16" the table in FP16 and the gathered rows cast to FP32. Rewrites
@@ -84,10 +83,11 @@ def compact_embeddings(model, storage: str) -> list[str]:
     numpy_helper, helper = onnx.numpy_helper, onnx.helper
     initializers = {init.name: init for init in model.graph.initializer}
     users = collections.Counter(name for node in model.graph.node for name in node.input)
+    inputs = {value.name for value in model.graph.input}
     changed, nodes = [], []
     for node in model.graph.node:
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
-        if (table is None or len(table.dims) != 2 or math.prod(table.dims) < EMBEDDING_MIN_ELEMENTS
+        if (table is None or len(table.dims) != 2 or node.input[1] not in inputs
                 or users[table.name] != 1 or table.data_type != onnx.TensorProto.FLOAT
                 or next((a.i for a in node.attribute if a.name == "axis"), 0) != 0):
             nodes.append(node)

@@ -357,6 +357,8 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     # never the FFN down-projections: measured on all-MiniLM-L6-v2, smoothing the GELU output
     # and quantizing them drops the min embedding cosine to 0.83
     gemms = _quantized_gemm_names(fp32_graph, config, down_projections)
+    # the down-projections kept off INT8 activations that no exclusion names: INT8 weight-only
+    weight_only = set(kept_fp32) & _quantized_gemm_names(fp32_graph, config, [])
     pieces = plan_pieces(fp32_graph, config.int8_piece_bytes)
     # one set of runs for SmoothQuant's maxima and ModelOpt's ranges (merging GEMMs later does not
     # change what a run keeps: the tokens per run are read off the FP32 graph, its largest piece)
@@ -376,7 +378,7 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
     del fp32_graph
     rewired = unshare_dequantized_activations(model)
     seven_bit = seven_bit_weights(model) if config.int8_cpu_integer_kernels else 0
-    model, stored = _store_compactly(model, set(kept_fp32))
+    model, stored = _store_compactly(model, weight_only)
     save_graph(model, dst)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(samples),
