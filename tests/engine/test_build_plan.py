@@ -17,7 +17,8 @@ from resrank_export.model.demo import QWEN3_SHAPES
 MEASURED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "scale" / "scale.json"
 # The measured builds the planner's constants were fitted on (docs/scale.md, "Planner"): the export,
 # activation and INT8 factors at 0.6B, the FP16 session factor at 4B. Every other row is out of sample.
-FITTED_ON = {("0.6b", "fp16"), ("0.6b", "int8"), ("4b", "fp16")}
+# the builds whose measurements set the planner's constants (0.6b int4_awq: WEIGHT_ONLY_FACTOR)
+FITTED_ON = {("0.6b", "fp16"), ("0.6b", "int8"), ("4b", "fp16"), ("0.6b", "int4_awq")}
 
 # Each stage's peak worked by hand (GiB) from what it holds of the larger model (the reranker, vocab
 # 151,670) and the measurements of docs/scale.md, not from engine/build_plan.py's constants:
