@@ -368,10 +368,14 @@ def quantize_int8(src: Path, dst: Path, calibration: dict[str, np.ndarray], conf
         with _private_copy(src) as copy:
             smoothing, merged = _prepare_copy(copy, gemms, runs, config.int8_smoothquant_alpha,
                                               config.int8_cpu_integer_kernels)
+            # written beside the private copy: ModelOpt's external data (`<output>_data`) must not be
+            # left in the build folder beside the compact graph saved later
+            quantized = copy.with_name("quantized.onnx")
             require("modelopt.onnx.quantization", "INT8 quantization").quantize(
                 onnx_path=str(copy), calibration_data_reader=_calibration_reader(runs),
-                use_external_data_format=any(src.parent.glob(f"{src.name}.*")), output_path=str(dst), **settings)
-        model, renamed = onnx.load(str(dst)), 0
+                use_external_data_format=any(src.parent.glob(f"{src.name}.*")), output_path=str(quantized),
+                **settings)
+            model, renamed = onnx.load(str(quantized)), 0
     else:
         model, smoothing, merged, renamed = _quantize_in_pieces(src, fp32_graph, pieces, gemms, runs, config, settings)
     restored = restore_value_shapes(model, fp32_graph)
