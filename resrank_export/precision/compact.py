@@ -72,8 +72,8 @@ def _dq_weight(model, name: str, q: np.ndarray, scale: np.ndarray, bits: int, bl
 
 def compact_embeddings(model, storage: str) -> list[str]:
     """Token-embedding tables (the 2-D initializer of a Gather whose indices are a graph input, the
-    token ids, read by that Gather alone; position and token-type tables stay) stored as `storage`: "int8" one symmetric scale per row, the rows
-    gathered as INT8 then cast and multiplied by their gathered scale (exact per row, and only
+    token ids, read by that Gather alone; position and token-type tables stay) stored as
+    `storage`: "int8" one symmetric scale per row, the rows gathered as INT8 then cast and multiplied by their gathered scale (exact per row, and only
     the looked-up rows are widened; a DequantizeLinear before the Gather would widen the whole
     table on every run); "fp16" the table in FP16 and the gathered rows cast to FP32. Rewrites
     `model` in place; returns the tables changed."""

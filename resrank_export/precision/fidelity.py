@@ -178,14 +178,14 @@ def gate_checks(report: dict, precision: str) -> list[dict]:
                else None, "max"),
               ("reranker Kendall tau", row.min_kendall_tau, report["reranker"]["precisions"][precision]["kendall_tau"],
                "min")]
-    return [{"gate": name, "limit": limit, "value": value,
+    return [{"gate": name, "kind": kind, "limit": limit, "value": value,
              "passed": bool(value >= limit if kind == "min" else value <= limit)}
             for name, limit, value, kind in checks if limit is not None and value is not None]
 
 
 def failed_gates(report: dict) -> list[str]:
     """One line per failed gate of a fidelity report, e.g. "int4_awq: encoder min cosine 0.93 < 0.95"."""
-    return [f"{precision}: {c['gate']} {c['value']:.4f} {'<' if 'drop' not in c['gate'] else '>'} {c['limit']}"
+    return [f"{precision}: {c['gate']} {c['value']:.4f} {'<' if c['kind'] == 'min' else '>'} {c['limit']}"
             for precision, checks in report.get("gates", {}).items() for c in checks if not c["passed"]]
 
 

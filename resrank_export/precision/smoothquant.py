@@ -38,32 +38,36 @@ def smoothable_groups(model, gemm_names: set[str]) -> dict[str, list]:
     return groups
 
 
-def channel_absmax(graph: Path, tensors: list[str], batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of `tensors` over the calibration batches, on ONNX Runtime:
-    a probe graph beside `graph` declares them as outputs and reads the weights from `graph`'s own
+def probe_runs(graph: Path, tensors: list[str], batches: list[dict[str, np.ndarray]], what: str):
+    """Yields (inputs, {tensor: value}) for each calibration batch, `tensors` computed on ONNX
+    Runtime: a probe graph beside `graph` declares them as outputs and reads `graph`'s own
     external-data file, so no second copy of the weights is made (at 0.6B a copy is 2.4 GB)."""
-    onnx = require("onnx", "SmoothQuant")
+    onnx = require("onnx", what)
     graph = Path(graph)
     probe = onnx.load(str(graph), load_external_data=False)
     declared = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in declared:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    amax = {name: None for name in tensors}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in tensors if name not in declared)
     probe_path = graph.with_name(f".{graph.stem}.probe.onnx")
     onnx.save(probe, str(probe_path))
     del probe
+    wanted = set(tensors)
     try:
         session = ort_session(probe_path)
         names = [o.name for o in session.get_outputs()]
         for inputs in batches:
-            outputs = run_session(session, inputs)
-            for name, value in zip(names, outputs):
-                if name in amax:
-                    peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-                    amax[name] = peak if amax[name] is None else np.maximum(amax[name], peak)
+            yield inputs, {name: value for name, value in zip(names, run_session(session, inputs)) if name in wanted}
     finally:
-        probe_path.unlink()
+        probe_path.unlink(missing_ok=True)
+
+
+def channel_absmax(graph: Path, tensors: list[str], batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of `tensors` over the calibration batches (`probe_runs`)."""
+    amax = {name: None for name in tensors}
+    for _, outputs in probe_runs(graph, tensors, batches, "SmoothQuant"):
+        for name, value in outputs.items():
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            amax[name] = peak if amax[name] is None else np.maximum(amax[name], peak)
     return amax
 
 

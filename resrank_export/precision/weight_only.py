@@ -14,8 +14,8 @@ rounding, so the search never does worse than RTN on its sample).
 Written here rather than through ModelOpt's `int4.quantize`: without CUDA its AWQ runs on numpy
 at about 7 s a GEMM (253 s for the 22M-parameter demo encoder, days at 4B) and loads the whole
 graph, and ONNX Runtime's `MatMulNBitsQuantizer` writes 8-bit weights only as its own
-`MatMulNBits` contrib op, which TensorRT does not read. The rounding is the same symmetric
-block-wise RTN both libraries use."""
+`MatMulNBits` contrib op, which TensorRT does not read. The rounding is block-wise RTN as in both
+libraries, with positive scales and no zero point over the whole signed range (compact.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from resrank_export.precision import BY_NAME
 from resrank_export.precision.compact import (BLOCK_OPSET, EMBEDDING_STORAGE, compact_embeddings, dequantize_blocks,
                                               quantize_blocks, raise_opset, store_weights)
 from resrank_export.precision.graphs import calibration_batches, ffn_output_gemms
-from resrank_export.precision.smoothquant import scale_gemm_inputs, smoothable_groups
+from resrank_export.precision.smoothquant import probe_runs, scale_gemm_inputs, smoothable_groups
 from resrank_export.progress import track
 
 log = logging.getLogger(__name__)
@@ -149,37 +149,19 @@ def awq_scale(samples: np.ndarray, weight: np.ndarray, bits: int, block_size: in
 def gemm_input_samples(graph: Path, tensors: list[str], batches: list[dict[str, np.ndarray]], rows: int,
                        seed: int = 0) -> dict[str, np.ndarray]:
     """Up to `rows` rows (token positions) of each of `tensors`, sampled evenly from every
-    calibration batch on ONNX Runtime (a probe graph beside `graph` declares them as outputs and
-    reads `graph`'s own weights: no second copy); rows of padding positions are skipped."""
-    onnx = require("onnx", "weight-only quantization")
-    from resrank_export.runtime import ort_session, run_session
-
-    graph = Path(graph)
-    probe = onnx.load(str(graph), load_external_data=False)
-    declared = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in tensors if name not in declared)
-    probe_path = graph.with_name(f".{graph.stem}.awq-probe.onnx")
-    onnx.save(probe, str(probe_path))
-    del probe
+    calibration batch (`smoothquant.probe_runs`); rows of padding positions are skipped."""
     rng = np.random.default_rng(seed)
     per_batch = max(1, math.ceil(rows / max(len(batches), 1)))
     kept: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-    try:
-        session = ort_session(probe_path)
-        names = [o.name for o in session.get_outputs()]
-        for inputs in track(batches, f"AWQ activations of {graph.stem}"):
-            real = inputs["attention_mask"].reshape(-1).astype(bool) if "attention_mask" in inputs else None
-            for name, value in zip(names, run_session(session, inputs)):
-                if name not in kept:
-                    continue
-                flat = value.reshape(-1, value.shape[-1])
-                if real is not None and flat.shape[0] == real.size:
-                    flat = flat[real]
-                pick = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
-                kept[name].append(np.array(flat[np.sort(pick)], dtype=np.float32))
-    finally:
-        probe_path.unlink(missing_ok=True)
+    runs = probe_runs(graph, tensors, batches, "weight-only quantization")
+    for inputs, outputs in track(runs, f"AWQ activations of {Path(graph).stem}", total=len(batches)):
+        real = inputs["attention_mask"].reshape(-1).astype(bool) if "attention_mask" in inputs else None
+        for name, value in outputs.items():
+            flat = value.reshape(-1, value.shape[-1])
+            if real is not None and flat.shape[0] == real.size:
+                flat = flat[real]
+            pick = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
+            kept[name].append(np.array(flat[np.sort(pick)], dtype=np.float32))
     return {name: np.concatenate(parts)[:rows] for name, parts in kept.items() if parts}
 
 
@@ -191,8 +173,8 @@ def _weight_formats(structure, groups: dict[str, list], bits: int, config: Weigh
     block = config.block_size
     if block is None:
         block = default_block_size(min((shapes[name][0] for name in names), default=SMALL_MODEL_HIDDEN))
-    down = {n.input[1] for n in structure.graph.node
-            if n.name in set(ffn_output_gemms(structure))} if bits == 4 and config.ffn_down_int8 else set()
+    down_projections = set(ffn_output_gemms(structure)) if bits == 4 and config.ffn_down_int8 else set()
+    down = {n.input[1] for n in structure.graph.node if n.name in down_projections}
     return {name: (8, 0) if name in down else (bits, block) for name in names}
 
 
