@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 WEIGHT_ONLY_METHODS = ("awq", "rtn")
 AWQ_ALPHAS = tuple(np.round(np.linspace(0, 1, 11), 2))
+# Bounds that keep a config value from taking the machine down: a block pads every weight to a
+# multiple of it, and the AWQ rows of every GEMM input are held at once.
+MAX_BLOCK, MAX_AWQ_TOKENS = 4096, 8192
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,15 @@ class WeightOnlyConfig:
             raise ResRankExportError(f"weight-only method {self.method!r}: expected one of "
                                      f"{', '.join(WEIGHT_ONLY_METHODS)}")
         block = self.block_size
-        if block is not None and (block < 0 or (block and (block < 16 or block & (block - 1)))):
+        if block is not None and (block < 0 or (block and (block < 16 or block > MAX_BLOCK or block & (block - 1)))):
             raise ResRankExportError(f"weight-only block size {self.block_size}: expected 0 (per output channel) or a "
-                                     "power of two >= 16 (32, 64, 128 are usual)")
+                                     f"power of two from 16 to {MAX_BLOCK} (32, 64, 128 are usual)")
         if bits == 4 and self.block_size == 0:
             raise ResRankExportError("INT4 weights need a block size (one scale per 16-256 weights): per-channel "
                                      "INT4 loses too much; use 128, or int8_wo for per-channel weights")
-        if self.awq_tokens < 16:
-            raise ResRankExportError(f"AWQ tokens {self.awq_tokens}: expected at least 16 activation rows")
+        if not 16 <= self.awq_tokens <= MAX_AWQ_TOKENS:
+            raise ResRankExportError(f"AWQ tokens {self.awq_tokens}: expected 16 to {MAX_AWQ_TOKENS} activation rows "
+                                     "(512 is the default)")
         if self.embedding not in EMBEDDING_STORAGE:
             raise ResRankExportError(f"embedding storage {self.embedding!r}: expected one of "
                                      f"{', '.join(EMBEDDING_STORAGE)}")

@@ -146,7 +146,9 @@ def test_config_checks_and_the_toml_table():
     for table, message in (({"block": 64}, r"b.toml: \[int4_awq\] unknown key 'block'"),
                            ({"block-size": 64.0}, r"b.toml: \[int4_awq\] block-size = 64.0: expected int"),
                            ({"ffn-down-int8": 1}, r"ffn-down-int8 = 1: expected bool"),
-                           ({"method": "gptq"}, r"b.toml: \[int4_awq\] weight-only method 'gptq'")):
+                           ({"method": "gptq"}, r"b.toml: \[int4_awq\] weight-only method 'gptq'"),
+                           ({"block-size": 2**40}, r"block size 1099511627776: expected 0 .* from 16 to 4096"),
+                           ({"awq-tokens": 10**12}, r"AWQ tokens 1000000000000: expected 16 to 8192")):
         with pytest.raises(InputDataError, match=message):
             WeightOnlyConfig.from_table("int4_awq", table, "b.toml")
     assert (default_block_size(384), default_block_size(1024)) == (32, 128)
