@@ -95,7 +95,7 @@ def _stage_dtype(stage: str, exported: str) -> str:
 
 
 def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_s: float,
-              options: tuple[str, ...] = ()) -> dict:
+              options: tuple[str, ...] = (), keep: bool = False) -> dict:
     name = "-".join([f"build-{shape}-{precision}", *("".join(c for c in o if c.isalnum()) for o in options)])
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
@@ -107,7 +107,8 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
     row = measured_row(shape, precision, work, checkpoint, out, result, load_before, options)
     if result["exit_code"] != 0:
         row["error_tail"] = (work / f"{name}.log").read_text().strip().splitlines()[-5:]
-    shutil.rmtree(out, ignore_errors=True)  # graphs of GBs; the row keeps what was measured
+    if not keep:  # graphs of GBs; the row keeps what was measured
+        shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     return row
 
@@ -263,6 +264,8 @@ def main() -> None:
                              "instead of running a build")
     parser.add_argument("--build-option", action="append", default=[],
                         help="extra `build` option, repeatable (e.g. --build-option=--export-dtype=fp32): a row of its own")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each build folder (to serve it: benchmarks/serve_scale.py) instead of removing it")
     args = parser.parse_args()
     from resrank_export.bench.timing import machine_info
 
@@ -285,7 +288,7 @@ def main() -> None:
             print(f"building {shape} {precision} ...", flush=True)
             options = () if args.adopt else tuple(args.build_option)
             row = (adopted_row(shape, precision, args.work, checkpoint, args.adopt) if args.adopt else
-                   build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60, options))
+                   build_row(shape, precision, args.work, checkpoint, args.timeout_min * 60, options, args.keep))
             key = (shape, precision, list(options))
             result["rows"] = [r for r in result["rows"] if (r["shape"], r["precision"], r.get("options", [])) != key] + [row]
             path.write_text(json.dumps(result, indent=2) + "\n")

@@ -117,17 +117,32 @@ def provider_session(path: str | Path, name: str = "cpu", threads: int = 0):
 
 
 def graph_session(path: str | Path, providers: list[str] | None = None, threads: int = 0):
-    """`ort_session`, except that a BF16 graph on the CPU runs on onnx's reference evaluator:
-    what parity and fidelity use, so BF16 graphs are checked on machines without a GPU (slowly)."""
+    """`ort_session`, except that on the CPU a BF16 graph runs on onnx's reference evaluator and an
+    FP8 one on ONNX Runtime without its Q/DQ fusions: what parity and fidelity use, so those graphs
+    are checked on machines without a GPU (slowly)."""
     if not providers and is_bfloat16_graph(path):
         log.warning("%s: BF16 graph on a CPU: checked with onnx's reference evaluator (slow; ONNX Runtime's "
                     "CPU provider has no BF16 kernels)", Path(path).name)
         return ReferenceSession(path)
+    if not providers and graph_has_dtype(path, "FLOAT8E4M3FN"):
+        # ONNX Runtime's CPU provider runs FP8 QuantizeLinear / DequantizeLinear (MatMul in the
+        # graph's float type), but its extended optimizations fuse Q/DQ + MatMul into
+        # MatMulIntegerToFloat, which takes INT8 only, and refuse the graph: basic level keeps them
+        import onnxruntime as ort
+
+        options = SessionSettings(threads=threads).options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return ort_session(path, providers, threads)
 
 
 def is_bfloat16_graph(path: str | Path) -> bool:
-    """Whether the graph computes in BF16 anywhere: a BF16 weight or a Cast to BF16 (the graph
+    """Whether the graph computes in BF16 anywhere: a BF16 weight or a Cast to BF16."""
+    return graph_has_dtype(path, "BFLOAT16")
+
+
+def graph_has_dtype(path: str | Path, dtype: str) -> bool:
+    """Whether the graph holds a weight of onnx.TensorProto.<dtype> or casts to it (the graph
     structure only; external weight data is not read). False for a file onnx cannot parse."""
     import onnx
 
@@ -135,9 +150,9 @@ def is_bfloat16_graph(path: str | Path) -> bool:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable: not this check's to report; the session's own error names the file
         return False
-    bf16 = onnx.TensorProto.BFLOAT16
-    return any(init.data_type == bf16 for init in model.graph.initializer) or any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in node.attribute)
+    wanted = getattr(onnx.TensorProto, dtype)
+    return any(init.data_type == wanted for init in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == wanted for a in node.attribute)
         for node in model.graph.node)
 
 

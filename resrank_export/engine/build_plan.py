@@ -84,7 +84,7 @@ def _stage_peak(stage: str, model: ModelShape, stored: str, exported: str, max_t
         held = max(reference, int(factor * model.weight_bytes(exported)))
     elif stage == "calibration":  # the FP32 encoder graph in one session makes the slot vectors
         held = int(ORT_SESSION_FACTOR * model.weight_bytes("fp32"))
-    elif stage == "precision_int8":
+    elif stage in ("precision_int8", "precision_fp8"):  # both ModelOpt Q/DQ, a piece at a time
         held = int(max(INT8_JOIN_FACTOR * model.weight_bytes("fp32"), INT8_PIECE_FACTOR * int8_piece(model)))
     else:
         held = int(STAGE_FACTORS[stage] * model.weight_bytes("fp32"))

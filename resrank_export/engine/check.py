@@ -88,7 +88,7 @@ def check_build(build: Path, precision: str, queries: int = 3) -> list[GraphChec
     from resrank_export.engine.profiles import BuildGraphs
     from resrank_export.export.parity import ParityConfig, load_parity_data
     from resrank_export.model.text import PassageTokenizer
-    from resrank_export.runtime import ort_session, run_session
+    from resrank_export.runtime import graph_session, run_session
 
     runtime = detect_runtime()
     graphs = BuildGraphs.from_build(build, graphs_dir(build, precision))
@@ -103,8 +103,8 @@ def check_build(build: Path, precision: str, queries: int = 3) -> list[GraphChec
     texts = [t for cands in data.candidates for t in cands]
     encoder_max_batch = runners["encoder"].engine.get_tensor_profile_shape("input_ids", 0)[2][0]
     passages = tokenizer(texts[:encoder_max_batch])
-    encoder_ort = ort_session(graphs_dir(build, precision) / "encoder.onnx")
-    reranker_ort = ort_session(graphs_dir(build, precision) / "reranker.onnx")
+    encoder_ort = graph_session(graphs_dir(build, precision) / "encoder.onnx")
+    reranker_ort = graph_session(graphs_dir(build, precision) / "reranker.onnx")
 
     ref_emb = run_session(encoder_ort, passages)[0]
     new_emb = runners["encoder"](passages)[0]

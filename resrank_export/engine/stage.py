@@ -18,6 +18,7 @@ from resrank_export.engine.profiles import BuildGraphs, EngineConfig, Profile, e
 from resrank_export.engine.script import write_build_script
 from resrank_export.errors import EngineError
 from resrank_export.fs import sha256_file
+from resrank_export.precision import precision_row
 
 log = logging.getLogger(__name__)
 GRAPHS = ("encoder", "reranker")
@@ -75,6 +76,16 @@ def plan_engine_actions(build: Path, precision: str, runtime: GpuRuntime) -> lis
     return actions
 
 
+def check_gpu_supports(precision: str, runtime: GpuRuntime) -> None:
+    """Refuse, before TensorRT starts, a precision this GPU has no kernels for (the precision
+    table's `min_compute_capability`: FP8 needs Ada or Hopper)."""
+    needed = precision_row(precision).min_compute_capability
+    if needed and float(runtime.compute_capability) < needed:
+        raise EngineError(f"{precision} engines need a GPU of compute capability {needed} or newer (L4, L40S, H100); "
+                          f"{runtime.gpu_name} is {runtime.compute_capability}: build the fp16, int8_wo or int8 "
+                          "graphs for it instead")
+
+
 def ensure_engines(build: Path, precision: str, config: EngineConfig, runtime: GpuRuntime,
                    dry_run: bool = False) -> list[EngineAction]:
     """Build the plans this machine lacks (missing, other TensorRT release, other GPU
@@ -82,6 +93,7 @@ def ensure_engines(build: Path, precision: str, config: EngineConfig, runtime: G
     folder can serve several GPU types."""
     from resrank_export.engine.tensorrt import build_engine
 
+    check_gpu_supports(precision, runtime)
     actions = plan_engine_actions(build, precision, runtime)
     for action in actions:
         log.info("engine %s/%s: %s (%s)", precision, action.graph, action.action, action.reason)

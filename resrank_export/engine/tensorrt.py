@@ -41,7 +41,7 @@ def _network(trt, builder, precision: str, config) -> tuple[object, bool]:
     mode = typing_mode(trt.__version__)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode == "flag" else 0
     if mode == "builder_flags":
-        if precision == "bf16" or precision_row(precision).recipe == "weight_only":
+        if precision == "bf16" or precision_row(precision).recipe in ("weight_only", "fp8_qdq"):
             raise EngineError(f"{precision} graphs need TensorRT 9 or newer (strongly typed networks; INT4 and INT8 "
                               f"weight-only need 10); this is TensorRT {trt.__version__}: build the fp16 or int8 "
                               "graphs instead")

@@ -218,7 +218,7 @@ def render_markdown(report: dict, title: str | None = None) -> str:
 
 
 def _conversion_summary(conversion: dict) -> str:
-    """One line from a convert_half / quantize_int8 report."""
+    """One line from a convert_half / quantize_int8 / quantize_weight_only / quantize_fp8 report."""
     if "nodes" in conversion:  # FP16 / BF16
         kept = ", ".join(f"{op} {n}" for op, n in conversion["nodes"]["fp32"].items()) or "nothing"
         half = {p: sum(conversion["nodes"].get(p, {}).values()) for p in HALF_PRECISIONS}
@@ -231,6 +231,12 @@ def _conversion_summary(conversion: dict) -> str:
         return (f"{conversion['gemms']} GEMM weights INT{conversion['bits']} {block}, {awq}; "
                 f"{conversion['int8_per_channel_gemms']} FFN down-projections INT8; activations FP32; "
                 f"embedding table {conversion['embedding']} ({len(conversion['embedding_tables'])})")
+    if conversion.get("weights") == "fp8":
+        return (f"{conversion['quantize_nodes']} FP8 Q/DQ pairs on GEMM inputs ({conversion['method']}, "
+                f"{conversion['samples']} samples), FP8 weights; the rest {conversion['high_precision'].upper()}; "
+                f"attention GEMMs {'FP8' if conversion['attention_qdq'] else 'FP16'}; embedding table FP16 "
+                f"({len(conversion['embedding_tables'])}); exclusions: "
+                f"{', '.join(conversion['exclude_ops'] + conversion['exclude_nodes']) or 'none'}")
     smooth = conversion.get("smoothquant")
     smooth_text = (f"SmoothQuant α {smooth['alpha']} on {smooth['gemms']} GEMMs ({smooth['inputs']} inputs)"
                    if smooth else "no SmoothQuant")

@@ -1,4 +1,4 @@
-"""The build stages after parity for --precision fp16|bf16|int8: calibration set -> precision graphs
+"""The build stages after parity for --precision fp16|bf16|int8|int8_wo|int4_awq|fp8: calibration set -> precision graphs
 -> fidelity report, chained inside a build folder by `build.py`."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from resrank_export.model.specs import GraphSpec
 from resrank_export.precision import precision_row
 from resrank_export.precision.calibration import CARD_FILE, CalibrationConfig, build_calibration_set, load_calibration
 from resrank_export.precision.fidelity import FidelityConfig, failed_gates, measure_fidelity, render_markdown
-from resrank_export.precision.graphs import PrecisionConfig, check_int8_config, convert_half, quantize_int8
+from resrank_export.precision.graphs import (PrecisionConfig, check_int8_config, convert_half, quantize_fp8,
+                                             quantize_int8)
 from resrank_export.precision.weight_only import DEFAULT_CONFIGS, WeightOnlyConfig, quantize_weight_only
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PrecisionStagesConfig:
     def settings(self) -> dict:
         """What the precision stage's graphs depend on besides the FP32 graphs and calibration set."""
         recipe = precision_row(self.precision).recipe
-        if recipe == "int8_qdq":
+        if recipe in ("int8_qdq", "fp8_qdq"):
             return vars(self.graphs)
         if recipe == "weight_only":
             return vars(self.weight_only_config)
@@ -66,7 +67,7 @@ def _data_identity(path: Path | None) -> dict:
 def check_precision_inputs(checkpoint: Checkpoint, config: PrecisionStagesConfig) -> None:
     """Fail before the export on what can be checked up front: method name, given calibration."""
     recipe = precision_row(config.precision).recipe
-    if recipe == "int8_qdq":
+    if recipe in ("int8_qdq", "fp8_qdq"):
         check_int8_config(config.graphs)
     if recipe == "weight_only":
         config.weight_only_config.check(precision_row(config.precision).weight_bits)
@@ -83,6 +84,8 @@ def _convert_graph(src: Path, dst: Path, calibration_dir: Path, spec: GraphSpec,
         return convert_half(src, dst, calibration, config, precision)
     if row.recipe == "weight_only":
         return quantize_weight_only(src, dst, calibration, row.weight_bits, weight_only)
+    if row.recipe == "fp8_qdq":
+        return quantize_fp8(src, dst, calibration, config)
     return quantize_int8(src, dst, calibration, config)
 
 

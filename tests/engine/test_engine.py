@@ -24,7 +24,8 @@ from resrank_export.engine.manifest import (
 )
 from resrank_export.engine.profiles import QUERY_BOUNDARY_SLACK, BuildGraphs, EngineConfig, engine_profiles
 from resrank_export.engine.script import write_build_script
-from resrank_export.engine.stage import engines_dir, install_plans, plan_engine_actions, source_hash
+from resrank_export.engine.stage import (check_gpu_supports, engines_dir, ensure_engines, install_plans,
+                                         plan_engine_actions, source_hash)
 from resrank_export.engine.tensorrt import check_tensorrt_layout, load_engine, typing_mode
 from resrank_export.errors import EngineError
 
@@ -222,6 +223,27 @@ def test_block_wise_int8_weights_are_refused_before_tensorrt(tmp_path, bits, blo
             check_tensorrt_layout(tmp_path / "g.onnx")
     else:
         check_tensorrt_layout(tmp_path / "g.onnx")
+
+
+@pytest.mark.parametrize("precision, gpu, refused", [
+    ("fp8", GpuRuntime("10.13.3.9", "Tesla T4", "7.5"), True),
+    ("fp8", GpuRuntime("10.13.3.9", "NVIDIA A100", "8.0"), True),
+    ("fp8", GpuRuntime("10.13.3.9", "NVIDIA L4", "8.9"), False),
+    ("fp8", GpuRuntime("10.13.3.9", "NVIDIA H100", "9.0"), False),
+    ("int8", GpuRuntime("10.13.3.9", "Tesla T4", "7.5"), False),
+])
+def test_fp8_engines_need_ada_or_hopper(tiny_build, precision, gpu, refused):
+    """The precision table's minimum compute capability, checked before any TensorRT work (even a
+    dry run of `engines ensure` stops there)."""
+    _, build = tiny_build
+    if refused:
+        match = f"fp8 engines need .* 8.9 or newer.*{gpu.gpu_name} is {gpu.compute_capability}"
+        with pytest.raises(EngineError, match=match):
+            check_gpu_supports(precision, gpu)
+        with pytest.raises(EngineError, match=match):
+            ensure_engines(build, precision, EngineConfig(), gpu, dry_run=True)
+    else:
+        check_gpu_supports(precision, gpu)
 
 
 def test_typing_mode_follows_the_tensorrt_release():

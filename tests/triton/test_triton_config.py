@@ -139,14 +139,18 @@ def test_repository_serves_the_requested_precision(build_dir, tmp_path):
         assert served != (build / "onnx" / "fp32" / f"{name}.onnx").read_bytes()
 
 
-def test_bf16_on_the_python_backend_is_refused_before_writing(build_dir, tmp_path):
-    """The python backend runs its graphs on ONNX Runtime's CPU provider, which has no BF16
-    kernels: refused up front, nothing written; the onnxruntime backend (a GPU server) may serve it."""
-    with pytest.raises(NotAvailableError, match="bf16 with the python backend"):
-        write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision="bf16"))
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_gpu_precisions_on_the_python_backend_are_refused_before_writing(build_dir, tmp_path, precision):
+    """The python backend runs its graphs on a CPU runtime, which has no BF16 kernels (nor serves
+    FP8: its Q/DQ graph is checked there, not served): refused up front in one line, nothing
+    written; the onnxruntime backend (a GPU server) may serve it."""
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(NotAvailableError, match=f"{precision} with the python backend: {runtime}"):
+            write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision=precision,
+                                          cpu_runtime=runtime))
     assert not (tmp_path / "repo").exists()
-    with pytest.raises(ResRankExportError, match=r"onnx/bf16/encoder\.onnx: graph not found"):
-        write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision="bf16", backend="onnxruntime"))
+    with pytest.raises(ResRankExportError, match=rf"onnx/{precision}/encoder\.onnx: graph not found"):
+        write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", precision=precision, backend="onnxruntime"))
 
 
 def test_tensorrt_flavour_takes_the_recorded_plans(build_dir, tmp_path):
