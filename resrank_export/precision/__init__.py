@@ -53,9 +53,9 @@ TABLE = (
               summary="INT8 weight-only, per output channel: near-lossless, half of FP16's bytes"),
     Precision("int4_awq", "weight_only", 0.63, 1, 4, 0.95, 0.01, None, engine_gate=(1e-1, 0.33), weight_bits=4,
               summary="INT4 weight-only, block-wise with AWQ scales (W4A16 on TensorRT)"),
-    # FP8 E4M3 weights and GEMM inputs, FP16 elsewhere; the token table FP16. Checked on a CPU by ONNX
+    # FP8 E4M3 weights and GEMM inputs, FP32 elsewhere; the token table FP16. Checked on a CPU by ONNX
     # Runtime without its Q/DQ fusions (runtime.graph_session); no CPU runtime serves it.
-    Precision("fp8", "fp8_qdq", 1, 2, 2, 0.99, 0.005, None, engine_gate=(1e-1, 0.33), cpu_runtimes=(),
+    Precision("fp8", "fp8_qdq", 1, 2, 4, 0.99, 0.005, None, engine_gate=(1e-1, 0.33), cpu_runtimes=(),
               min_compute_capability=8.9,
               summary="ModelOpt FP8 E4M3 Q/DQ, FP8 weights stored; TensorRT on Ada/Hopper (compute capability 8.9+)"),
 )

@@ -234,7 +234,8 @@ def _conversion_summary(conversion: dict) -> str:
     if conversion.get("weights") == "fp8":
         return (f"{conversion['quantize_nodes']} FP8 Q/DQ pairs on GEMM inputs ({conversion['method']}, "
                 f"{conversion['samples']} samples), FP8 weights; the rest {conversion['high_precision'].upper()}; "
-                f"attention GEMMs {'FP8' if conversion['attention_qdq'] else 'FP16'}; embedding table FP16 "
+                f"attention GEMMs {'FP8' if conversion['attention_qdq'] else conversion['high_precision'].upper()}; "
+                f"embedding table FP16 "
                 f"({len(conversion['embedding_tables'])}); exclusions: "
                 f"{', '.join(conversion['exclude_ops'] + conversion['exclude_nodes']) or 'none'}")
     smooth = conversion.get("smoothquant")

@@ -416,11 +416,13 @@ def _modelopt_quantize(src: Path, fp32_graph, pieces: list, gemms: set[str], run
 
 def quantize_fp8(src: Path, dst: Path, calibration: dict[str, np.ndarray], config: PrecisionConfig) -> dict:
     """FP8 E4M3 Q/DQ graph (ModelOpt `quantize_mode="fp8"`, what TensorRT runs on compute capability
-    8.9+): every GEMM's input and weight in FP8, the rest FP16 by ModelOpt's AutoCast (I/O types
-    kept), the weights stored as FP8 (`qdq_to_dq`) and the token table as FP16. Calibrated on the
-    CPU as INT8 is, a piece at a time past `int8_piece_bytes`. No SmoothQuant and every GEMM
-    quantized, the FFN down-projections too: E4M3's exponent holds the heavy-tailed activation
-    output that INT8 cannot (demo encoder, held-out texts: min cosine 0.994 to FP32)."""
+    8.9+): every GEMM's input and weight in FP8, the rest FP32, the weights stored as FP8
+    (`qdq_to_dq`) and the token table as FP16. Calibrated on the CPU as INT8 is, a piece at a time
+    past `int8_piece_bytes`. FP32 rather than ModelOpt's default FP16 outside the GEMMs: its
+    AutoCast of separately quantized pieces declares the tensors at their boundaries in both
+    types, and the joined graph does not load; one graph whatever the piece size. No SmoothQuant
+    and every GEMM quantized, the FFN down-projections too: E4M3's exponent holds the heavy-tailed
+    activation output that INT8 cannot (demo encoder, held-out texts: min cosine 0.994 to FP32)."""
     check_int8_config(config)
     onnx = require("onnx", "FP8 quantization")
     src = Path(src)
@@ -428,7 +430,7 @@ def quantize_fp8(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
     fp32_graph = onnx.load(str(src), load_external_data=False)
     fp8_config = replace(config, int8_smoothquant_alpha=None, int8_cpu_integer_kernels=False)
     gemms = _quantized_gemm_names(fp32_graph, fp8_config, [])
-    settings = _modelopt_settings("fp8", config, list(config.int8_exclude_nodes), "fp16")
+    settings = _modelopt_settings("fp8", config, list(config.int8_exclude_nodes), "fp32")
     runs, pieces = _calibration_runs(fp32_graph, calibration, fp8_config)
     model, _, _, renamed = _modelopt_quantize(src, fp32_graph, pieces, gemms, runs, fp8_config, settings)
     del fp32_graph
@@ -439,7 +441,7 @@ def quantize_fp8(src: Path, dst: Path, calibration: dict[str, np.ndarray], confi
     ops = collections.Counter(n.op_type for n in model.graph.node)
     report = {"method": config.calibration_method, "samples": int(next(iter(calibration.values())).shape[0]),
               "exclude_ops": list(config.int8_exclude_ops), "exclude_nodes": list(config.int8_exclude_nodes),
-              "attention_qdq": config.int8_attention_qdq, "high_precision": "fp16", "weights": "fp8",
+              "attention_qdq": config.int8_attention_qdq, "high_precision": "fp32", "weights": "fp8",
               "pieces": len(pieces), "piece_bytes": config.int8_piece_bytes, "names_renamed_in_join": renamed,
               "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"],
               "unused_initializers_dropped": unused, "embedding_tables": embeddings}

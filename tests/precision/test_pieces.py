@@ -14,9 +14,10 @@ from resrank_export.errors import ResRankExportError
 from resrank_export.export.onnx import graph_specs
 from resrank_export.export.parity import _row_cosine
 from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
-from resrank_export.precision.graphs import PrecisionConfig, calibration_batches, quantize_int8
+from resrank_export.precision import BY_NAME
+from resrank_export.precision.graphs import PrecisionConfig, calibration_batches, quantize_fp8, quantize_int8
 from resrank_export.precision.pieces import CarriedValues, _allowed_cuts, piece_model, plan_pieces
-from resrank_export.runtime import ort_session, run_session
+from resrank_export.runtime import graph_session, ort_session, run_session
 
 PIECE_BYTES = 16_000  # a layer of the tiny checkpoints is 20-40 KB: cuts inside and between layers
 
@@ -102,6 +103,22 @@ def test_int8_in_pieces_has_the_whole_graphs_ranges(exported, name):
     assert _row_cosine(fp32, outputs["cut"]).min() > 0.95
     if name == "encoder":
         np.testing.assert_allclose(outputs["cut"], outputs["whole"], atol=1e-5)
+
+
+def test_fp8_in_pieces_computes_what_the_whole_graph_does(exported):
+    """FP8 shares INT8's piece path (same ModelOpt driver, FP8 mode, FP16 elsewhere): each piece is
+    calibrated on the FP32 values that reach it, so the joined graph is the whole one."""
+    graphs, calib, root = exported
+    whole = quantize_fp8(graphs["encoder"], root / "fp8-whole" / "encoder.onnx", calib["encoder"], PrecisionConfig())
+    cut = quantize_fp8(graphs["encoder"], root / "fp8-cut" / "encoder.onnx", calib["encoder"],
+                       PrecisionConfig(int8_piece_bytes=PIECE_BYTES))
+    assert whole["pieces"] == 1 and cut["pieces"] >= 4
+    assert cut["quantize_nodes"] == whole["quantize_nodes"] > 0
+    fp32 = run_session(ort_session(graphs["encoder"]), calib["encoder"])[0]
+    outputs = {k: run_session(graph_session(root / f"fp8-{k}" / "encoder.onnx"), calib["encoder"])[0]
+               for k in ("whole", "cut")}
+    assert _row_cosine(fp32, outputs["cut"]).min() >= BY_NAME["fp8"].min_cosine
+    np.testing.assert_allclose(outputs["cut"], outputs["whole"], atol=2e-3)
 
 
 def test_int8_pieces_read_weights_from_external_data(exported, tmp_path):
