@@ -37,7 +37,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None  # required as `Authorization: Bearer KEY` or `X-API-Key` on /v1/*
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413 (1,000 documents of a few KiB fit)
     max_documents: int | None = None  # per rerank request; None: the repository's max_candidates
     timeout_s: float = 60.0  # per Triton call; past it the client gets 504
 
@@ -57,7 +57,7 @@ class GatewayConfig:
 class RepositoryLimits:
     """What the served repository accepts, read from its files (never guessed)."""
 
-    max_candidates: int
+    max_candidates: int  # per rerank request (the deployment's ceiling; several reranker passes past one)
     max_top_k: int | None  # None: the repository has no index, so no /v1/search
     passage_tokenizer: object  # PassageTokenizer of the passage encoder
     prompt_builder: object  # PromptBuilder of the reranker
@@ -75,7 +75,7 @@ class RepositoryLimits:
             raise ResRankExportError(f"{marker}: not found; --repository must be a folder written by "
                                      "`resrank-export triton`")
         summary = json.loads(marker.read_text())
-        encoder, prompts = repository / "passage_encoder" / "1", repository / "prompt_builder" / "1"
+        encoder, prompts = repository / "passage_encoder" / "1", repository / "rank_passes" / "1"
         for path in (encoder / "tokenizer.json", encoder / CONFIG_FILE, prompts / "tokenizer.json"):
             if not path.is_file():
                 raise ResRankExportError(f"{path}: not found; rewrite the repository with `resrank-export triton`")
@@ -87,7 +87,7 @@ class RepositoryLimits:
 
             loaded = Retriever.load(index)
             retriever = loaded if loaded.info.get("has_texts") else None
-        return cls(settings.max_candidates, summary.get("max_top_k"),
+        return cls(summary.get("max_candidates", settings.max_candidates), summary.get("max_top_k"),
                    PassageTokenizer.for_config(encoder / "tokenizer.json", settings),
                    load_prompt_builder(prompts / "tokenizer.json", settings), retriever)
 

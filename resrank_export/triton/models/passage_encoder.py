@@ -26,7 +26,7 @@ class Model:
         folder = version_dir(args)
         settings = resrank_config(folder)
         self.tokenizer = PassageTokenizer.for_config(folder / "tokenizer.json", settings)
-        self.max_candidates = settings.max_candidates
+        self.max_candidates = int(params["MAX_CANDIDATES"])  # the deployment's ceiling, not one reranker pass
         self.encoder_batch = int(params["ENCODER_MAX_BATCH"])
 
     def encode(self, texts: list[str]) -> np.ndarray:
