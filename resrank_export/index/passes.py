@@ -10,8 +10,9 @@
   so good candidates bubble up; ceil((n - window) / step) + 1 sequential passes.
 
 With n <= window both are exactly one pass over all candidates, today's single-pass scores.
-A candidate's score is from the last pass it took part in: scores of different passes are not
-on one scale, so the order is the strategy's, not a sort of the scores.
+A candidate's score is from the last pass it took part in, capped at the score of the one
+ranked above it: scores of different passes are not on one scale, so the order is the
+strategy's, and the cap keeps scores non-increasing down the list as clients expect.
 
 Strategies are generators: they yield the groups of candidate positions to score in one round
 and receive the scores, so a driver (the in-process pipeline, the Triton `rank_passes` model)
@@ -59,16 +60,16 @@ class PassSettings:
             return _sliding(positions, self.window, self.slide)
         return _blocks(positions, self.window)
 
-    def passes(self, n: int) -> int:
-        """Reranker passes (rows) one query of n candidates costs."""
-        count, ranking = 0, self.ranking(n)
-        try:
-            groups = next(ranking)
-            while True:
-                count += len(groups)
-                groups = ranking.send([np.zeros(len(g), dtype=np.float32) for g in groups])
-        except StopIteration:
-            return count
+    def cost(self, n: int) -> tuple[int, int]:
+        """(reranker passes, sequential rounds) ranking n candidates takes."""
+        shape = []
+
+        def count(asks: list[Ask]) -> list[np.ndarray]:
+            shape.append(len(asks))
+            return [np.zeros(len(group), dtype=np.float32) for _, group in asks]
+
+        run_rankings([self.ranking(n)], count)
+        return sum(shape), len(shape)
 
 
 def _single(positions: np.ndarray) -> Ranking:
@@ -128,7 +129,8 @@ def run_rankings(rankings: list[Ranking], score: Callable[[list[Ask]], list[np.n
             try:
                 advanced[i] = rankings[i].send([next(answers) for _ in groups])
             except StopIteration as stop:
-                results[i] = stop.value
+                order, scores = stop.value
+                results[i] = order, np.minimum.accumulate(scores)
         pending = advanced
     return results
 

@@ -60,13 +60,15 @@ class ResRankPipeline:
         self.passes = PassSettings(self.prompts.max_candidates, strategy or DEFAULT_RANK_STRATEGY, step)
         self.passes.validate()
 
-    def rank(self, query: str, slot_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def rank(self, query: str, slot_vectors: np.ndarray,
+             passes: PassSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(order, scores) of k candidates given by their slot vectors [k, D] in first-stage
-        order: one reranker pass when k fits, else the passes of `self.passes`."""
+        order: one reranker pass when k fits, else the passes of `passes` (default: the
+        pipeline's)."""
         def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
             return run_session(self.reranker, inputs)[0]
 
-        [ranked] = run_rankings([self.passes.ranking(len(slot_vectors))],
+        [ranked] = run_rankings([(passes or self.passes).ranking(len(slot_vectors))],
                                 lambda asks: score_asks(asks, [query], [slot_vectors], self.prompts, RERANKER_ROWS, run))
         return ranked
 

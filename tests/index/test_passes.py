@@ -31,7 +31,7 @@ def test_every_strategy_returns_a_permutation_with_the_best_first(settings, n):
     values = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     order, scores = _rank(settings, values)
     assert sorted(order.tolist()) == list(range(n))
-    np.testing.assert_array_equal(scores, values[order])  # each its own score, from its last pass
+    np.testing.assert_array_equal(scores, np.minimum.accumulate(values[order]))  # own score, capped by the above
     truth = np.argsort(-values, kind="stable")
     assert order[0] == truth[0]
     if n <= settings.window:  # one pass: a plain sort
@@ -43,9 +43,9 @@ def test_every_strategy_returns_a_permutation_with_the_best_first(settings, n):
 
 def test_pass_counts_and_rounds():
     blocks, sliding = PassSettings(100, "blocks"), PassSettings(100, "sliding", 50)
-    assert blocks.passes(100) == sliding.passes(100) == 1
-    assert blocks.passes(1000) == 11  # 10 blocks in one round, then their winners
-    assert sliding.passes(1000) == 19  # (1000 - 100) / 50 + 1, one after the other
+    assert blocks.cost(100) == sliding.cost(100) == (1, 1)
+    assert blocks.cost(1000) == (11, 2)  # 10 blocks in one round, then their winners
+    assert sliding.cost(1000) == (19, 19)  # (1000 - 100) / 50 + 1, one after the other
     rounds: list = []
     _rank(blocks, np.arange(1000, dtype=np.float32), rounds)
     assert rounds == [[100] * 10, [100]]

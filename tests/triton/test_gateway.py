@@ -258,7 +258,7 @@ def test_load_mixed_good_and_bad_requests(gateway, triton_server, reference, pas
                    ({"query": "json", "top_k": 0}, "/v1/search", AUTH),
                    ({"query": "json", "documents": ["word " * 400], "truncate": "NONE"}, "/v1/rerank", AUTH),
                    ({"query": "json", "documents": ["ok"]}, "/v1/rerank", {"X-API-Key": "wrong"})]
-    bad_triton = [("", 5), ("json", 0), ("json", 101)]
+    bad_triton = [("", 5), ("json", 0), ("json", 301)]  # the index holds 300
     stop_at = time.monotonic() + LOAD_SECONDS
     latencies: dict[str, list[float]] = {}
     failures: list[str] = []
@@ -338,3 +338,23 @@ def test_load_mixed_good_and_bad_requests(gateway, triton_server, reference, pas
     assert not failures, failures[:5]
     for path in ("gateway bad", "gateway search", "gateway rerank", "triton bad", "triton search", "triton rerank"):
         assert latencies.get(path), f"no {path} requests ran"
+
+
+def test_a_thousand_documents_in_one_request(triton_server, reference, triton_passages):
+    """The deployment's ceiling (1,000), not the reranker's pass (100): one request, ranked in
+    passes as the in-process pipeline ranks them; past the ceiling a 422 naming documents."""
+    wide = start_gateway(triton_server.config.repository, triton_server.grpc_url)
+    try:
+        documents = [f"{triton_passages[i % len(triton_passages)].text[:60]} ({i})" for i in range(1000)]
+        answer = requests.post(f"{wide.url}/v1/rerank", json={"query": SAMPLE_QUERIES[1], "documents": documents},
+                               timeout=300)
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert sorted(r["index"] for r in results) == list(range(1000))
+        expected = reference.rerank(SAMPLE_QUERIES[1], documents)
+        assert [str(r["index"]) for r in results] == expected.ids
+        np.testing.assert_allclose([r["relevance_score"] for r in results], expected.scores, rtol=0, atol=SCORE_ATOL)
+        refused = requests.post(f"{wide.url}/v1/rerank", json={"query": "json", "documents": ["a"] * 1001}, timeout=60)
+        assert refused.status_code == 422 and "documents" in refused.json()["message"]
+    finally:
+        stop_gateway(wide)

@@ -93,10 +93,10 @@ def _configs(repo: Path) -> dict:
 
 
 def test_sharded_repository_configs(tiny_build, indexes, tmp_path):
-    write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one", index=indexes["flat"]))
+    write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one", index=indexes["flat"], max_candidates=20))
     plain = _configs(tmp_path / "one")
     summary = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "three", index=indexes["flat"],
-                                            index_shards=3))
+                                            index_shards=3, max_candidates=20))
     sharded = _configs(tmp_path / "three")
     assert set(sharded) == set(plain) | {"faiss_lookup_0", "faiss_lookup_1", "faiss_lookup_2"}
     assert summary["index_shards"] == 3 and summary["max_top_k"] == 20
