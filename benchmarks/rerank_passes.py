@@ -7,7 +7,9 @@ pipeline (the code the Triton `rank_passes` model runs, without the BLS hop):
 2. agreement with one pass on DL19 BM25 top-100 when a pass holds only --window (20)
    candidates: top-10 overlap and Kendall's tau against the single 100-candidate pass, and
    nDCG@10 of each (the demo reranker is untrained: its nDCG says nothing of quality, the
-   agreement does; BM25's own nDCG@10 is the row `bm25`).
+   agreement does; BM25's own nDCG@10 is the row `bm25`);
+3. the same agreement with a context-free synthetic scorer (each candidate's own value, no
+   position bias): what the strategies keep of a perfect single pass.
 
     python benchmarks/rerank_passes.py OUT_DIR [--build BUILD] [--data ../shared/data/dl19]
 
@@ -77,6 +79,25 @@ def kendall_tau(a: list[str], b: list[str]) -> float:
     return float(kendalltau(range(len(a)), [position[pid] for pid in a]).statistic)
 
 
+def context_free(window: int, n: int = 100, seeds: int = 50) -> dict:
+    """The strategies driven by a scorer that reads each candidate's own value (a reranker
+    without position bias): top-10 overlap and Kendall tau with the true sort, window `window`."""
+    from resrank_export.index.passes import run_rankings
+
+    rows: dict[str, dict[str, list]] = {name: {"overlap": [], "tau": []} for name in strategies(window)}
+    for seed in range(seeds):
+        values = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+        truth = [str(i) for i in np.argsort(-values, kind="stable")]
+        for name, settings in strategies(window).items():
+            [(order, _)] = run_rankings([settings.ranking(n)], lambda asks: [values[g] for _, g in asks])
+            order = [str(i) for i in order]
+            rows[name]["overlap"].append(len(set(order[:10]) & set(truth[:10])) / 10)
+            rows[name]["tau"].append(kendall_tau(order, truth))
+    return {"candidates": n, "window": window, "seeds": seeds,
+            "top10_overlap": {name: float(np.mean(r["overlap"])) for name, r in rows.items()},
+            "kendall_tau": {name: float(np.mean(r["tau"])) for name, r in rows.items()}}
+
+
 def agreement(pipeline: ResRankPipeline, data: Path, window: int) -> dict:
     qrels, queries = judged_queries(data)
     bm25 = read_trec_run(data / "run.bm25.trec")
@@ -123,6 +144,10 @@ def markdown(result: dict) -> str:
             tau = a["kendall_tau_with_single_pass"].get(name)
             lines.append(f"| {name} | {'' if over is None else f'{over:.3f}'} | "
                          f"{'' if tau is None else f'{tau:.3f}'} | {ndcg:.4f} |")
+    c = result["context_free"]
+    lines += ["", f"## Context-free scorer ({c['candidates']} candidates, window {c['window']}, {c['seeds']} seeds)", "",
+              "| strategy | top-10 overlap with the true sort | Kendall tau |", "|---|---:|---:|"]
+    lines += [f"| {name} | {c['top10_overlap'][name]:.3f} | {c['kendall_tau'][name]:.3f} |" for name in c["top10_overlap"]]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +188,7 @@ def main() -> None:
         vectors = np.resize(vectors, (max(SIZES), vectors.shape[1]))  # the embedded corpus is smaller: repeat it
     result = {"build": str(build), "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
               "window": pipeline.passes.window, "latency": latency(pipeline, vectors, "how do I parse JSON", args.repeats)}
+    result["context_free"] = context_free(args.window)
     if args.data:
         result["agreement"] = agreement(pipeline, args.data, args.window)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,63 @@ def test_rerank_equals_the_rerank_ensemble(gateway, triton_server, reference, pa
     assert scores == sorted(scores, reverse=True)
 
 
+def _cosines(got, expected) -> np.ndarray:
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+
+
+def test_openai_client_embeddings_are_the_encoder_graphs(gateway, reference, passages):
+    """The real openai client (base64 transfer, its default) against the encoder graph run
+    in-process: passages by default, queries with input_type as Cohere names it."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    answer = client.embeddings.create(model="resrank-encoder", input=passages[:4])
+    assert [d.index for d in answer.data] == [0, 1, 2, 3] and answer.usage.prompt_tokens > 0
+    assert _cosines([d.embedding for d in answer.data], reference.encoder.encode(passages[:4])).min() >= 0.9999
+    queries = client.embeddings.create(model="m", input=list(SAMPLE_QUERIES[:2]), encoding_format="float",
+                                       extra_body={"input_type": "search_query"})
+    expected = reference.encoder.encode_queries(list(SAMPLE_QUERIES[:2]))
+    assert _cosines([d.embedding for d in queries.data], expected).min() >= 0.9999
+    with pytest.raises(openai.UnprocessableEntityError, match="input_type"):
+        client.embeddings.create(model="m", input="json", extra_body={"input_type": "image"})
+
+
+def test_cohere_clients_rerank_in_the_gateways_order(gateway, passages):
+    """Cohere's own v2 and v1 clients, pointed at the gateway: the gateway's order and scores."""
+    cohere = pytest.importorskip("cohere")
+    query = SAMPLE_QUERIES[4]
+    expected = _post(gateway, "/v1/rerank", {"query": query, "documents": passages}).json()["results"]
+    v2 = cohere.ClientV2(base_url=gateway.url, api_key=API_KEY).rerank(model="rerank-v3.5", query=query,
+                                                                       documents=passages, top_n=3)
+    v1 = cohere.Client(base_url=gateway.url, api_key=API_KEY).rerank(model="rerank-v3.5", query=query,
+                                                                    documents=passages, top_n=3, return_documents=True)
+    for answer in (v2, v1):
+        assert [r.index for r in answer.results] == [r["index"] for r in expected[:3]]
+        np.testing.assert_allclose([r.relevance_score for r in answer.results],
+                                   [r["relevance_score"] for r in expected[:3]], rtol=0, atol=1e-6)
+    assert [r.document.text for r in v1.results] == [passages[r["index"]] for r in expected[:3]]
+
+
+def test_tei_rerank_and_embed(gateway, reference, passages):
+    """TEI's request shapes as its clients send them: /rerank (texts, return_text, raw_scores)
+    and /embed (inputs, normalize)."""
+    query = SAMPLE_QUERIES[5]
+    expected = reference.rerank(query, passages)
+    ranks = _post(gateway, "/rerank", {"query": query, "texts": passages, "return_text": True, "raw_scores": True})
+    assert ranks.status_code == 200, ranks.text
+    assert [str(r["index"]) for r in ranks.json()] == expected.ids
+    np.testing.assert_allclose([r["score"] for r in ranks.json()], expected.scores, rtol=0, atol=SCORE_ATOL)
+    assert [r["text"] for r in ranks.json()] == [passages[int(i)] for i in expected.ids]
+    mapped = _post(gateway, "/rerank", {"query": query, "texts": passages}).json()
+    np.testing.assert_allclose([r["score"] for r in mapped], (1 + expected.scores) / 2, rtol=0, atol=SCORE_ATOL)
+    vectors = _post(gateway, "/embed", {"inputs": passages[:3], "normalize": True}).json()
+    assert _cosines(vectors, reference.encoder.encode(passages[:3])).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    long_text = " ".join(["passage words that go on and on"] * 200)
+    refused = _post(gateway, "/embed", {"inputs": [passages[0], long_text]})
+    assert refused.status_code == 400 and "inputs[1] is over" in refused.json()["message"]
+
+
 def test_search_equals_the_search_ensemble(gateway, triton_server, reference):
     answer = _post(gateway, "/v1/search", {"query": SAMPLE_QUERIES[0], "top_k": 7, "return_texts": True})
     assert answer.status_code == 200, answer.text
@@ -162,7 +219,7 @@ def test_bad_rerank_bodies_get_4xx_naming_the_field(gateway, name):
 
 
 def test_search_limits(gateway):
-    assert _post(gateway, "/v1/search", {"query": "json", "top_k": 101}).status_code == 422
+    assert _post(gateway, "/v1/search", {"query": "json", "top_k": 301}).status_code == 422  # the index holds 300
     assert _post(gateway, "/v1/search", {"query": "json", "top_k": 0}).status_code == 422
 
 

@@ -135,3 +135,23 @@ def test_bad_requests_are_refused_and_server_keeps_serving(server, reference, pr
         for name, (model, inputs, message) in BAD_REQUESTS.items():
             assert message in _raw(client, model, inputs), name
         _assert_same(client.search(SAMPLE_QUERIES[0], 3), reference.search(SAMPLE_QUERIES[0], 3))
+
+
+def test_query_passages_past_one_pass(server, reference, triton_passages, tmp_path):
+    """`resrank-export query --passages` with 150 passages (the demo reranker reads 100 per
+    pass): one request, ranked in passes as the in-process pipeline ranks them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from resrank_export.cli import main
+
+    passages = [(p.id, p.text[:80]) for p in triton_passages[:150]]
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in passages))
+    result = CliRunner().invoke(main, ["query", SAMPLE_QUERIES[2], "--passages", str(corpus), "--url", server.grpc_url,
+                                       "--grpc"])
+    assert result.exit_code == 0, result.output
+    got = [line.split()[2] for line in result.output.splitlines()]
+    expected = reference.rerank(SAMPLE_QUERIES[2], [t for _, t in passages])
+    assert got == [passages[int(i)][0] for i in expected.ids]

@@ -1,0 +1,146 @@
+"""What every API shape of the gateway shares: its settings, the served repository's limits,
+the error answer, and the strict request model (an unknown or misplaced field is a 422 naming
+it, never silently dropped)."""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from resrank_export.errors import ResRankExportError
+
+API_KEY_ENV = "RESRANK_GATEWAY_API_KEY"
+MAX_QUERY_BYTES = 65536  # the python models' own limit (triton/models/common.py)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    repository: Path  # the model repository Triton serves: limits, tokenizers, passage texts
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` or `X-API-Key` on the APIs
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413 (1,000 documents of a few KiB fit)
+    max_documents: int | None = None  # per rerank request; None: the repository's max_candidates
+    timeout_s: float = 60.0  # per Triton call; past it the client gets 504
+
+    def validate(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ResRankExportError(f"--api-key / ${API_KEY_ENV} is set but empty (an unset variable in a script?): "
+                                     "that would serve /v1/* without authentication; give a key, or neither")
+        if not 1 <= self.port <= 65535:
+            raise ResRankExportError(f"--port {self.port}: expected 1 to 65535")
+        if self.max_body_bytes < 1 or (self.max_documents is not None and self.max_documents < 1):
+            raise ResRankExportError("--max-body-bytes and --max-documents must be >= 1")
+        if self.timeout_s <= 0:
+            raise ResRankExportError(f"--timeout {self.timeout_s}: expected seconds > 0")
+
+
+@dataclass(frozen=True)
+class RepositoryLimits:
+    """What the served repository accepts, read from its files (never guessed)."""
+
+    max_candidates: int  # per rerank request (the deployment's ceiling; several reranker passes past one)
+    max_top_k: int | None  # None: the repository has no index, so no /v1/search
+    passage_tokenizer: object  # PassageTokenizer of the passage encoder
+    prompt_builder: object  # PromptBuilder of the reranker
+    retriever: object | None  # Retriever of the index, for passage texts (None: no texts stored)
+
+    @classmethod
+    def read(cls, repository: Path) -> "RepositoryLimits":
+        from resrank_export.index.pipeline import load_prompt_builder, read_resrank_config
+        from resrank_export.model.checkpoint import CONFIG_FILE
+        from resrank_export.model.text import PassageTokenizer
+        from resrank_export.triton.repository import MARKER_FILE
+
+        marker = repository / MARKER_FILE
+        if not marker.is_file():
+            raise ResRankExportError(f"{marker}: not found; --repository must be a folder written by "
+                                     "`resrank-export triton`")
+        summary = json.loads(marker.read_text())
+        encoder, prompts = repository / "passage_encoder" / "1", repository / "rank_passes" / "1"
+        for path in (encoder / "tokenizer.json", encoder / CONFIG_FILE, prompts / "tokenizer.json"):
+            if not path.is_file():
+                raise ResRankExportError(f"{path}: not found; rewrite the repository with `resrank-export triton`")
+        settings = read_resrank_config(encoder / CONFIG_FILE)
+        retriever = None
+        index = repository / "faiss_lookup" / "1" / "index"
+        if summary.get("max_top_k") and index.is_dir():
+            from resrank_export.index.retriever import Retriever
+
+            loaded = Retriever.load(index)
+            retriever = loaded if loaded.info.get("has_texts") else None
+        return cls(summary.get("max_candidates", settings.max_candidates), summary.get("max_top_k"),
+                   PassageTokenizer.for_config(encoder / "tokenizer.json", settings),
+                   load_prompt_builder(prompts / "tokenizer.json", settings), retriever)
+
+    def documents(self, config: GatewayConfig) -> int:
+        """Documents (or inputs) per request: the repository's ceiling, or less by --max-documents."""
+        return min(self.max_candidates, config.max_documents or self.max_candidates)
+
+
+class GatewayError(Exception):
+    """An HTTP error answer: status and one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def text_field(value: str, name: str) -> str:
+    """Text the python models accept: valid UTF-8 (no lone surrogates), at most MAX_QUERY_BYTES."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid UTF-8 (character {exc.start})") from None
+    if size > MAX_QUERY_BYTES:
+        raise ValueError(f"{name} has {size} bytes; at most {MAX_QUERY_BYTES} are accepted")
+    return value
+
+
+def schema_types():
+    """(Strict, Text): the base of every request model (unknown fields refused) and non-blank
+    text, in the schema too (so generated clients and fuzzers know)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    return Strict, Annotated[str, Field(pattern=r"\S", max_length=MAX_QUERY_BYTES)]
+
+
+SHAPE_ERRORS = {"string_type", "model_type", "model_attributes_type", "dict_type", "list_type"}
+UNION_BRANCHES = {"body", "constrained-str", "str", "Document", "list[constrained-str]", "list[str]"}  # pydantic's labels
+
+
+def error_field(error: dict) -> str:
+    """The field of a pydantic error as the user wrote it: `documents.1.text`."""
+    return ".".join(str(p) for p in error.get("loc", ()) if p not in UNION_BRANCHES) or "body"
+
+
+def error_reason(error: dict, fields: list[str]) -> str:
+    """Pydantic's message, in the words of this API: `fields` are the request's own."""
+    if error.get("type") == "string_pattern_mismatch":  # the Text pattern \S
+        return "is empty or whitespace-only"
+    if error.get("type") == "extra_forbidden":
+        return f"unknown field; this request takes {', '.join(fields)}"
+    return str(error.get("msg"))
+
+
+def api_key_setting(option: str | None) -> str | None:
+    """--api-key, else $RESRANK_GATEWAY_API_KEY. A variable set to "" stays "" (and `validate`
+    refuses it): click drops empty variables, which would switch authentication off unnoticed."""
+    return option if option is not None else os.environ.get(API_KEY_ENV)
+
+
+def refuse_overlong(limits: RepositoryLimits, query: str | None, texts: list[str], name: str) -> None:
+    """truncate NONE / false: 400 naming the first input the models would have cut."""
+    builder = limits.prompt_builder
+    if query is not None and builder.query_tokens(query) > builder.max_query_tokens:
+        raise GatewayError(400, f"query has {builder.query_tokens(query)} tokens; at most "
+                                f"{builder.max_query_tokens} without truncation")
+    for i, cut in enumerate(limits.passage_tokenizer.truncated(texts)):
+        if cut:
+            raise GatewayError(400, f"{name}[{i}] is over {limits.passage_tokenizer.max_tokens} tokens; "
+                                    "truncation is off")
