@@ -15,25 +15,20 @@ def add_routes(app, context) -> None:
     from pydantic import BaseModel, Field, field_validator
 
     limits = context.limits
-    Strict, Text = schema_types()
+    Strict, Text, Query = schema_types()
 
     class Document(Strict):
         text: Text
 
     class RerankRequest(Strict):
         model: str | None = Field(None, description="Accepted for compatibility; the served reranker is used.")
-        query: Text
+        query: Query
         documents: list[Text | Document] = Field(min_length=1, max_length=limits.documents(context.config))
         # strict: true, 2.0 or "2" are not numbers here, as they are not in the schema
         top_n: int | None = Field(None, ge=1, strict=True, description="Return the best top_n (default: all).")
         return_documents: bool = Field(False, strict=True)
         truncate: Literal["END", "NONE"] = Field(
             "END", description="END: cut over-long query/documents; NONE: refuse them with 400.")
-
-        @field_validator("query")
-        @classmethod
-        def _query(cls, value: str) -> str:
-            return text_field(value, "query")
 
         @field_validator("documents")
         @classmethod
@@ -60,15 +55,10 @@ def add_routes(app, context) -> None:
         meta: dict
 
     class SearchRequest(Strict):
-        query: Text
+        query: Query
         top_k: int = Field(10, ge=1, le=limits.max_top_k or 1, strict=True,
                            description="How many passages to retrieve and rerank (top_n is rerank's name).")
         return_texts: bool = Field(False, strict=True)
-
-        @field_validator("query")
-        @classmethod
-        def _query(cls, value: str) -> str:
-            return text_field(value, "query")
 
     class SearchResult(BaseModel):
         id: str

@@ -100,14 +100,16 @@ def text_field(value: str, name: str) -> str:
 
 
 def schema_types():
-    """(Strict, Text): the base of every request model (unknown fields refused) and non-blank
-    text, in the schema too (so generated clients and fuzzers know)."""
-    from pydantic import BaseModel, ConfigDict, Field
+    """(Strict, Text, Query): the base of every request model (unknown fields refused),
+    non-blank text (in the schema too, so generated clients and fuzzers know) and a query (text
+    the models accept)."""
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    return Strict, Annotated[str, Field(pattern=r"\S", max_length=MAX_QUERY_BYTES)]
+    text = Annotated[str, Field(pattern=r"\S", max_length=MAX_QUERY_BYTES)]
+    return Strict, text, Annotated[text, AfterValidator(lambda value: text_field(value, "query"))]
 
 
 SHAPE_ERRORS = {"string_type", "model_type", "model_attributes_type", "dict_type", "list_type"}

@@ -41,7 +41,7 @@ def texts_of(value, limit: int, name: str) -> list[str]:
 def add_routes(app, context) -> None:
     from pydantic import BaseModel, Field, field_validator
 
-    Strict, Text = schema_types()
+    Strict, Text, _ = schema_types()
     limit = context.limits.documents(context.config)
 
     class EmbeddingsRequest(Strict):

@@ -6,29 +6,24 @@ from typing import Literal
 
 import numpy as np
 
-from resrank_export.triton.gateway.limits import refuse_overlong, schema_types, text_field
+from resrank_export.triton.gateway.limits import refuse_overlong, schema_types
 from resrank_export.triton.gateway.openai import embed, texts_of
 
 
 def add_routes(app, context) -> None:
     from pydantic import BaseModel, Field, field_validator
 
-    Strict, Text = schema_types()
+    Strict, Text, Query = schema_types()
     limits, limit = context.limits, context.limits.documents(context.config)
 
     class RerankRequest(Strict):
-        query: Text
+        query: Query
         texts: list[Text] = Field(min_length=1, max_length=limit)
         raw_scores: bool = Field(False, strict=True, description="true: ResRank's cosine in [-1, 1]; false: "
                                                                  "mapped to [0, 1] as (1 + cosine) / 2, same order.")
         return_text: bool = Field(False, strict=True)
         truncate: bool = Field(False, strict=True, description="false (TEI's default): over-long inputs get 400.")
         truncation_direction: Literal["Right", "right"] = Field("Right", description="Only Right is served.")
-
-        @field_validator("query")
-        @classmethod
-        def _query(cls, value: str) -> str:
-            return text_field(value, "query")
 
         @field_validator("texts")
         @classmethod
