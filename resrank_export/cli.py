@@ -497,9 +497,12 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
                    "winners together) or sliding (RankGPT windows from the back); docs/gateway.md.")
 @click.option("--rank-step", type=click.IntRange(min=1),
               help="--rank-strategy sliding: how far each window moves. Default: half the window.")
+@click.option("--passage-cache", type=click.IntRange(min=0), default=10000, show_default=True,
+              help="Passage vectors the passage encoder keeps by content hash (LRU), so repeated rerank "
+                   "documents are not encoded again; 0: no cache.")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
            max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls,
-           cpu_runtime, openvino_compute, max_candidates, rank_strategy, rank_step) -> None:
+           cpu_runtime, openvino_compute, max_candidates, rank_strategy, rank_step, passage_cache) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -512,7 +515,7 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, max_batch_tokens=max_batch_tokens,
         instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards,
         shard_urls=tuple(shard_urls), cpu_runtime=cpu_runtime, openvino_compute=openvino_compute,
-        max_candidates=max_candidates, rank_strategy=rank_strategy, rank_step=rank_step))
+        max_candidates=max_candidates, rank_strategy=rank_strategy, rank_step=rank_step, passage_cache=passage_cache))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
 
 
@@ -589,13 +592,20 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
               help="Documents per rerank request (default and ceiling: the repository's --max-candidates).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds per Triton call before the client gets 504.")
-def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout) -> None:
+@click.option("--max-chunks-per-doc", type=click.IntRange(min=1), default=10, show_default=True,
+              help="A rerank document past max_passage_tokens is split into at most this many passages (a "
+                   "request's max_chunks_per_doc overrides it); its score is its best passage's.")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens that consecutive passages of one document share.")
+def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout, max_chunks_per_doc,
+            chunk_overlap) -> None:
     """HTTP front end: Cohere/Jina-style POST /v1/rerank, POST /v1/search, /health, /metrics."""
     from resrank_export.triton.gateway import GatewayConfig, api_key_setting, run_gateway
 
     run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
                               api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes,
-                              max_documents=max_documents, timeout_s=timeout))
+                              max_documents=max_documents, timeout_s=timeout, max_chunks_per_doc=max_chunks_per_doc,
+                              chunk_overlap=chunk_overlap))
 
 
 @main.command()

@@ -72,6 +72,7 @@ class TritonConfig:
     max_candidates: int = DEFAULT_MAX_CANDIDATES
     rank_strategy: str = DEFAULT_RANK_STRATEGY  # "blocks" or "sliding"
     rank_step: int | None = None  # sliding windows' step; None: half the window
+    passage_cache: int = 10000  # passage vectors the passage encoder keeps by content hash (LRU; 0: none)
 
     @property
     def session_settings(self) -> SessionSettings:
@@ -109,6 +110,8 @@ class TritonConfig:
                      "max_candidates"):
             if getattr(self, name) < 1:
                 raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        if self.passage_cache < 0:
+            raise ResRankExportError(f"passage_cache is {self.passage_cache}; expected 0 (no cache) or more vectors")
         if self.index_shards > 1 and self.index is None:
             raise ResRankExportError(f"--index-shards {self.index_shards} needs --index (the index to split)")
         if self.shard_urls and len(self.shard_urls) != self.index_shards:

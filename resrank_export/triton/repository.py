@@ -152,9 +152,11 @@ def write_repository(config: TritonConfig) -> dict:
     settings_file = build / CONFIG_FILE
     python = {  # model -> (parameters, files)
         "query_tokenizer": ({}, {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
-        "passage_encoder": ({"ENCODER_MAX_BATCH": str(encoder_batch), "MAX_CANDIDATES": str(config.max_candidates)},
+        "passage_encoder": ({"ENCODER_MAX_BATCH": str(encoder_batch), "MAX_CANDIDATES": str(config.max_candidates),
+                             "CACHE_SIZE": str(config.passage_cache)},
                             {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
-        "rank_passes": ({"STRATEGY": passes.strategy, "STEP": str(passes.step or 0), "RERANKER_MAX_BATCH": str(batch)},
+        "rank_passes": ({"STRATEGY": passes.strategy, "STEP": str(passes.step or 0), "RERANKER_MAX_BATCH": str(batch),
+                         "MAX_CANDIDATES": str(config.max_candidates)},
                         {"tokenizer.json": tokenizers["reranker"], CONFIG_FILE: settings_file}),
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]

@@ -171,6 +171,65 @@ def test_tei_rerank_and_embed(gateway, reference, passages):
     assert refused.status_code == 400 and "inputs[1] is over" in refused.json()["message"]
 
 
+def test_a_long_document_is_ranked_by_its_best_passage(gateway, reference, passages, triton_build):
+    """A 20,000-character document: split into passages (meta says how), each ranked in one
+    request with the other documents, the document scored by its best passage."""
+    from resrank_export.index.pipeline import read_resrank_config
+    from resrank_export.model.text import PassageTokenizer
+
+    long_document = " ".join(passages[i % len(passages)] for i in range(80))[:20000]
+    documents = [passages[0], long_document, passages[1]]
+    answer = _post(gateway, "/v1/rerank", {"query": SAMPLE_QUERIES[0], "documents": documents,
+                                           "max_chunks_per_doc": 40})
+    assert answer.status_code == 200, answer.text
+    meta = answer.json()["meta"]
+    tokenizer = PassageTokenizer.for_config(triton_build / "tokenizer" / "encoder" / "tokenizer.json",
+                                            read_resrank_config(triton_build / "resrank.json"))
+    pieces, cut = tokenizer.chunks(long_document, 32, 40)
+    assert not cut and len(pieces) > 10
+    assert meta == {"documents": 3, "passages": 2 + len(pieces), "chunked_documents": 1, "truncated_documents": 0}
+    ranked = reference.rerank(SAMPLE_QUERIES[0], [passages[0], *pieces, passages[1]])
+    owners = [0] + [1] * len(pieces) + [2]
+    best: dict[int, float] = {}
+    for position, score in zip(ranked.ids, ranked.scores):
+        best.setdefault(owners[int(position)], float(score))
+    results = answer.json()["results"]
+    assert [r["index"] for r in results] == list(best)
+    np.testing.assert_allclose([r["relevance_score"] for r in results], list(best.values()), rtol=0, atol=SCORE_ATOL)
+    default = _post(gateway, "/v1/rerank", {"query": SAMPLE_QUERIES[0], "documents": documents}).json()["meta"]
+    assert default["truncated_documents"] == 1 and default["passages"] == 2 + 10  # --max-chunks-per-doc 10
+
+
+def test_documents_by_id_are_the_indexs_vectors(gateway, triton_server, reference, triton_passages, passages):
+    """Documents given by corpus id are ranked on the index's stored slot vectors (no encoder
+    work), with texts in one request; a repeated text is served from the passage encoder's cache
+    (Triton's metrics count it)."""
+    stored = triton_passages[10:15]
+    documents = [{"id": p.id} for p in stored] + passages[:2]
+    answer = _post(gateway, "/v1/rerank", {"query": SAMPLE_QUERIES[1], "documents": documents,
+                                           "return_documents": True})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["meta"]["by_id"] == 5
+    rows = [reference.retriever.ids.index(p.id) for p in stored]
+    vectors = np.concatenate([np.asarray(reference.retriever.vectors[rows]), reference.encoder.encode(passages[:2])])
+    order, scores = reference.rank(SAMPLE_QUERIES[1], vectors)
+    results = answer.json()["results"]
+    assert [r["index"] for r in results] == order.tolist()
+    np.testing.assert_allclose([r["relevance_score"] for r in results], scores, rtol=0, atol=SCORE_ATOL)
+    assert results[[r["index"] for r in results].index(0)]["document"]["text"] == reference.retriever.texts([stored[0].id])[0]
+    unknown = _post(gateway, "/v1/rerank", {"query": "json", "documents": ["ok", {"id": "no-such-passage"}]})
+    assert unknown.status_code == 400 and "documents[1].id: 'no-such-passage' is not a passage" in unknown.json()["message"]
+
+    def cache_hits() -> float:
+        text = requests.get(f"http://127.0.0.1:{triton_server.ports['metrics']}/metrics", timeout=30).text
+        line = [row for row in text.splitlines() if row.startswith('resrank_passage_cache_lookups_total{result="hit"')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = cache_hits()
+    again = _post(gateway, "/v1/rerank", {"query": SAMPLE_QUERIES[2], "documents": passages[:2]})
+    assert again.status_code == 200 and cache_hits() == before + 2  # encoded for the request above
+
+
 def test_search_equals_the_search_ensemble(gateway, triton_server, reference):
     answer = _post(gateway, "/v1/search", {"query": SAMPLE_QUERIES[0], "top_k": 7, "return_texts": True})
     assert answer.status_code == 200, answer.text
@@ -182,11 +241,15 @@ def test_search_equals_the_search_ensemble(gateway, triton_server, reference):
 
 
 def test_truncate_none_refuses_what_end_cuts(gateway, passages):
-    long_document = " ".join(["passage words that go on and on"] * 200)
+    long_document = " ".join(["passage words that go on and on"] * 200)  # about 6 passages of 256 tokens
     body = {"query": "json", "documents": [passages[0], long_document]}
-    assert _post(gateway, "/v1/rerank", body).status_code == 200  # truncate=END by default
-    refused = _post(gateway, "/v1/rerank", {**body, "truncate": "NONE"})
-    assert refused.status_code == 400 and "documents[1] is over 256 tokens" in refused.json()["message"]
+    whole = _post(gateway, "/v1/rerank", body)
+    assert whole.status_code == 200 and whole.json()["meta"]["chunked_documents"] == 1
+    assert whole.json()["meta"]["truncated_documents"] == 0
+    cut = _post(gateway, "/v1/rerank", {**body, "max_chunks_per_doc": 2})  # truncate=END by default
+    assert cut.status_code == 200 and cut.json()["meta"]["truncated_documents"] == 1
+    refused = _post(gateway, "/v1/rerank", {**body, "truncate": "NONE", "max_chunks_per_doc": 2})
+    assert refused.status_code == 400 and "documents[1] does not fit 2 passages" in refused.json()["message"]
     long_query = {"query": " ".join(["why"] * 200), "documents": [passages[0]], "truncate": "NONE"}
     refused = _post(gateway, "/v1/rerank", long_query)
     assert refused.status_code == 400 and "query has 200 tokens; at most 64" in refused.json()["message"]

@@ -5,8 +5,11 @@ it, never silently dropped)."""
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
+
+import numpy as np
 
 from resrank_export.errors import ResRankExportError
 
@@ -24,6 +27,8 @@ class GatewayConfig:
     max_body_bytes: int = 16 << 20  # larger request bodies get 413 (1,000 documents of a few KiB fit)
     max_documents: int | None = None  # per rerank request; None: the repository's max_candidates
     timeout_s: float = 60.0  # per Triton call; past it the client gets 504
+    max_chunks_per_doc: int = 10  # a rerank document past max_passage_tokens: passages of it ranked (Cohere's name)
+    chunk_overlap: int = 32  # tokens consecutive passages of one document share
 
     def validate(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -33,6 +38,8 @@ class GatewayConfig:
             raise ResRankExportError(f"--port {self.port}: expected 1 to 65535")
         if self.max_body_bytes < 1 or (self.max_documents is not None and self.max_documents < 1):
             raise ResRankExportError("--max-body-bytes and --max-documents must be >= 1")
+        if self.max_chunks_per_doc < 1 or self.chunk_overlap < 0:
+            raise ResRankExportError("--max-chunks-per-doc must be >= 1 and --chunk-overlap >= 0")
         if self.timeout_s <= 0:
             raise ResRankExportError(f"--timeout {self.timeout_s}: expected seconds > 0")
 
@@ -45,7 +52,7 @@ class RepositoryLimits:
     max_top_k: int | None  # None: the repository has no index, so no /v1/search
     passage_tokenizer: object  # PassageTokenizer of the passage encoder
     prompt_builder: object  # PromptBuilder of the reranker
-    retriever: object | None  # Retriever of the index, for passage texts (None: no texts stored)
+    retriever: object | None  # Retriever of the served index: stored slot vectors and texts (None: no index)
 
     @classmethod
     def read(cls, repository: Path) -> "RepositoryLimits":
@@ -69,11 +76,31 @@ class RepositoryLimits:
         if summary.get("max_top_k") and index.is_dir():
             from resrank_export.index.retriever import Retriever
 
-            loaded = Retriever.load(index)
-            retriever = loaded if loaded.info.get("has_texts") else None
+            retriever = Retriever.load(index)
         return cls(summary.get("max_candidates", settings.max_candidates), summary.get("max_top_k"),
                    PassageTokenizer.for_config(encoder / "tokenizer.json", settings),
                    load_prompt_builder(prompts / "tokenizer.json", settings), retriever)
+
+    @property
+    def has_texts(self) -> bool:
+        return self.retriever is not None and bool(self.retriever.info.get("has_texts"))
+
+    @cached_property
+    def rows(self) -> dict[str, int]:
+        """Row of every passage id of the index."""
+        return {passage_id: row for row, passage_id in enumerate(self.retriever.ids)} if self.retriever else {}
+
+    def stored_vectors(self, ids: dict[int, str]) -> dict[int, np.ndarray]:
+        """The index's slot vectors of documents given by id ({position: id}): no encoder work."""
+        if ids and self.retriever is None:
+            raise GatewayError(400, f"documents[{next(iter(ids))}].id: the served repository has no index; "
+                                    "send the document's text")
+        vectors = {}
+        for position, passage_id in ids.items():
+            if passage_id not in self.rows:
+                raise GatewayError(400, f"documents[{position}].id: {passage_id!r} is not a passage of the served index")
+            vectors[position] = np.asarray(self.retriever.vectors[self.rows[passage_id]], dtype=np.float32)
+        return vectors
 
     def documents(self, config: GatewayConfig) -> int:
         """Documents (or inputs) per request: the repository's ceiling, or less by --max-documents."""

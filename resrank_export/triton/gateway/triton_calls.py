@@ -49,6 +49,13 @@ class TritonCalls:
                                ["ORDER", "SCORES"])
         return [int(i) for i in out["ORDER"][0]], out["SCORES"][0].tolist()
 
+    async def rank(self, query: str, vectors: np.ndarray) -> tuple[list[int], list[float]]:
+        """The rank_passes model on slot vectors [n, D] the caller has (stored ones, by id)."""
+        out = await self.infer("rank_passes", {
+            "QUERY": _strings([query]), "passage_embeddings": np.ascontiguousarray(vectors[None], dtype=np.float32),
+            "candidate_ids": _strings([str(i) for i in range(len(vectors))])}, ["ORDER", "SCORES"])
+        return [int(i) for i in out["ORDER"][0]], out["SCORES"][0].tolist()
+
     async def search(self, query: str, top_k: int) -> tuple[list[str], list[float]]:
         """The resrank ensemble: (passage ids best first, their scores)."""
         out = await self.infer(RETRIEVE_ENSEMBLE, {"QUERY": _strings([query]),

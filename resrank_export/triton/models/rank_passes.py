@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 from resrank_export.index.passes import PassSettings, run_rankings, score_asks
 from resrank_export.index.pipeline import load_prompt_builder
 from resrank_export.triton.models.common import (
+    RequestError,
     input_array,
     queries,
     refusal,
@@ -28,6 +29,7 @@ class Model:
         self.prompts = load_prompt_builder(folder / "tokenizer.json", settings)
         self.passes = PassSettings(settings.max_candidates, params["STRATEGY"], int(params["STEP"]) or None)
         self.reranker_rows = int(params["RERANKER_MAX_BATCH"])
+        self.max_candidates = int(params["MAX_CANDIDATES"])  # the deployment's ceiling
 
     def rerank(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One reranker call: scores [rows, k]."""
@@ -45,6 +47,9 @@ class Model:
             try:
                 texts = queries(request)
                 vectors, ids = input_array(request, "passage_embeddings"), input_array(request, "candidate_ids")
+                if not 1 <= vectors.shape[1] <= self.max_candidates or ids.shape != vectors.shape[:2]:
+                    raise RequestError(f"passage_embeddings has {vectors.shape[1]} candidates (candidate_ids "
+                                       f"{ids.shape[1]}); expected 1..{self.max_candidates}, as many ids")
                 rows.extend((position, q, v, i) for q, v, i in zip(texts, vectors, ids))
             except ValueError as exc:
                 responses[position] = pb_utils.InferenceResponse(error=refusal(exc))
