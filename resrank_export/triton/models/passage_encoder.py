@@ -32,9 +32,11 @@ class Model:
         self.max_candidates = int(params["MAX_CANDIDATES"])  # the deployment's ceiling, not one reranker pass
         self.encoder_batch = int(params["ENCODER_MAX_BATCH"])
         self.cache = VectorCache(int(params.get("CACHE_SIZE", "0")))
-        lookups = pb_utils.MetricFamily(name="resrank_passage_cache_lookups_total", kind=pb_utils.MetricFamily.COUNTER,
-                                        description="Passages looked up in the passage encoder's vector cache")
-        self.hits, self.misses = (lookups.Metric(labels={"result": result}) for result in ("hit", "miss"))
+        # the family must outlive its metrics (Triton refuses to count into a deleted family)
+        self.lookups = pb_utils.MetricFamily(name="resrank_passage_cache_lookups_total",
+                                             kind=pb_utils.MetricFamily.COUNTER,
+                                             description="Passages looked up in the passage encoder's vector cache")
+        self.hits, self.misses = (self.lookups.Metric(labels={"result": result}) for result in ("hit", "miss"))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[n, D] in input order; chunks hold texts of similar length (characters as a cheap
