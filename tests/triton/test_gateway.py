@@ -205,18 +205,20 @@ def test_documents_by_id_are_the_indexs_vectors(gateway, triton_server, referenc
     work), with texts in one request; a repeated text is served from the passage encoder's cache
     (Triton's metrics count it)."""
     stored = triton_passages[10:15]
-    documents = [{"id": p.id} for p in stored] + passages[:2]
+    documents = [{"id": p.id} for p in stored[:3]] + passages[:2] + [{"id": p.id} for p in stored[3:]]
     answer = _post(gateway, "/v1/rerank", {"query": SAMPLE_QUERIES[1], "documents": documents,
                                            "return_documents": True})
     assert answer.status_code == 200, answer.text
     assert answer.json()["meta"]["by_id"] == 5
     rows = [reference.retriever.ids.index(p.id) for p in stored]
-    vectors = np.concatenate([np.asarray(reference.retriever.vectors[rows]), reference.encoder.encode(passages[:2])])
+    kept = np.asarray(reference.retriever.vectors[rows], dtype=np.float32)
+    vectors = np.concatenate([kept[:3], reference.encoder.encode(passages[:2]), kept[3:]])  # in document order
     order, scores = reference.rank(SAMPLE_QUERIES[1], vectors)
     results = answer.json()["results"]
     assert [r["index"] for r in results] == order.tolist()
     np.testing.assert_allclose([r["relevance_score"] for r in results], scores, rtol=0, atol=SCORE_ATOL)
-    assert results[[r["index"] for r in results].index(0)]["document"]["text"] == reference.retriever.texts([stored[0].id])[0]
+    by_index = {r["index"]: r["document"]["text"] for r in results}
+    assert by_index[0] == reference.retriever.texts([stored[0].id])[0] and by_index[3] == passages[0]
     unknown = _post(gateway, "/v1/rerank", {"query": "json", "documents": ["ok", {"id": "no-such-passage"}]})
     assert unknown.status_code == 400 and "documents[1].id: 'no-such-passage' is not a passage" in unknown.json()["message"]
 
@@ -376,7 +378,8 @@ def test_load_mixed_good_and_bad_requests(gateway, triton_server, reference, pas
     bad_gateway = [({"query": " ", "documents": ["ok"]}, "/v1/rerank", AUTH),
                    ({"query": "json", "documents": ["a"] * (MAX_DOCUMENTS + 1)}, "/v1/rerank", AUTH),
                    ({"query": "json", "top_k": 0}, "/v1/search", AUTH),
-                   ({"query": "json", "documents": ["word " * 400], "truncate": "NONE"}, "/v1/rerank", AUTH),
+                   ({"query": "json", "documents": ["word " * 400], "truncate": "NONE", "max_chunks_per_doc": 1},
+                    "/v1/rerank", AUTH),
                    ({"query": "json", "documents": ["ok"]}, "/v1/rerank", {"X-API-Key": "wrong"})]
     bad_triton = [("", 5), ("json", 0), ("json", 301)]  # the index holds 300
     stop_at = time.monotonic() + LOAD_SECONDS

@@ -104,8 +104,10 @@ def add_routes(app, context) -> None:
                                     "max_chunks_per_doc)")
         if stored:
             encoded = list(await context.triton().embed_passages(passages)) if passages else []
-            owners = [*owners, *stored]
-            order, scores = await context.triton().rank(body.query, np.stack([*encoded, *stored.values()]))
+            # slots in document order (a stable sort keeps a document's passages in order), as for texts
+            slots = sorted([*zip(owners, encoded), *stored.items()], key=lambda slot: slot[0])
+            owners = [document for document, _ in slots]
+            order, scores = await context.triton().rank(body.query, np.stack([vector for _, vector in slots]))
             meta.update(documents=len(texts), by_id=len(stored))
         else:
             order, scores = await context.triton().rerank(body.query, passages)
