@@ -123,6 +123,7 @@ STRICT_BODIES = {  # path, body, the field the 422 must name, and what it must s
     "rerank v2, unknown field": ("/v2/rerank", {**GOOD, "max_tokens": 9}, "max_tokens", "unknown field"),
     "document object, unknown field": ("/v1/rerank", {"query": "json", "documents": [{"text": "a", "title": "t"}]},
                                        "documents.0.title", "unknown field"),
+    "document by id, no id": ("/v1/rerank", {"query": "json", "documents": [{"id": ""}]}, "documents.0.id", ""),
     "embeddings, no input": ("/v1/embeddings", {"model": "m"}, "input", "Field required"),
     "embeddings, token ids": ("/v1/embeddings", {"input": [[1, 2, 3]]}, "input", ""),
     "embeddings, bad input_type": ("/v1/embeddings", {"input": "a", "input_type": "image"}, "input_type", ""),

@@ -140,7 +140,8 @@ def schema_types():
 
 
 SHAPE_ERRORS = {"string_type", "model_type", "model_attributes_type", "dict_type", "list_type"}
-UNION_BRANCHES = {"body", "constrained-str", "str", "Document", "list[constrained-str]", "list[str]"}  # pydantic's labels
+UNION_BRANCHES = {"body", "constrained-str", "str", "Document", "StoredDocument",  # pydantic's labels, not fields
+                  "list[constrained-str]", "list[str]"}
 
 
 def error_field(error: dict) -> str:
