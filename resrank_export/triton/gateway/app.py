@@ -28,6 +28,7 @@ from resrank_export.triton.gateway.limits import (
     RepositoryLimits,
     error_field,
     error_reason,
+    union_branch,
 )
 from resrank_export.triton.gateway.triton_calls import TritonCalls
 
@@ -146,10 +147,16 @@ def create_app(config: GatewayConfig, limits: RepositoryLimits | None = None):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         fields = request_fields.get(request.url.path, [])
+        raw = exc.errors()
         errors = [{"loc": error_field(e), "msg": error_reason(e, fields), "type": str(e.get("type"))}
-                  for e in exc.errors()]  # without the inputs: they may hold text JSON cannot carry (lone surrogates)
-        # A string-or-{text} document that fits neither reports both; the shape mismatch is the lesser news.
-        telling = [e for e in errors if e["type"] not in SHAPE_ERRORS] or errors or [{"loc": "body", "msg": "invalid"}]
+                  for e in raw]  # without the inputs: they may hold text JSON cannot carry (lone surrogates)
+        # A document that fits no shape (string, {text}, {id}) reports every shape; the shape mismatch is the
+        # lesser news, and of the shapes the one with the fewest errors is the one meant.
+        branches: dict[tuple, list] = {}
+        for error, details in zip(errors, raw):
+            if error["type"] not in SHAPE_ERRORS:
+                branches.setdefault(union_branch(details), []).append(error)
+        telling = min(branches.values(), key=len) if branches else errors or [{"loc": "body", "msg": "invalid"}]
         return JSONResponse({"message": f"{telling[0]['loc']}: {telling[0]['msg']}", "errors": errors}, 422)
 
     for shape in API_SHAPES:

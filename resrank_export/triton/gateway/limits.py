@@ -149,12 +149,18 @@ def error_field(error: dict) -> str:
     return ".".join(str(p) for p in error.get("loc", ()) if p not in UNION_BRANCHES) or "body"
 
 
+def union_branch(error: dict) -> tuple:
+    """Which shape of a union field an error is about (pydantic's labels in its location)."""
+    return tuple(p for p in error.get("loc", ()) if p in UNION_BRANCHES)
+
+
 def error_reason(error: dict, fields: list[str]) -> str:
     """Pydantic's message, in the words of this API: `fields` are the request's own."""
     if error.get("type") == "string_pattern_mismatch":  # the Text pattern \S
         return "is empty or whitespace-only"
     if error.get("type") == "extra_forbidden":
-        return f"unknown field; this request takes {', '.join(fields)}"
+        return f"unknown field; this request takes {', '.join(fields)}" if len(error.get("loc", ())) <= 2 \
+            else "unknown field"
     return str(error.get("msg"))
 
 
