@@ -115,3 +115,40 @@ def test_an_address_it_cannot_listen_on_is_one_line(tmp_path):
         result = _gateway(tmp_path, "--port", str(port))
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert f"--port {port}: cannot listen there" in result.output
+
+
+STRICT_BODIES = {  # path, body, the field the 422 must name, and what it must say
+    "rerank, unknown field": ("/v1/rerank", {**GOOD, "top_k": 3}, "top_k", "unknown field; this request takes"),
+    "search, rerank's top_n": ("/v1/search", {"query": "json", "top_n": 3}, "top_n", "takes query, top_k, return_texts"),
+    "rerank v2, unknown field": ("/v2/rerank", {**GOOD, "max_tokens": 9}, "max_tokens", "unknown field"),
+    "document object, unknown field": ("/v1/rerank", {"query": "json", "documents": [{"text": "a", "title": "t"}]},
+                                       "documents.0.title", "unknown field"),
+    "document by id, no id": ("/v1/rerank", {"query": "json", "documents": [{"id": ""}]}, "documents.0.id", ""),
+    "embeddings, no input": ("/v1/embeddings", {"model": "m"}, "input", "Field required"),
+    "embeddings, token ids": ("/v1/embeddings", {"input": [[1, 2, 3]]}, "input", ""),
+    "embeddings, bad input_type": ("/v1/embeddings", {"input": "a", "input_type": "image"}, "input_type", ""),
+    "embeddings, unknown field": ("/v1/embeddings", {"input": "a", "truncate": "END"}, "truncate", "unknown field"),
+    "embeddings, blank text": ("/v1/embeddings", {"input": ["a", " "]}, "input.1", "is empty or whitespace-only"),
+    "embeddings, no texts": ("/v1/embeddings", {"input": []}, "input", "0 inputs; expected 1..1000"),
+    "TEI rerank, documents": ("/rerank", {"query": "json", "documents": ["a"]}, "texts", "Field required"),
+    "TEI rerank, raw_scores": ("/rerank", {"query": "json", "texts": ["a"], "raw_scores": "yes"}, "raw_scores", ""),
+    "TEI embed, input": ("/embed", {"input": "a"}, "inputs", "Field required"),
+    "TEI embed, prompt_name": ("/embed", {"inputs": "a", "prompt_name": "title"}, "prompt_name", ""),
+}
+
+
+@pytest.mark.parametrize("name", STRICT_BODIES)
+def test_an_unknown_or_misplaced_field_is_named(gateway_url, name):
+    """Every API shape is strict: nothing is dropped silently; the 422 names the field."""
+    path, body, field, words = STRICT_BODIES[name]
+    answer = requests.post(f"{gateway_url}{path}", json=body, headers=AUTH, timeout=30)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["message"].startswith(f"{field}: ") and words in answer.json()["message"], answer.text
+
+
+@pytest.mark.parametrize("path, body", [("/v2/rerank", GOOD), ("/v1/embeddings", {"input": "json"}),
+                                        ("/rerank", {"query": "json", "texts": ["ok"]}), ("/embed", {"inputs": "json"})])
+def test_every_api_shape_is_guarded_and_reaches_triton(gateway_url, path, body):
+    assert requests.post(f"{gateway_url}{path}", json=body, timeout=30).status_code == 401
+    answer = requests.post(f"{gateway_url}{path}", json=body, headers=AUTH, timeout=30)
+    assert answer.status_code == 503 and "unavailable" in answer.json()["message"], answer.text
