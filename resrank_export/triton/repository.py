@@ -30,6 +30,7 @@ from resrank_export.triton.config import (
     graph_model_config,
     model_specs,
     python_model_config,
+    resolve_cpu_runtime,
     to_text,
 )
 from resrank_export.triton.shards import shard_bounds, shard_model_name, split_index
@@ -139,6 +140,9 @@ def _lookup_models(config: TritonConfig, index: Path, count: int, max_candidates
 def write_repository(config: TritonConfig) -> dict:
     """Write the model repository to `config.out`; returns the summary stored in MARKER_FILE."""
     config.validate()
+    choice = resolve_cpu_runtime(config)
+    config = replace(config, cpu_runtime=choice.runtime, openvino_compute=choice.compute)
+    config.validate()  # the path picked, with the rest of the settings
     build, out = Path(config.build), Path(config.out)
     settings = _read_build(build)
     refuse_foreign_folder(out, MARKER_FILE, "a resrank-export model repository")
@@ -156,7 +160,8 @@ def write_repository(config: TritonConfig) -> dict:
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
     summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None,
-               "ort_fused": config.ort_fused and config.backend != "tensorrt"}
+               "ort_fused": config.ort_fused and config.backend != "tensorrt",
+               "cpu_path": choice.to_json() if config.backend == "python" else None}
     if config.index is not None:
         index = Path(config.index)
         meta = read_index_info(index)
@@ -183,6 +188,6 @@ def write_repository(config: TritonConfig) -> dict:
             _write_model(work, ensemble_config(specs[name], steps, outputs, batch), {})
         summary["models"] = sorted(p.name for p in work.iterdir() if p.is_dir())
         (work / MARKER_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("model repository written to %s (%s backend; models: %s)", out, config.backend,
-             ", ".join(summary["models"]))
+    log.info("model repository written to %s (%s backend%s; models: %s)", out, config.backend,
+             f", graphs on {choice.reason}" if config.backend == "python" else "", ", ".join(summary["models"]))
     return summary
