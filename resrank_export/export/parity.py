@@ -48,9 +48,10 @@ PARITY_GATES = {"fp32": ParityGate(atol=1e-4, min_cosine=0.9999, top10_overlap=1
 
 # A faster served CPU path (runtime.CPU_PATHS) computing the graphs in BF16, against the same
 # reference: every embedding and score row at cosine >= 0.999 and a mean top-10 overlap >= 0.9 (the
-# ranking gate; BF16 keeps 8 mantissa bits, so near-tied candidates may swap). The max |diff| bound
-# only catches a broken run: measured on the demo build with DL19 (issue 30), max |diff| XXX.
-CPU_PATH_GATES = {"bf16": ParityGate(atol=0.1, min_cosine=0.999, top10_overlap=0.9)}
+# ranking gate; BF16 keeps 8 mantissa bits, so near-tied candidates may swap). Measured on the demo
+# build with DL19 (issue 30): OpenVINO BF16 max |diff| 1.3e-3 (encoder) / 1.5e-3 (reranker), min
+# cosine 0.99998 / 0.9999998, top-10 overlap 1.0; the max |diff| bound leaves >= 10x room.
+CPU_PATH_GATES = {"bf16": ParityGate(atol=2e-2, min_cosine=0.999, top10_overlap=0.9)}
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,9 @@ class TritonConfig:
             raise ResRankExportError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.cpu_runtime not in (AUTO, *CPU_RUNTIMES):
             raise ResRankExportError(f"cpu_runtime {self.cpu_runtime!r}: expected one of {AUTO}, {', '.join(CPU_RUNTIMES)}")
-        if self.backend == "python" and self.cpu_runtime not in precision_row(self.precision).cpu_runtimes:
-            raise NotAvailableError(f"--precision {self.precision} with the python backend: {self.cpu_runtime} on a CPU "
+        runtime = "onnxruntime" if self.cpu_runtime == AUTO else self.cpu_runtime  # auto's fallback
+        if self.backend == "python" and runtime not in precision_row(self.precision).cpu_runtimes:
+            raise NotAvailableError(f"--precision {self.precision} with the python backend: {runtime} on a CPU "
                                     f"cannot run these graphs ({precision_row(self.precision).summary}); serve "
                                     f"{self.precision} with --backend tensorrt (or onnxruntime on a GPU), or fp16 or "
                                     "int8 on a CPU")
