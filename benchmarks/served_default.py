@@ -1,13 +1,15 @@
 """The served path a user gets without flags (issue 30): a build's repository written with the
 default `--cpu-runtime auto` against one written with ONNX Runtime FP32 (the default before
-`auto`), each served in turn by the real tritonserver in the same run: search-ensemble throughput
-and latency at 1, 4 and 16 clients (DL19 queries, tritonclient HTTP from a separate process),
+`auto`), both served at once by real tritonservers and loaded in alternation, round after round
+(so both see the same background load; the figures are medians over the rounds): search-ensemble
+throughput and latency at 1, 4 and 16 clients (DL19 queries, tritonclient HTTP from a separate
+process),
 and the min cosine of the served passage embeddings (the `passage_encoder` model, which calls the
 served `encoder`) to the build's FP32 encoder graph on ONNX Runtime, on held-out DL19 passages
 (neither indexed by the demo nor among the parity check's candidates).
 
     python benchmarks/served_default.py BUILD --out RESULTS_DIR [--data ../shared/data/dl19]
-        [--held-out 256] [--clients 1,4,16] [--requests-per-client 16]
+        [--held-out 256] [--clients 1,4,16] [--requests-per-client 16] [--rounds 3]
 
 Writes RESULTS_DIR/served_default.{json,md}. Throughputs are ratios within one run."""
 
@@ -16,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--requests-per-client", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from resrank_export.bench.served import drive_load
@@ -88,42 +94,57 @@ def main() -> None:
     result = {"build": str(args.build), "data": str(args.data), "held_out_passages": len(passages),
               "top_k": args.top_k, "requests_per_client": args.requests_per_client, "paths": {}}
     spawn = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=1, mp_context=spawn) as loader:
-        for label, runtime in (("default (auto)", "auto"), ("ONNX Runtime FP32 (the default before auto)",
-                                                            "onnxruntime")):
+    paths = {"default (auto)": "auto", "ONNX Runtime FP32 (the default before auto)": "onnxruntime"}
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(max_workers=1, mp_context=spawn) as loader, \
+            ExitStack() as servers:
+        urls = {}
+        for label, runtime in paths.items():
             repository = Path(tmp) / runtime
             summary = write_repository(TritonConfig(build=args.build, out=repository, index=args.build / "index",
                                                     cpu_runtime=runtime))
-            entry = {"cpu_path": summary["cpu_path"], "levels": {}}
             print(f"{label}: {summary['cpu_path']['reason']}", flush=True)
-            with TritonServer(ServerConfig(repository=repository)) as server:
-                served = served_embeddings(server.http_url, passages)
-                entry["min_cosine_to_fp32"] = min_cosine(served, reference)
-                for concurrency in clients:
-                    n = max(64, args.requests_per_client * concurrency)
-                    payloads = [(queries[i % len(queries)], args.top_k) for i in range(n)]
-                    entry["levels"][str(concurrency)] = loader.submit(drive_load, server.http_url, "search",
-                                                                      payloads, concurrency, 1).result()
-                    print(f"  search at {concurrency} clients: {entry['levels'][str(concurrency)]}", flush=True)
-            result["paths"][label] = entry
+            server = servers.enter_context(TritonServer(ServerConfig(repository=repository)))
+            urls[label] = server.http_url
+            result["paths"][label] = {"cpu_path": summary["cpu_path"], "rounds": {str(c): [] for c in clients},
+                                      "min_cosine_to_fp32": min_cosine(served_embeddings(server.http_url, passages),
+                                                                       reference)}
+        for number in range(args.rounds):
+            for concurrency in clients:
+                n = max(64, args.requests_per_client * concurrency)
+                payloads = [(queries[(number * n + i) % len(queries)], args.top_k) for i in range(n)]
+                order = list(urls.items())[::-1 if number % 2 else 1]  # alternated: neither always goes first
+                for label, url in order:  # one path after the other at each level: the same background load
+                    stats = loader.submit(drive_load, url, "search", payloads, concurrency, 1).result()
+                    result["paths"][label]["rounds"][str(concurrency)].append(stats)
+                    print(f"round {number + 1}, {label}, {concurrency} clients: {stats}", flush=True)
+    for entry in result["paths"].values():
+        entry["levels"] = {c: {key: statistics.median(r[key] for r in rounds) for key in ("p50_s", "p99_s",
+                                                                                        "throughput_rps")}
+                           for c, rounds in entry["rounds"].items()}
     auto, base = result["paths"].values()
     top = str(max(clients))
-    result["throughput_ratio_at_top"] = auto["levels"][top]["throughput_rps"] / base["levels"][top]["throughput_rps"]
+    ratios = [a["throughput_rps"] / b["throughput_rps"] for a, b in zip(auto["rounds"][top], base["rounds"][top])]
+    result["throughput_ratio_at_top"] = {"median": statistics.median(ratios), "per_round": ratios}
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result.update(load_average_1m=os.getloadavg()[0], cores=os.cpu_count())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "served_default.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# The default served path vs ONNX Runtime FP32 (same build, same run)", "",
              f"Build {args.build}; search ensemble top-{args.top_k} on DL19 queries; min cosine of the served "
              f"passage embeddings to the FP32 graph on ONNX Runtime over {len(passages)} held-out DL19 passages.", "",
-             "| path | picked because | clients | p50 ms | p99 ms | req/s | min cosine to FP32 |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             *[f"- {label}: {entry['cpu_path']['reason']}" for label, entry in result["paths"].items()], "",
+             "| path | clients | p50 ms | p99 ms | req/s | min cosine to FP32 |",
+             "|---|---:|---:|---:|---:|---:|"]
     for label, entry in result["paths"].items():
-        for concurrency, stats in entry["levels"].items():
+        for concurrency, stats in entry["levels"].items():  # medians over the rounds
             lines.append(f"| {label}: {entry['cpu_path']['runtime']}/{entry['cpu_path']['compute']} | "
-                         f"{entry['cpu_path']['reason']} | {concurrency} | {stats['p50_s'] * 1e3:.1f} | "
+                         f"{concurrency} | {stats['p50_s'] * 1e3:.1f} | "
                          f"{stats['p99_s'] * 1e3:.1f} | {stats['throughput_rps']:.1f} | "
                          f"{entry['min_cosine_to_fp32']:.6f} |")
-    lines += ["", f"Default / ONNX Runtime FP32 throughput at {top} clients: **{result['throughput_ratio_at_top']:.2f}×**."]
+    per_round = ", ".join(f"{r:.2f}" for r in ratios)
+    lines += ["", f"Default / ONNX Runtime FP32 throughput at {top} clients: **{statistics.median(ratios):.2f}×** "
+                  f"(median of {len(ratios)} rounds: {per_round}). Medians over {args.rounds} rounds; 1-min load "
+                  f"average at the end {result['load_average_1m']:.1f} on {result['cores']} cores."]
     (args.out / "served_default.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -94,6 +94,7 @@ def run_build(config: BuildConfig) -> dict:
     if config.ort_optimize and "bf16" in (config.precision, config.export.dtype):
         raise ResRankExportError("--ort-optimize with bf16 graphs: ONNX Runtime's CPU provider has no BF16 kernels "
                                  "to fuse for; use it with fp32, fp16 or int8")
+    _check_cpu_runtime(config)
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here, and
     # so does --device cuda where PyTorch or ONNX Runtime sees no GPU.
     runtime = _engine_runtime(config)
@@ -126,6 +127,23 @@ def run_build(config: BuildConfig) -> dict:
             manifest = runner.write()
         shutil.rmtree(resume, ignore_errors=True)
     return manifest
+
+
+def _check_cpu_runtime(config: BuildConfig) -> None:
+    """Before any work: the repository stage's settings (runtime, compute) are ones it can write."""
+    from resrank_export.triton.config import TritonConfig
+
+    if config.triton_backend is None or not _serves_on_cpu(config):
+        return
+    TritonConfig(build=config.out, out=config.out, backend=config.triton_backend, precision=config.precision,
+                 ort_fused=config.ort_optimize, cpu_runtime=config.cpu_runtime,
+                 openvino_compute=config.openvino_compute).validate()
+
+
+def _serves_on_cpu(config: BuildConfig) -> bool:
+    """Whether the repository stage can serve the build's precision (the python backend runs its
+    graphs on ONNX Runtime's CPU provider, which has no BF16 kernels)."""
+    return "onnxruntime" in precision_row(config.precision).cpu_runtimes or config.triton_backend != "python"
 
 
 def _check_devices(config: BuildConfig) -> None:
@@ -360,7 +378,7 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     if config.triton_backend is None:
         return
-    if "onnxruntime" not in precision_row(config.precision).cpu_runtimes and config.triton_backend == "python":
+    if not _serves_on_cpu(config):
         log.warning("stage triton: skipped, the python backend runs its graphs on ONNX Runtime's CPU provider, which "
                     "cannot run %s graphs; on a GPU server: resrank-export triton --precision %s --backend tensorrt",
                     config.precision, config.precision)
