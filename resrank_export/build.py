@@ -16,8 +16,8 @@ from pathlib import Path
 from resrank_export.engine.profiles import EngineConfig
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.onnx import AUTO, EXPORT_DTYPES, ExportConfig, export_onnx, graphs_folder
-from resrank_export.export.parity import (RUN_FILE, ParityConfig, check_parity, check_parity_data, compare_graphs,
-                                         reference_outputs)
+from resrank_export.export.parity import (CPU_PATH_GATES, RUN_FILE, ParityConfig, check_cpu_paths, check_parity_data,
+                                         compare_graphs, reference_outputs)
 from resrank_export.fs import (atomic_dir, output_lock, refuse_foreign_folder, require_free_space, sha256_file,
                                sha256_tree, stale_temps)
 from resrank_export.interrupt import INTERRUPTIONS, note_kept
@@ -53,6 +53,10 @@ class BuildConfig:
     corpus: Path | None = None  # index stage; with no checkpoint either: the embedded corpus
     index_kind: str = "flat"
     triton_backend: str | None = "python"  # None: no model repository stage
+    # the python backend's CPU runtime and OpenVINO compute (triton.config.TritonConfig); "auto": the
+    # fastest path whose gate this build measured (its parity stage checks the faster paths)
+    cpu_runtime: str = "auto"
+    openvino_compute: str = "f32"
     ort_optimize: bool = False  # also write ORT-fused graphs (onnx/<precision>/*.ort.onnx), parity-checked
     weight_only: WeightOnlyConfig | None = None  # int8_wo / int4_awq knobs (the TOML's table); None: defaults
 
@@ -90,6 +94,7 @@ def run_build(config: BuildConfig) -> dict:
     if config.ort_optimize and "bf16" in (config.precision, config.export.dtype):
         raise ResRankExportError("--ort-optimize with bf16 graphs: ONNX Runtime's CPU provider has no BF16 kernels "
                                  "to fuse for; use it with fp32, fp16 or int8")
+    _check_cpu_runtime(config)
     # Before any output: a tensorrt build on a machine without TensorRT or a GPU stops here, and
     # so does --device cuda where PyTorch or ONNX Runtime sees no GPU.
     runtime = _engine_runtime(config)
@@ -122,6 +127,23 @@ def run_build(config: BuildConfig) -> dict:
             manifest = runner.write()
         shutil.rmtree(resume, ignore_errors=True)
     return manifest
+
+
+def _check_cpu_runtime(config: BuildConfig) -> None:
+    """Before any work: the repository stage's settings (runtime, compute) are ones it can write."""
+    from resrank_export.triton.config import TritonConfig
+
+    if config.triton_backend is None or not _serves_on_cpu(config):
+        return
+    TritonConfig(build=config.out, out=config.out, backend=config.triton_backend, precision=config.precision,
+                 ort_fused=config.ort_optimize, cpu_runtime=config.cpu_runtime,
+                 openvino_compute=config.openvino_compute).validate()
+
+
+def _serves_on_cpu(config: BuildConfig) -> bool:
+    """Whether the repository stage can serve the build's precision (the python backend runs its
+    graphs on ONNX Runtime's CPU provider, which has no BF16 kernels)."""
+    return "onnxruntime" in precision_row(config.precision).cpu_runtimes or config.triton_backend != "python"
 
 
 def _check_devices(config: BuildConfig) -> None:
@@ -222,20 +244,37 @@ def _export_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, input
     runner.run("export", _export_inputs(inputs, config), export)
 
 
+def _cpu_paths(config: BuildConfig) -> tuple[tuple[str, str], ...]:
+    """The served CPU paths faster than ONNX Runtime FP32 the parity stage measures, for `auto` to
+    pick from: only where the repository serves the exported graphs on the python backend."""
+    from resrank_export.runtime import AUTO, installed_cpu_runtimes, path_candidates, probe_cpu
+
+    if config.cpu_runtime != AUTO or config.triton_backend != "python" or config.precision != config.export.dtype:
+        return ()
+    return path_candidates(probe_cpu(), installed_cpu_runtimes())
+
+
 def _parity_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
+    paths = _cpu_paths(config)
+
     def parity() -> dict:
         from resrank_export.model.reference import ResRankReference
 
         graphs = {name: graphs_folder(work, config.export) / f"{name}.onnx" for name in ("encoder", "reranker")}
         reference = ResRankReference(checkpoint, EXPORT_DTYPES[config.export.dtype],  # the graphs' own dtype
                                      device=config.parity.device)
-        report = check_parity(reference, graphs, config.parity)
+        expected = reference_outputs(reference, config.parity)
+        report = compare_graphs(expected, graphs, config.parity)
+        if paths:  # the graphs on each faster CPU path, against its compute type's gate
+            report["cpu_paths"] = check_cpu_paths(expected, graphs, config.parity, paths)
         (work / PARITY_FILE).unlink(missing_ok=True)
         (work / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         return {"outputs": [work / PARITY_FILE], "report": report}
 
     runner.run("parity", {"graphs": runner.output_hashes("export"), "gate": vars(config.parity.gate(config.export.dtype)),
-                          "queries": config.parity.queries, **_parity_data_identity(config.parity)}, parity)
+                          "queries": config.parity.queries, **_parity_data_identity(config.parity),
+                          **({"cpu_paths": {"/".join(p): vars(CPU_PATH_GATES[p[1]]) for p in paths}} if paths else {})},
+               parity)
 
 
 def _ort_optimize_stage(runner: StageRunner, work: Path, checkpoint: Checkpoint, config: BuildConfig) -> None:
@@ -339,7 +378,7 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
 
     if config.triton_backend is None:
         return
-    if "onnxruntime" not in precision_row(config.precision).cpu_runtimes and config.triton_backend == "python":
+    if not _serves_on_cpu(config):
         log.warning("stage triton: skipped, the python backend runs its graphs on ONNX Runtime's CPU provider, which "
                     "cannot run %s graphs; on a GPU server: resrank-export triton --precision %s --backend tensorrt",
                     config.precision, config.precision)
@@ -347,16 +386,19 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     if importlib.util.find_spec("tritonclient") is None:
         log.warning("stage triton: skipped, tritonclient is not installed (pip install 'resrank-export[triton]')")
         return
-    from resrank_export.triton.config import TritonConfig
+    from resrank_export.triton.config import TritonConfig, measured_gates, resolve_cpu_runtime
     from resrank_export.triton.repository import write_repository
 
     index = work / "index"
     has_index = (index / "index.json").is_file()
+    triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
+                                 backend=config.triton_backend, precision=config.precision,
+                                 ort_fused=config.ort_optimize, cpu_runtime=config.cpu_runtime,
+                                 openvino_compute=config.openvino_compute,
+                                 measured_gates=measured_gates(runner.stages, config.precision))
+    choice = resolve_cpu_runtime(triton_config)
 
     def triton() -> dict:
-        triton_config = TritonConfig(build=work, out=work / TRITON_REPOSITORY, index=index if has_index else None,
-                                     backend=config.triton_backend, precision=config.precision,
-                                     ort_fused=config.ort_optimize)
         report = write_repository(triton_config)  # before listing its files: they are the outputs
         return {"outputs": _files_under(work, TRITON_REPOSITORY), "report": report}
 
@@ -365,6 +407,6 @@ def _triton_stage(runner: StageRunner, work: Path, config: BuildConfig) -> None:
     graphs_stage = "export" if config.precision == config.export.dtype else f"precision_{config.precision}"
     fused = runner.output_hashes("ort_optimize") if config.ort_optimize else {}
     runner.run("triton", {"graphs": {**runner.output_hashes(graphs_stage), **fused}, "precision": config.precision,
-                          "backend": config.triton_backend,
+                          "backend": config.triton_backend, "cpu_path": choice.to_json(),
                           "package": __version__,
                           "index": runner.output_hashes("index") if "index" in runner.stages else None}, triton)

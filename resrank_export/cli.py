@@ -127,6 +127,15 @@ def main(verbose: bool) -> None:
               show_default=True, help="FAISS index kind of the index stage.")
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
+@click.option("--cpu-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="--triton-backend python: run the encoder and reranker graphs on ONNX Runtime's CPU "
+                                      "provider or OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; "
+                                      "INT8 GEMMs for --precision int8). auto: the fastest path installed, native "
+                                      "on this CPU and gated by the build's parity or fidelity stage (OpenVINO in "
+                                      "BF16 on AMX / AVX512-BF16 CPUs, else ONNX Runtime FP32); the repository's "
+                                      "resrank_repository.json says which and why.")
+@click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: calibration folder written by `resrank-export calibrate`.")
 @click.option("--calibration-corpus", type=click.Path(path_type=Path),
@@ -162,7 +171,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
           max_batch, workspace, corpus, index_kind, triton_backend, calibration, calibration_corpus,
           calibration_method, int8_exclude_op, int8_exclude_node, int8_smoothquant_alpha, no_int8_smoothquant,
           int8_cpu_kernels, int8_piece_size, fidelity_retrieval_data, fidelity_rerank_data, precision_tables,
-          ort_optimize) -> None:
+          ort_optimize, cpu_runtime, openvino_compute) -> None:
     """Export the encoder and reranker to ONNX, check parity with PyTorch, make FP16/INT8 graphs with a
     fidelity report if asked, write TensorRT build scripts (and plans with --backend tensorrt), index
     the corpus and write the Triton model repository."""
@@ -184,7 +193,7 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
     config = BuildConfig(out=out, checkpoint=checkpoint, precision=precision, force=force, backend=backend,
                          engine=EngineConfig(max_batch=max_batch, workspace_bytes=parse_size(workspace, "--workspace")),
                          triton_backend=None if triton_backend == "none" else triton_backend,
-                         ort_optimize=ort_optimize,
+                         ort_optimize=ort_optimize, cpu_runtime=cpu_runtime, openvino_compute=openvino_compute,
                          export=ExportConfig(opset=opset, external_data=external_data, dtype=export_dtype,
                                              device=device),
                          parity=ParityConfig(data_dir=parity_data, queries=parity_queries, device=device),
@@ -208,6 +217,9 @@ def build(ctx, print_config, checkpoint, precision, out, parity_data, parity_que
                f"encoder max |diff| {parity['encoder']['max_abs_diff']:.2e}, parity "
                f"{'passed' if parity['passed'] else 'FAILED'}; stages: "
                + ", ".join(f"{k} {v['status']}" for k, v in manifest["stages"].items()))
+    served = manifest["stages"].get("triton", {}).get("report", {}).get("cpu_path")
+    if served:
+        click.echo(f"{out / 'model_repository'} serves the graphs on {served['reason']}")
     if precision != manifest["stages"]["export"]["report"]["dtype"]:
         from resrank_export.precision.fidelity import failed_gates
 
@@ -483,10 +495,13 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
 @click.option("--shard-url", "shard_urls", multiple=True, metavar="HOST:PORT",
               help="gRPC address serving faiss_lookup_<i>, in shard order (one per shard): the router asks "
                    "each shard's own Triton instead of this one's.")
-@click.option("--cpu-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+@click.option("--cpu-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
               show_default=True, help="python backend: run the encoder and reranker graphs on ONNX Runtime's CPU "
                                       "provider or OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; "
-                                      "INT8 GEMMs for --precision int8).")
+                                      "INT8 GEMMs for --precision int8). auto: the fastest path installed, native "
+                                      "on this CPU and gated by the build's parity or fidelity stage (OpenVINO in "
+                                      "BF16 on AMX / AVX512-BF16 CPUs, else ONNX Runtime FP32); the repository's "
+                                      "resrank_repository.json says which and why.")
 @click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
               help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
 @click.option("--max-candidates", type=click.IntRange(min=1), default=DEFAULT_MAX_CANDIDATES, show_default=True,
@@ -517,6 +532,8 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
         shard_urls=tuple(shard_urls), cpu_runtime=cpu_runtime, openvino_compute=openvino_compute,
         max_candidates=max_candidates, rank_strategy=rank_strategy, rank_step=rank_step, passage_cache=passage_cache))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
+    if summary["cpu_path"]:
+        click.echo(f"graphs served on {summary['cpu_path']['reason']}")
 
 
 @main.command("k8s")
@@ -652,8 +669,9 @@ def query(text, top_k, passages, url, grpc) -> None:
               help="Candidate count of the reranker benchmark (repeatable; default: the preset's).")
 @click.option("--served-precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Served benchmark: which graphs of the build the repository serves.")
-@click.option("--served-runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
-              show_default=True, help="Served benchmark: the python backend's runtime (`triton --cpu-runtime`).")
+@click.option("--served-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="Served benchmark: the python backend's runtime (`triton --cpu-runtime`; "
+                                      "auto: the default path a user gets).")
 @click.option("--served-openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
               help="Served benchmark with --served-runtime openvino: `triton --openvino-compute`.")
 def bench(smoke, out, only, build_dir, checkpoint, data, threads, repeats, encoder_passages, reranker_ks,

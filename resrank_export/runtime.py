@@ -235,6 +235,100 @@ class OpenVINOSession:
         return [np.array(result[name]) for name in (output_names or [o.name for o in self._outputs])]
 
 
+# --- the served CPU path `auto` picks (Triton's python backend) ---------------------------------
+AUTO = "auto"
+BASE_PATH = ("onnxruntime", "f32")  # parity-checked by every build: the path when no faster one is gated
+# Fastest first, measured on the demo build (docs/benchmarks.md, AMX Xeon): OpenVINO computing the
+# FP32 graphs in BF16 served the search ensemble at 3.2x ONNX Runtime FP32's throughput. OpenVINO
+# f32 is left to explicit choice: it was measured faster on this AVX-512 machine only.
+CPU_PATHS = (("openvino", "bf16"), BASE_PATH)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native BF16 arithmetic
+
+
+def path_name(runtime: str, compute: str) -> str:
+    """"openvino/bf16": the key of a path in the parity and fidelity reports."""
+    return f"{runtime}/{compute}"
+
+
+def cpu_flags() -> set[str]:
+    """The ISA flags /proc/cpuinfo lists (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@dataclass(frozen=True)
+class CpuCapabilities:
+    """What the CPU offers the served paths, and where that was read."""
+
+    bf16: bool  # native BF16 arithmetic (AMX-BF16 or AVX512-BF16)
+    source: str
+
+
+def probe_cpu() -> CpuCapabilities:
+    """OpenVINO's own capability query where it is installed (the plugin computes in BF16 only
+    where it lists BF16), else the /proc/cpuinfo flags."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino
+
+        capabilities = list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        return CpuCapabilities("BF16" in capabilities,
+                               f"OpenVINO CPU capabilities: {', '.join(capabilities) or 'none'}")
+    found = sorted(cpu_flags() & set(BF16_FLAGS))
+    return CpuCapabilities(bool(found), f"/proc/cpuinfo BF16 flags: {', '.join(found) or f'none of {BF16_FLAGS}'}")
+
+
+def installed_cpu_runtimes() -> tuple[str, ...]:
+    import importlib.util
+
+    return tuple(r for r in CPU_RUNTIMES if importlib.util.find_spec(r) is not None)
+
+
+def path_candidates(cpu: CpuCapabilities, installed) -> tuple[tuple[str, str], ...]:
+    """The paths faster than BASE_PATH this machine could serve: the ones a build measures a gate
+    for. BF16 compute only where the CPU has it natively (elsewhere OpenVINO emulates or falls
+    back to f32, and nothing would be gained)."""
+    return tuple((runtime, compute) for runtime, compute in CPU_PATHS[:CPU_PATHS.index(BASE_PATH)]
+                 if runtime in installed and (compute != "bf16" or cpu.bf16))
+
+
+@dataclass(frozen=True)
+class CpuPathChoice:
+    runtime: str
+    compute: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"runtime": self.runtime, "compute": self.compute, "reason": self.reason}
+
+
+def choose_cpu_path(cpu: CpuCapabilities, installed, gates: dict[str, bool]) -> CpuPathChoice:
+    """The fastest of CPU_PATHS that is installed, that the CPU runs natively and whose fidelity
+    gate this build measured and passed (`gates`: {path_name: passed}); BASE_PATH otherwise, with
+    why each faster path was passed over."""
+    passed_over = []
+    for runtime, compute in CPU_PATHS[:CPU_PATHS.index(BASE_PATH)]:
+        name = path_name(runtime, compute)
+        if runtime not in installed:
+            passed_over.append(f"not {name}: {runtime} is not installed (pip install 'resrank-export[{runtime}]')")
+        elif compute == "bf16" and not cpu.bf16:
+            passed_over.append(f"not {name}: this CPU has no native BF16 ({cpu.source})")
+        elif name not in gates:
+            passed_over.append(f"not {name}: this build has not measured its fidelity gate (rebuild on this machine)")
+        elif not gates[name]:
+            passed_over.append(f"not {name}: its fidelity gate failed in this build")
+        else:
+            return CpuPathChoice(runtime, compute, f"{name}: the fastest path, installed, native on this CPU "
+                                                   f"({cpu.source}) and its fidelity gate passed in this build")
+    return CpuPathChoice(*BASE_PATH, f"{path_name(*BASE_PATH)}: {'; '.join(passed_over) or 'the fastest path'}")
+
+
 def run_session(session, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Feed only the inputs the graph declares (callers may carry extra arrays)."""
     names = [i.name for i in session.get_inputs()]

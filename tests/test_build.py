@@ -194,6 +194,7 @@ def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
     summary = json.loads((tmp_path / "build" / TRITON_REPOSITORY / MARKER_FILE).read_text())
     assert summary == first["stages"]["triton"]["report"]
     assert "resrank_rerank" in summary["models"] and "resrank" not in summary["models"]  # no index yet
+    _check_auto_cpu_path(first, tmp_path / "build" / TRITON_REPOSITORY)
     second = run_build(config)
     assert second["stages"]["triton"]["status"] == "skipped"
     assert second["stages"]["triton"]["outputs"] == first["stages"]["triton"]["outputs"]
@@ -207,6 +208,39 @@ def test_build_writes_model_repository_and_reuses_it(tiny_checkpoint, tmp_path):
     for name in ("encoder", "reranker"):
         served = tmp_path / "build" / TRITON_REPOSITORY / name / "1" / "model.onnx"
         assert served.read_bytes() == (tmp_path / "build" / "onnx" / "fp32" / f"{name}.ort.onnx").read_bytes()
+    assert fused["stages"]["triton"]["report"]["cpu_path"]["runtime"] == "onnxruntime"  # fused graphs: ORT only
+
+
+def _check_auto_cpu_path(manifest: dict, repository: Path) -> None:
+    """--cpu-runtime auto (the default): the parity stage measured each faster path this machine
+    offers against its compute type's gate, and the repository serves the fastest that passed
+    (on a CPU without BF16: none measured, ONNX Runtime FP32, saying why)."""
+    from resrank_export.export.parity import CPU_PATH_GATES
+    from resrank_export.runtime import installed_cpu_runtimes, path_candidates, path_name, probe_cpu
+    from resrank_export.triton.config import parse_config
+
+    cpu = probe_cpu()
+    measured = manifest["stages"]["parity"]["report"].get("cpu_paths", {})
+    assert list(measured) == [path_name(*p) for p in path_candidates(cpu, installed_cpu_runtimes())]
+    chosen = manifest["stages"]["triton"]["report"]["cpu_path"]
+    for name, report in measured.items():
+        gate = CPU_PATH_GATES[name.split("/")[1]]
+        assert report["runtime"].startswith("OpenVINO") and report["gate"] == vars(gate)
+        holds = all(report[graph]["min_cosine"] >= gate.min_cosine and report[graph]["max_abs_diff"] <= gate.atol
+                    and report[graph]["top10_overlap"] >= gate.top10_overlap for graph in ("encoder", "reranker"))
+        assert report["passed"] == holds
+        # computed in BF16 for real: its rounding shows, far above the FP32 graphs' own difference
+        parity = manifest["stages"]["parity"]["report"]
+        assert report["encoder"]["max_abs_diff"] > 10 * max(parity["encoder"]["max_abs_diff"], 1e-7)
+    passed = [name for name, report in measured.items() if report["passed"]]
+    if passed:
+        assert f"{chosen['runtime']}/{chosen['compute']}" == passed[0], chosen
+    else:
+        assert (chosen["runtime"], chosen["compute"]) == ("onnxruntime", "f32")
+        assert cpu.bf16 or "this CPU has no native BF16" in chosen["reason"] or "not installed" in chosen["reason"]
+    config = parse_config((repository / "reranker" / "config.pbtxt").read_text())
+    assert config.parameters["CPU_RUNTIME"].string_value == chosen["runtime"]
+    assert config.parameters["OPENVINO_COMPUTE"].string_value == chosen["compute"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])

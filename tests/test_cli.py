@@ -195,3 +195,15 @@ def test_build_demo_checkpoint_with_dl19_parity(demo_checkpoint, dl19_dir, tmp_p
     assert parity["encoder"]["max_abs_diff"] <= 1e-4 and parity["encoder"]["top10_identical"] == 1.0
     assert {c["k"] for c in parity["reranker"]["cases"]} >= {1, demo_checkpoint.config.max_candidates}
     assert parity["passed"] is True and "parity passed" in result.stdout
+    # the default repository (`--cpu-runtime auto`): OpenVINO BF16 where the CPU has it natively and
+    # its parity on DL19 holds the gate; the command's last line says which path and why
+    from resrank_export.runtime import installed_cpu_runtimes, probe_cpu
+
+    served = manifest["stages"]["triton"]["report"]["cpu_path"]
+    assert f"serves the graphs on {served['reason']}" in result.stdout
+    if probe_cpu().bf16 and "openvino" in installed_cpu_runtimes():
+        bf16 = parity["cpu_paths"]["openvino/bf16"]
+        assert bf16["passed"] and min(bf16["encoder"]["min_cosine"], bf16["reranker"]["min_cosine"]) >= 0.999
+        assert (served["runtime"], served["compute"]) == ("openvino", "bf16")
+    else:
+        assert (served["runtime"], served["compute"]) == ("onnxruntime", "f32")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resrank_export.runtime import encode_texts, length_batches, ort_session, run_session
+from resrank_export.runtime import (BF16_FLAGS, CpuCapabilities, choose_cpu_path, cpu_flags, encode_texts, length_batches,
+                                    ort_session, path_candidates, probe_cpu, run_session)
 
 
 @pytest.mark.parametrize("max_rows, max_tokens", [(4, 40), (32, 16384), (1, 10), (3, 7)])
@@ -70,3 +71,38 @@ def test_openvino_session_refuses_what_it_cannot_run(tmp_path):
         OpenVINOSession(broken)
     with pytest.raises(ResRankExportError, match="compute precision 'fp8'"):
         OpenVINOSession(broken, compute="fp8")
+
+
+# --- the served CPU path `auto` picks: a plain function of the CPU, the installed runtimes and the
+# build's measured gates, so both kinds of CPU are tested on any machine
+AMX = CpuCapabilities(bf16=True, source="test: amx_bf16")
+AVX2 = CpuCapabilities(bf16=False, source="test: no BF16 flag")
+BOTH = ("onnxruntime", "openvino")
+
+
+@pytest.mark.parametrize("cpu, installed, gates, expected, reason", [
+    (AMX, BOTH, {"openvino/bf16": True}, ("openvino", "bf16"), "fidelity gate passed in this build"),
+    (AMX, BOTH, {"openvino/bf16": False}, ("onnxruntime", "f32"), "not openvino/bf16: its fidelity gate failed"),
+    (AMX, BOTH, {}, ("onnxruntime", "f32"), "not openvino/bf16: this build has not measured its fidelity gate"),
+    (AMX, ("onnxruntime",), {"openvino/bf16": True}, ("onnxruntime", "f32"), "openvino is not installed"),
+    (AVX2, BOTH, {"openvino/bf16": True}, ("onnxruntime", "f32"), "this CPU has no native BF16 (test: no BF16 flag)"),
+])
+def test_choose_cpu_path(cpu, installed, gates, expected, reason):
+    choice = choose_cpu_path(cpu, installed, gates)
+    assert (choice.runtime, choice.compute) == expected
+    assert reason in choice.reason
+
+
+def test_bf16_paths_are_measured_only_on_a_cpu_with_native_bf16():
+    assert path_candidates(AMX, BOTH) == (("openvino", "bf16"),)
+    assert path_candidates(AVX2, BOTH) == ()
+    assert path_candidates(AMX, ("onnxruntime",)) == ()
+
+
+def test_probe_cpu_agrees_with_the_cpu_flags():
+    """OpenVINO's capability list (or the flags themselves) says BF16 where /proc/cpuinfo lists
+    AMX-BF16 or AVX512-BF16."""
+    probed = probe_cpu()
+    if cpu_flags() & set(BF16_FLAGS):
+        assert probed.bf16, probed.source
+    assert probed.source

@@ -47,7 +47,7 @@ class BenchConfig:
     served_batch_sizes: tuple[int, ...] = (8, 1)  # Triton max_batch_size: with, without batching
     # which graphs the served repository runs, and on what (triton/config.py TritonConfig fields)
     served_precision: str = "fp32"
-    served_runtime: str = "onnxruntime"
+    served_runtime: str = "auto"  # the default a user gets (triton/config.py resolve_cpu_runtime)
     served_openvino_compute: str = "f32"
     matmul_size: int = 2048  # square float32 matmul measuring the peak
 
@@ -135,6 +135,9 @@ class BenchContext:
     data: BenchData
     machine: dict
     threads: int = 0
+    # the served path a user gets without flags (`triton --cpu-runtime auto` on this build and CPU):
+    # runtime, compute, reason and `row`, the graph-row suffix the benchmarks report it under
+    default_path: dict = field(default_factory=dict)
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -146,6 +149,20 @@ GRAPH_VARIANTS = (("fp32", "fp32", False), ("fp32-fused", "fp32", True), ("fp16"
 # OpenVINO rows (runtime.OpenVINOSession): (row suffix, precision of the graph, OpenVINO compute).
 OPENVINO_VARIANTS = (("fp32", "fp32", "f32"), ("fp32-as-bf16", "fp32", "bf16"), ("int8", "int8", "f32"),
                      ("int8-bf16", "int8", "bf16"))
+
+
+def default_path(build: Path, precision: str) -> dict:
+    """What `triton` serves `precision` on without flags here (triton.config.resolve_cpu_runtime),
+    with the graph-row suffix of the encoder and reranker benchmarks that runs the same way."""
+    from resrank_export.triton.config import TritonConfig, resolve_cpu_runtime
+
+    choice = resolve_cpu_runtime(TritonConfig(build=Path(build), out=Path(build) / "model_repository",
+                                              precision=precision))
+    if choice.runtime == "openvino":
+        suffixes = [f"openvino-{s}" for s, p, compute in OPENVINO_VARIANTS if p == precision and compute == choice.compute]
+    else:
+        suffixes = [f"onnx-{s}" for s, p, fused in GRAPH_VARIANTS if p == precision and not fused]
+    return {**choice.to_json(), "precision": precision, "row": suffixes[0] if suffixes else None}
 
 
 def openvino_session_or_reason(build: Path, precision: str, name: str, compute: str, threads: int):

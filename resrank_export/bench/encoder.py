@@ -188,7 +188,8 @@ def bench_encoder(config: BenchConfig, context: BenchContext) -> dict:
     for row in rows:
         if row["status"] == "ok":
             row["ratio_vs_baseline"] = baseline["time"]["median_s"] / row["time"]["median_s"]
-    return {"benchmark": "encoder", "baseline": BASELINE, "passages": len(texts), "batch_size": config.encoder_batch,
+    return {"benchmark": "encoder", "baseline": BASELINE, "default_path": context.default_path,
+            "default_row": context.default_path.get("row"), "passages": len(texts), "batch_size": config.encoder_batch,
             "max_tokens": context.checkpoint.config.max_passage_tokens, "data": context.data.source,
             "timed": "texts -> vectors, tokenization included; one run = all passages; warm-up = one batch",
             "batching": batching, "warmup": config.warmup, "repeats": config.repeats, "rows": rows}

@@ -22,13 +22,37 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
+def default_first(rows: list[dict], default: str | None) -> list[dict]:
+    """The rows with the default path's (`default`, a row name) first, marked; the others in order."""
+    first = [{**r, "label": f"**default path:** {r['label']}"} for r in rows if r["name"] == default]
+    return first + [r for r in rows if r["name"] != default]
+
+
+def default_vs_best(result: dict, rows: list[dict], speed: str, unit: str, among: tuple[str, ...] = ()) -> list[str]:
+    """One line: the default path's row (what a user gets without flags) beside the fastest row
+    (by `speed`, higher is faster; only names starting with `among` when given), so a slow
+    default shows. Results written before the default path was recorded: no line."""
+    path = result.get("default_path")
+    if not path:
+        return []
+    ok = [r for r in rows if r["status"] == "ok" and (not among or r["name"].startswith(among))]
+    default = next((r for r in ok if r["name"] == result.get("default_row")), None)
+    best = max(ok, key=lambda r: r[speed]) if ok else None
+    said = f"Default path (no runtime flags): {path['reason']}."
+    if default is None or best is None:
+        return [said + " Its row was not measured in this run.", ""]
+    return [said + f" Default row: {default['name']} {default[speed]:.2f} {unit}; best row: {best['name']} "
+            f"{best[speed]:.2f} {unit} (default / best = {default[speed] / best[speed]:.2f}).", ""]
+
+
 def _encoder_section(result: dict) -> list[str]:
     lines = [f"## Encoder throughput ({result['passages']} passages, batch {result['batch_size']}, "
              f"max {result['max_tokens']} tokens)", "", f"Data: {result['data']}. Timed: {result['timed']}; "
              f"median of {result['repeats']}.", "",
+             *default_vs_best(result, result["rows"], "throughput_pps", "passages/s"),
              "| backend | passages/s | × sentence-transformers PyTorch | mean / min cosine vs PyTorch | published p/s |",
              "|---|---:|---:|---:|---:|"]
-    for row in result["rows"]:
+    for row in default_first(result["rows"], result.get("default_row")):
         published = "" if row.get("reference_pps") is None else f"{row['reference_pps']:.1f}"
         if row["status"] == "ok":
             lines.append(f"| {row['label']} | {row['throughput_pps']:.1f} | {row['ratio_vs_baseline']:.2f}× | "
@@ -46,9 +70,13 @@ def _reranker_section(result: dict) -> list[str]:
     lines = [f"## Reranker latency vs k (batch 1, {result['queries']} queries)", "",
              f"Data: {result['data']}. Timed: {result['timed']}. Full-text passages truncated to "
              f"{result['max_passage_tokens']} tokens.", "",
+             *default_vs_best(result, [r for r in result["rows"] if r["k"] == max(result["ks"], default=0)],
+                              "latency_ratio_vs_pytorch", f"× ResRank PyTorch at k = {max(result['ks'], default=0)}",
+                              among=("resrank-onnx", "resrank-openvino")),
              "| k | backend | tokens | latency ms | × faster than full text | × faster than ResRank PyTorch |"
              " max score diff vs PyTorch |", "|---:|---|---:|---:|---:|---:|---:|"]
-    for row in result["rows"]:
+    for row in [r for k in result["ks"] for r in default_first([r for r in result["rows"] if r["k"] == k],
+                                                                 result.get("default_row"))]:
         if row["status"] != "ok":
             lines.append(f"| {row['k']} | {row['label']} | not available: {row['reason']} | | | | |")
             continue
@@ -65,6 +93,11 @@ def _served_graphs(result: dict) -> str:
     graphs = result.get("graphs")  # results written before the served graphs were recorded: FP32 on ORT
     if not graphs:
         return "Served graphs: fp32 on ONNX Runtime; in-process: fp32 on ONNX Runtime."
+    path = graphs.get("cpu_path")  # what the repository ran: the runtime asked for, or what auto picked
+    if path:
+        asked = "no runtime flags, the default path" if graphs["runtime"] == "auto" else "asked for"
+        return (f"Served graphs: {graphs['precision']} on {path['runtime']} ({path['compute']} compute; {asked}: "
+                f"{path['reason']}); in-process: fp32 on ONNX Runtime.")
     runtime = graphs["runtime"] + (f" ({graphs['openvino_compute']} compute)" if graphs["runtime"] == "openvino" else "")
     return f"Served graphs: {graphs['precision']} on {runtime}; in-process: fp32 on ONNX Runtime."
 

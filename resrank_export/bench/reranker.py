@@ -180,7 +180,9 @@ def bench_reranker(config: BenchConfig, context: BenchContext) -> dict:
             rows.append(row)
             log.info("reranker %s k=%d: %.2f ms, %d tokens", name, k, row["time"]["median_s"] * 1e3, row["tokens"])
         _add_ratios([r for r in rows if r["k"] == k])
-    return {"benchmark": "reranker", "baseline": BASELINE, "ks": ks, "batch_size": 1,
+    row = context.default_path.get("row")
+    return {"benchmark": "reranker", "baseline": BASELINE, "default_path": context.default_path,
+            "default_row": row and f"resrank-{row}", "ks": ks, "batch_size": 1,
             "queries": min(config.reranker_queries, len(context.data.queries)),
             "max_passage_tokens": context.checkpoint.config.max_passage_tokens, "data": context.data.source,
             "timed": "one forward pass on prepared inputs (tokenization and encoding excluded); "

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from resrank_export.bench.config import BenchConfig, BenchContext, graph_file, load_bench_data
+from resrank_export.bench.config import BenchConfig, BenchContext, default_path, graph_file, load_bench_data
 from resrank_export.bench.report import SUMMARY_FILE, write_results
 from resrank_export.bench.timing import apply_threads, machine_info
 from resrank_export.errors import ResRankExportError
@@ -68,7 +68,9 @@ def run_bench(config: BenchConfig, command: str = "resrank-export bench") -> dic
     checkpoint = resolve_checkpoint(config, build)
     data = load_bench_data(config.data, max(config.encoder_passages, config.served_passages),
                            config.reranker_queries, max(*config.reranker_ks, config.served_top_k))
-    context = BenchContext(build, checkpoint, data, machine_info(apply_threads(config.threads)), config.threads)
+    context = BenchContext(build, checkpoint, data, machine_info(apply_threads(config.threads)), config.threads,
+                           default_path(build, config.served_precision))
+    log.info("default served path: %s", context.default_path["reason"])
     runners = {"encoder": bench_encoder, "reranker": bench_reranker, "served": bench_served,
                "flops": lambda c, ctx: bench_flops(c, ctx, results)}
     results: dict[str, dict] = {}

@@ -181,10 +181,12 @@ def bench_served(config: BenchConfig, context: BenchContext) -> dict:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as loader:
             for batch in config.served_batch_sizes:
                 repository = work / f"repository-max-batch-{batch}"
-                write_repository(TritonConfig(build=context.build, out=repository, index=work / "index",
-                                              max_batch_size=batch, ort_threads=threads,
-                                              precision=config.served_precision, cpu_runtime=config.served_runtime,
-                                              openvino_compute=config.served_openvino_compute))
+                summary = write_repository(TritonConfig(build=context.build, out=repository, index=work / "index",
+                                                        max_batch_size=batch, ort_threads=threads,
+                                                        precision=config.served_precision,
+                                                        cpu_runtime=config.served_runtime,
+                                                        openvino_compute=config.served_openvino_compute))
+                result["graphs"]["cpu_path"] = summary["cpu_path"]  # what `auto` picked, and why
                 try:
                     served[str(batch)] = _served(config, context, repository, payloads, loader)
                 except ResRankExportError as exc:

@@ -20,7 +20,7 @@ from resrank_export.model.checkpoint import Checkpoint, scaled_sample_size
 from resrank_export.model.reference import passage_tokenizer, prompt_builder
 from resrank_export.precision import HALF_PRECISIONS, precision_row
 from resrank_export.runtime import (CPU_RUNTIMES, OPENVINO_COMPUTE, OpenVINOSession, encode_texts, graph_session,
-                                    ort_session, run_session)
+                                    ort_session, path_name, run_session)
 
 log = logging.getLogger(__name__)
 RETRIEVAL_DEPTH = 100
@@ -53,6 +53,11 @@ class FidelityConfig:
         if precision != "fp32" and self.runtime == "openvino":
             return OpenVINOSession(path, compute=self.openvino_compute)
         return graph_session(path)
+
+    @property
+    def cpu_path(self) -> str:
+        """The served CPU path (runtime.path_name) the compared graphs ran on."""
+        return path_name(self.runtime, self.openvino_compute if self.runtime == "openvino" else "f32")
 
     @property
     def runtime_label(self) -> str:
@@ -163,6 +168,7 @@ def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]],
         "encoder": _encoder_fidelity(checkpoint, {p: g["encoder"] for p, g in graphs.items()}, config),
         "reranker": _reranker_fidelity(checkpoint, graphs, config),
         "runtime": config.runtime_label,
+        "cpu_path": config.cpu_path,  # what `auto` may serve these graphs on, if their gates pass
     }
     report["gates"] = {p: gate_checks(report, p) for p in graphs if p != "fp32"}
     return report

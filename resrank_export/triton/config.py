@@ -13,7 +13,8 @@ from resrank_export.index.config import DEFAULT_MAX_CANDIDATES, DEFAULT_RANK_STR
 from resrank_export.lazy import require
 from resrank_export.precision import PRECISIONS, precision_row
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
-from resrank_export.runtime import CPU_RUNTIMES, EXECUTION_MODES, OPENVINO_COMPUTE, SessionSettings
+from resrank_export.runtime import (AUTO, CPU_RUNTIMES, EXECUTION_MODES, OPENVINO_COMPUTE, CpuPathChoice, SessionSettings,
+                                    choose_cpu_path, installed_cpu_runtimes, path_name, probe_cpu)
 from resrank_export.triton.models.batching import DEFAULT_MAX_BATCH_TOKENS
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -58,9 +59,12 @@ class TritonConfig:
     ort_execution_mode: str = "sequential"
     ort_fused: bool = False  # ONNX flavours serve the build's ORT-fused graphs (onnx/<precision>/*.ort.onnx)
     # python backend: the graphs' runtime, ONNX Runtime's CPU provider or OpenVINO's CPU plugin
-    # (runtime.OpenVINOSession, ort_threads threads, compute in openvino_compute)
-    cpu_runtime: str = "onnxruntime"
+    # (runtime.OpenVINOSession, ort_threads threads, compute in openvino_compute); "auto": the fastest
+    # path whose gate the build measured (resolve_cpu_runtime)
+    cpu_runtime: str = AUTO
     openvino_compute: str = "f32"
+    # what `auto` picks from, {runtime.path_name: passed}; None: read from the build's manifest
+    measured_gates: dict[str, bool] | None = None
     ort_accelerator: str | None = None  # onnxruntime backend: "tensorrt" or "cuda" execution accelerator
     trt_precision: str = "FP16"  # precision_mode of the ORT TensorRT accelerator
     cc_model_filenames: dict[str, str] = field(default_factory=dict)  # tensorrt: {"9.0": "model_sm90.plan"}
@@ -87,10 +91,11 @@ class TritonConfig:
             raise ResRankExportError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ResRankExportError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.cpu_runtime not in CPU_RUNTIMES:
-            raise ResRankExportError(f"cpu_runtime {self.cpu_runtime!r}: expected one of {', '.join(CPU_RUNTIMES)}")
-        if self.backend == "python" and self.cpu_runtime not in precision_row(self.precision).cpu_runtimes:
-            raise NotAvailableError(f"--precision {self.precision} with the python backend: {self.cpu_runtime} on a CPU "
+        if self.cpu_runtime not in (AUTO, *CPU_RUNTIMES):
+            raise ResRankExportError(f"cpu_runtime {self.cpu_runtime!r}: expected one of {AUTO}, {', '.join(CPU_RUNTIMES)}")
+        runtime = "onnxruntime" if self.cpu_runtime == AUTO else self.cpu_runtime  # auto's fallback
+        if self.backend == "python" and runtime not in precision_row(self.precision).cpu_runtimes:
+            raise NotAvailableError(f"--precision {self.precision} with the python backend: {runtime} on a CPU "
                                     f"cannot run these graphs ({precision_row(self.precision).summary}); serve "
                                     f"{self.precision} with --backend tensorrt (or onnxruntime on a GPU), or fp16 or "
                                     "int8 on a CPU")
@@ -120,6 +125,41 @@ class TritonConfig:
         for url in self.shard_urls:
             if not re.match(r"^[A-Za-z0-9.-]+:[0-9]{1,5}$", url):
                 raise ResRankExportError(f"--shard-url {url!r}: expected host:port of a Triton gRPC endpoint")
+
+
+def measured_gates(stages: dict, precision: str) -> dict[str, bool]:
+    """{path name: passed} of the served CPU paths a build measured for the graphs of `precision`
+    (a manifest's stages): its parity stage's, where those graphs are the exported ones, else
+    the fidelity stage's, measured on the path that stage ran on."""
+    export = stages.get("export", {}).get("report", {})
+    if export.get("dtype", "fp32") == precision:
+        return {name: bool(report["passed"])
+                for name, report in stages.get("parity", {}).get("report", {}).get("cpu_paths", {}).items()}
+    fidelity = stages.get(f"fidelity_{precision}", {}).get("report", {})
+    if "cpu_path" not in fidelity:
+        return {}
+    return {fidelity["cpu_path"]: all(check["passed"] for check in fidelity["gates"].get(precision, []))}
+
+
+def resolve_cpu_runtime(config: TritonConfig) -> CpuPathChoice:
+    """The python backend's runtime and compute for `config`, and why: an explicit choice as given;
+    `auto` the fastest path that is installed, native on this CPU and gated by the build
+    (runtime.choose_cpu_path)."""
+    from resrank_export.manifest import read_manifest
+
+    if config.cpu_runtime != AUTO:
+        compute = config.openvino_compute if config.cpu_runtime == "openvino" else "f32"
+        return CpuPathChoice(config.cpu_runtime, compute, f"{path_name(config.cpu_runtime, compute)}: asked for")
+    if config.backend != "python":
+        return CpuPathChoice("onnxruntime", "f32", f"the {config.backend} backend runs the graphs itself")
+    if config.ort_fused:
+        return CpuPathChoice("onnxruntime", "f32", "onnxruntime/f32: the ORT-fused graphs (--ort-optimize) run only "
+                                                   "on ONNX Runtime")
+    gates = config.measured_gates
+    if gates is None:
+        gates = measured_gates((read_manifest(config.build) or {}).get("stages", {}), config.precision)
+    installed = [r for r in installed_cpu_runtimes() if r in precision_row(config.precision).cpu_runtimes]
+    return choose_cpu_path(probe_cpu(), installed, gates)
 
 
 def model_specs(dim: int) -> dict[str, GraphSpec]:

@@ -31,6 +31,7 @@ from resrank_export.triton.config import (
     graph_model_config,
     model_specs,
     python_model_config,
+    resolve_cpu_runtime,
     to_text,
 )
 from resrank_export.triton.shards import shard_bounds, shard_model_name, split_index
@@ -140,6 +141,9 @@ def _lookup_models(config: TritonConfig, index: Path, count: int, specs: dict) -
 def write_repository(config: TritonConfig) -> dict:
     """Write the model repository to `config.out`; returns the summary stored in MARKER_FILE."""
     config.validate()
+    choice = resolve_cpu_runtime(config)
+    config = replace(config, cpu_runtime=choice.runtime, openvino_compute=choice.compute)
+    config.validate()  # the path picked, with the rest of the settings
     build, out = Path(config.build), Path(config.out)
     settings = _read_build(build)
     passes = PassSettings(settings.max_candidates, config.rank_strategy, config.rank_step)
@@ -163,7 +167,8 @@ def write_repository(config: TritonConfig) -> dict:
     summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None,
                "max_candidates": config.max_candidates, "pass_candidates": settings.max_candidates,
                "rank_strategy": passes.strategy, "rank_step": passes.slide,
-               "ort_fused": config.ort_fused and config.backend != "tensorrt"}
+               "ort_fused": config.ort_fused and config.backend != "tensorrt",
+               "cpu_path": choice.to_json() if config.backend == "python" else None}
     if config.index is not None:
         index = Path(config.index)
         meta = read_index_info(index)
@@ -190,6 +195,6 @@ def write_repository(config: TritonConfig) -> dict:
             _write_model(work, ensemble_config(specs[name], steps, outputs, batch), {})
         summary["models"] = sorted(p.name for p in work.iterdir() if p.is_dir())
         (work / MARKER_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("model repository written to %s (%s backend; models: %s)", out, config.backend,
-             ", ".join(summary["models"]))
+    log.info("model repository written to %s (%s backend%s; models: %s)", out, config.backend,
+             f", graphs on {choice.reason}" if config.backend == "python" else "", ", ".join(summary["models"]))
     return summary

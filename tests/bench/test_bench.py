@@ -267,3 +267,23 @@ def test_goals_name_the_best_row_and_count_int8_only_at_its_fidelity():
     assert "lower latency than full-text listwise (best: resrank-openvino-int8-bf16): 165.0× — met" in lines
     assert "16 clients, max batch 8 ≥ 1.5 × 33.8 req/s (issue 15's figure, measured on another machine; " \
            "compare runs of the same machine): 60.0 req/s — met" in lines
+
+
+def test_summary_puts_the_default_path_first_beside_the_best_row():
+    from resrank_export.bench.report import _encoder_section
+
+    def row(name, pps):
+        return {"name": name, "label": name, "status": "ok", "throughput_pps": pps, "ratio_vs_baseline": pps / 10,
+                "mean_cosine_vs_pytorch": 1.0, "min_cosine_vs_pytorch": 1.0, "reference_pps": None}
+
+    result = {"passages": 8, "batch_size": 4, "max_tokens": 64, "data": "d", "timed": "t", "repeats": 2,
+              "batching": {}, "rows": [row("sentence-transformers", 10.0), row("onnx-fp32", 9.7),
+                                       row("openvino-fp32-as-bf16", 46.2)],
+              "default_path": {"runtime": "onnxruntime", "compute": "f32", "reason": "onnxruntime/f32: why"},
+              "default_row": "onnx-fp32"}
+    lines = _encoder_section(result)
+    table = [line for line in lines if line.startswith("| ") and "passages/s" not in line]
+    assert table[0].startswith("| **default path:** onnx-fp32 | 9.7 |")
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| sentence-transformers", "| openvino-fp32-as-bf16"]
+    assert ("Default path (no runtime flags): onnxruntime/f32: why. Default row: onnx-fp32 9.70 "
+            "passages/s; best row: openvino-fp32-as-bf16 46.20 passages/s (default / best = 0.21).") in lines

@@ -228,3 +228,25 @@ def test_openvino_runtime_parameters_and_refusals(build_dir, tmp_path):
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ResRankExportError, match="cpu_runtime 'tvm'"):
         TritonConfig(build=build_dir, out=tmp_path / "bad", cpu_runtime="tvm").validate()
+    summary = (tmp_path / "repo" / MARKER_FILE).read_text()
+    assert '"reason": "openvino/bf16: asked for"' in summary  # explicit choices are served as given
+
+
+def test_auto_reads_the_gates_the_build_measured_for_the_served_graphs():
+    """The served graphs' own gate: parity's `cpu_paths` for the exported graphs, the fidelity
+    report (on the path it ran on) for a precision stage's; nothing else counts."""
+    from resrank_export.triton.config import measured_gates
+
+    parity = {"export": {"report": {"dtype": "fp32"}},
+              "parity": {"report": {"cpu_paths": {"openvino/bf16": {"passed": True}}}}}
+    assert measured_gates(parity, "fp32") == {"openvino/bf16": True}
+    assert measured_gates(parity, "int8") == {}  # no fidelity report of int8 graphs
+
+    def fidelity(path, *passed):
+        return {**parity, "fidelity_int8": {"report": {"cpu_path": path, "gates": {"int8": [
+            {"gate": f"g{i}", "passed": p} for i, p in enumerate(passed)]}}}}
+
+    assert measured_gates(fidelity("openvino/bf16", True, True), "int8") == {"openvino/bf16": True}
+    assert measured_gates(fidelity("openvino/bf16", True, False), "int8") == {"openvino/bf16": False}
+    assert measured_gates(fidelity("onnxruntime/f32", True), "int8") == {"onnxruntime/f32": True}
+    assert measured_gates({}, "fp32") == {}  # a folder without manifest: nothing measured

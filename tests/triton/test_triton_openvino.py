@@ -48,3 +48,27 @@ def test_openvino_served_search_and_rerank_equal_the_pipeline(openvino_server, r
         assert got.ids == expected.ids
         np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=SCORE_ATOL)
     openvino_server.check_running()
+
+
+def test_auto_serves_openvino_bf16_where_the_build_gated_it(serve_demo, triton_build, reference):
+    """`--cpu-runtime auto` on a build whose parity stage passed the OpenVINO BF16 gate: on a CPU
+    with native BF16 the repository serves it (and says why), and the served searches keep the
+    pipeline's ranking within BF16's rounding; elsewhere it stays on ONNX Runtime FP32, saying why."""
+    pytest.importorskip("openvino")
+    from resrank_export.runtime import probe_cpu
+    from resrank_export.triton.config import TritonConfig, resolve_cpu_runtime
+
+    gated = {"openvino/bf16": True}
+    choice = resolve_cpu_runtime(TritonConfig(build=triton_build, out=triton_build / "unused", measured_gates=gated))
+    if not probe_cpu().bf16:
+        assert (choice.runtime, choice.compute) == ("onnxruntime", "f32")
+        assert "this CPU has no native BF16" in choice.reason
+        return
+    assert (choice.runtime, choice.compute) == ("openvino", "bf16"), choice.reason
+    with serve_demo(measured_gates=gated) as server, ResRankClient(server.grpc_url, "grpc") as client:
+        for query in SAMPLE_QUERIES[:3]:
+            got, expected = client.search(query, 10), reference.search(query, 10)
+            assert len(set(got.ids) & set(expected.ids)) >= 9, query
+            common = {i: s for i, s in zip(expected.ids, expected.scores)}
+            assert max(abs(s - common[i]) for i, s in zip(got.ids, got.scores) if i in common) <= 2e-2
+        server.check_running()
