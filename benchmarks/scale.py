@@ -107,9 +107,10 @@ def build_row(shape: str, precision: str, work: Path, checkpoint: dict, timeout_
     row = measured_row(shape, precision, work, checkpoint, out, result, load_before, options)
     if result["exit_code"] != 0:
         row["error_tail"] = (work / f"{name}.log").read_text().strip().splitlines()[-5:]
-    if not keep:  # graphs of GBs; the row keeps what was measured
+    if not keep:  # graphs of GBs; the row keeps what was measured. With --keep, a build cut short
+        # keeps its finished stages (.<name>.partial) too: rerun the build to resume, then --adopt it
         shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+        shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     return row
 
 
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,fp16,bf16,int8")
     parser.add_argument("--work", type=Path, default=Path("scale-work"))
     parser.add_argument("--tokenizer", type=Path, default=REPO.parent / "shared" / "tokenizers" / "qwen3")
-    parser.add_argument("--timeout-min", type=float, default=90.0)
+    parser.add_argument("--timeout-min", type=float, default=180.0)
     parser.add_argument("--replan", action="store_true",
                         help="only recompute the planner's predictions of the recorded rows (checkpoints under --work)")
     parser.add_argument("--adopt", type=Path,
