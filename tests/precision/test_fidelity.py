@@ -103,3 +103,22 @@ def test_fidelity_config_refuses_an_unknown_runtime_or_compute():
         FidelityConfig(runtime="tvm")
     with pytest.raises(ResRankExportError, match="fidelity OpenVINO compute 'fp8': expected one of f32, bf16"):
         FidelityConfig(runtime="openvino", openvino_compute="fp8")
+
+
+@pytest.mark.parametrize("precision,drop,passed", [("fp16", 0.0015, True), ("fp16", 0.0025, False),
+                                                    ("int8", 0.004, True), ("int8_wo", 0.006, False),
+                                                    ("int4_awq", 0.009, True), ("int4_awq", 0.011, False)])
+def test_reranker_ndcg_drop_is_gated_by_the_precision_table(precision, drop, passed):
+    """The reranker's nDCG@10 drop on judged rerank data (a trained reranker getting worse) is a
+    gate of its own, with the table's limit; without judgements there is no such gate."""
+    from resrank_export.precision.fidelity import failed_gates, gate_checks
+
+    row = {"kendall_tau": 0.99, "ndcg@10": 0.7 - drop, "ndcg@10_delta": -drop}
+    report = {"encoder": {"precisions": {precision: {"min_cosine": 1.0}}},
+              "reranker": {"precisions": {precision: row}}}
+    check, = [c for c in gate_checks(report, precision) if c["gate"] == "reranker nDCG@10 drop"]
+    assert check["value"] == pytest.approx(drop) and check["passed"] is passed
+    report["gates"] = {precision: gate_checks(report, precision)}
+    assert any("reranker nDCG@10 drop" in line for line in failed_gates(report)) is not passed
+    del row["ndcg@10_delta"]
+    assert all(c["gate"] != "reranker nDCG@10 drop" for c in gate_checks(report, precision))
