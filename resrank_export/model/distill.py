@@ -34,16 +34,17 @@ class DistillConfig:
     """The recipe: every field changes the trained weights, so all of them make the cache key."""
 
     seed: int = 0
-    steps: int = 160
-    lists_per_step: int = 4
-    candidates: int = 32  # slots per training prompt
-    hard_candidates: int = 16  # of them the teacher's best (the rest drawn at random)
-    learning_rate: float = 4e-5
+    steps: int = 60
+    lists_per_step: int = 2
+    # Slots per training prompt: the served 100, so the prompt positions trained are those served.
+    candidates: int = 100
+    hard_candidates: int = 30  # of them the teacher's best (the rest drawn at random)
+    learning_rate: float = 1e-4
     temperature: float = 0.05  # of the teacher's and the student's softmax over one list
     queries_per_passage: int = 2  # the first sentence, then a random other one
     min_query_words: int = 3
     max_query_words: int = 24
-    frozen_layers: int = 2  # lowest transformer layers kept as pretrained (and the embeddings)
+    frozen_layers: int = 3  # lowest transformer layers kept as pretrained (and the embeddings)
     held_out: int = 16  # pseudo-queries kept out of training, for `agreement`
     # The checkpoint's residual_alpha: MiniLM's hidden states have norms of 3 to 8, so at alpha 1 the
     # slot's state h_i would drown the encoder's unit vector e_i that the teacher scores with.
@@ -164,26 +165,31 @@ def distill_reranker(reranker: RerankerOnnxWrapper, prompts: PromptBuilder, pass
     if len(queries) <= config.held_out:
         raise ValueError(f"{len(queries)} pseudo-queries from {len(passages)} passages; "
                          f"need more than the {config.held_out} held out")
-    order = np.random.default_rng(config.seed).permutation(len(queries))
-    held, train = [queries[i] for i in order[: config.held_out]], [queries[i] for i in order[config.held_out:]]
+    # The held-out queries, then those of each step (drawn from the others): only they are encoded.
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(queries))
+    needed = config.steps * config.lists_per_step
+    rest = order[config.held_out:]
+    train = rng.choice(rest, needed, replace=needed > len(rest))
+    picked = [queries[i] for i in np.concatenate([order[: config.held_out], train])]
     passage_vectors = encode([p.text for p in passages])
-    held_lists = candidate_lists(held, encode_queries([q.text for q in held]), passage_vectors, config,
-                                 config.seed + 1)
-    train_vectors = encode_queries([q.text for q in train])
+    query_vectors = encode_queries([q.text for q in picked])
     table = torch.from_numpy(passage_vectors)
+    held_lists = candidate_lists(picked[: config.held_out], query_vectors[: config.held_out], passage_vectors,
+                                 config, config.seed + 1)
     before = agreement(reranker, prompts, held_lists, table)
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(_trainable(reranker, config.frozen_layers), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 10) * max(0.0, 1 - step / config.steps))
-    rng = np.random.default_rng(config.seed + 2)
     losses: list[float] = []
     reranker.eval()  # no dropout: a few hundred steps, and the result stays a function of the seed
     with track_steps("distilling the reranker", config.steps) as advance:
         for step in range(config.steps):
-            picked = rng.choice(len(train), config.lists_per_step, replace=False)
-            lists = candidate_lists([train[i] for i in picked], train_vectors[picked], passage_vectors, config,
+            rows = slice(config.held_out + step * config.lists_per_step,
+                         config.held_out + (step + 1) * config.lists_per_step)
+            lists = candidate_lists(picked[rows], query_vectors[rows], passage_vectors, config,
                                     config.seed + 3 + step)
             teacher = torch.from_numpy(np.stack([item.teacher for item in lists]))
             loss = listwise_loss(_scores(reranker, prompts, lists, table), teacher, config.temperature)

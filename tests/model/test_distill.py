@@ -15,8 +15,8 @@ from resrank_export.data.readers import Passage
 from resrank_export.model.distill import DistillConfig, distill_reranker, pseudo_queries
 from resrank_export.model.reference import ResRankReference, load_reranker
 
-TINY = DistillConfig(steps=40, lists_per_step=4, candidates=8, hard_candidates=4, learning_rate=3e-3,
-                     frozen_layers=0, held_out=24)
+TINY = DistillConfig(steps=80, lists_per_step=4, candidates=12, hard_candidates=6, learning_rate=3e-3,
+                     frozen_layers=0, held_out=32)
 
 
 @pytest.fixture(autouse=True)
