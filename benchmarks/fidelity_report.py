@@ -4,7 +4,8 @@ gates in tests/test_fidelity.py run a documented subsample of the same measureme
 
     python benchmarks/fidelity_report.py RESULTS_DIR [--checkpoint DIR] [--reranker distilled|qwen3|minilm]
         [--retrieval-data ../shared/data/scifact] [--rerank-data ../shared/data/dl19]
-        [--calibration-corpus ../shared/data/dl19] [--runtime openvino --openvino-compute bf16]
+        [--calibration-corpus ../shared/data/dl19] [--precisions fp16,int8,int8_wo,int4_awq]
+        [--runtime openvino --openvino-compute bf16]
 
 Without --checkpoint the demo checkpoint is used: its distilled reranker (which ranks, so the
 reranker's nDCG@10 drop on DL19 means something), or an untrained one (--reranker qwen3: the small
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrieval-queries", type=int, help="subsample (default: every judged query)")
     parser.add_argument("--retrieval-other-docs", type=int, help="subsample (default: the full corpus)")
     parser.add_argument("--rerank-queries", type=int, help="subsample (default: every query of the run)")
+    parser.add_argument("--precisions", default="fp16,int8",
+                        help="comma-separated (bf16 needs --runtime openvino: ONNX Runtime's CPU provider has no "
+                             "BF16 MatMul)")
     parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
                         help="what runs the FP16/INT8 graphs (FP32, the reference, always runs on ONNX Runtime)")
     parser.add_argument("--openvino-compute", choices=["f32", "bf16"], default="f32")
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         graphs = export_onnx(checkpoint, Path(work) / "fp32")
         report = compare_precisions(checkpoint, {k: graphs[k] for k in ("encoder", "reranker")}, Path(work),
-                                    CalibrationConfig(corpus=args.calibration_corpus), PrecisionConfig(), config)
+                                    CalibrationConfig(corpus=args.calibration_corpus), PrecisionConfig(), config,
+                                    tuple(args.precisions.split(",")))
     report["run"] = {"checkpoint": str(Path(path).resolve()), "seconds": round(time.perf_counter() - started),
                      "machine": platform.platform(), "python": sys.version.split()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
