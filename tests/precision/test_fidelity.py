@@ -105,9 +105,12 @@ def test_fidelity_config_refuses_an_unknown_runtime_or_compute():
         FidelityConfig(runtime="openvino", openvino_compute="fp8")
 
 
-@pytest.mark.parametrize("precision,drop,passed", [("fp16", 0.0015, True), ("fp16", 0.0025, False),
-                                                    ("int8", 0.004, True), ("int8_wo", 0.006, False),
-                                                    ("int4_awq", 0.009, True), ("int4_awq", 0.011, False)])
+# The issue's limits (issue 25), written out here so that a changed table row fails.
+RERANK_NDCG_LIMITS = {"fp16": 0.002, "bf16": 0.002, "int8": 0.005, "int8_wo": 0.005, "int4_awq": 0.01}
+
+
+@pytest.mark.parametrize("precision,drop,passed", [(p, limit * factor, factor < 1) for p, limit in
+                                                    RERANK_NDCG_LIMITS.items() for factor in (0.9, 1.1)])
 def test_reranker_ndcg_drop_is_gated_by_the_precision_table(precision, drop, passed):
     """The reranker's nDCG@10 drop on judged rerank data (a trained reranker getting worse) is a
     gate of its own, with the table's limit; without judgements there is no such gate."""
