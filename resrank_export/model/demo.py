@@ -17,7 +17,7 @@ from resrank_export.fs import atomic_dir
 from resrank_export.lazy import require
 from resrank_export.model.checkpoint import CONFIG_FILE, PROJECTOR_FILE, ResRankConfig
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: the placeholder's embedding row seeded (it differed between runs)
 RERANKER_KINDS = ("qwen3", "minilm", "distilled")
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -78,11 +78,12 @@ def _tiny_bert(vocab_size: int, hidden: int, seed: int):
     return BertModel(config).eval()
 
 
-def _minilm_reranker(vocab_size: int):
+def _minilm_reranker(vocab_size: int, seed: int):
     """MiniLM's pretrained BERT weights as a reranker backbone: real activation statistics."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(minilm_dir(), dtype=torch.float32)
+    torch.manual_seed(seed)  # the placeholder's new embedding row is drawn at random
     model.resize_token_embeddings(vocab_size)
     return model.eval()
 
@@ -140,7 +141,7 @@ def build_demo_checkpoint(out: str | Path, reranker: str = "qwen3", seed: int = 
                            residual_alpha=residual_alpha)
     encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
     vocab = _reranker_vocab(source, config.placeholder_token)
-    backbone = _qwen3(vocab, 384, 4, 6, seed) if reranker == "qwen3" else _minilm_reranker(vocab)
+    backbone = _qwen3(vocab, 384, 4, 6, seed) if reranker == "qwen3" else _minilm_reranker(vocab, seed)
     return write_checkpoint(Path(out), config, encoder, source, backbone)
 
 
