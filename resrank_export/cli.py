@@ -240,13 +240,16 @@ def _weight_only_tables(tables: dict | None) -> dict:
 
 @main.command("demo-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--reranker", type=click.Choice(["qwen3", "minilm"]), default="qwen3", show_default=True,
-              help="qwen3: small seeded Qwen3 (untrained); minilm: BERT reranker initialised from "
-                   "the MiniLM weights (pretrained activation statistics, also untrained for ranking).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random reranker weights.")
+@click.option("--reranker", type=click.Choice(["distilled", "qwen3", "minilm"]), default="distilled",
+              show_default=True,
+              help="distilled: the demo's reranker, MiniLM weights trained here to rank (minutes on a CPU; "
+                   "docs/demo.md); qwen3: small seeded Qwen3 (untrained); minilm: BERT reranker initialised "
+                   "from the MiniLM weights (pretrained activation statistics, untrained for ranking).")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the random reranker weights, or of the distillation.")
 def demo_checkpoint(out: Path, reranker: str, seed: int) -> None:
-    """Write a checkpoint from the bundled all-MiniLM-L6-v2 encoder and an untrained reranker
-    (no download). Its rankings are not meaningful; its graphs and shapes are."""
+    """Write a checkpoint from the bundled all-MiniLM-L6-v2 encoder and a reranker (no download):
+    the distilled one ranks; the untrained ones have meaningful graphs and shapes only."""
     from resrank_export.model.demo import build_demo_checkpoint
 
     if out.exists():

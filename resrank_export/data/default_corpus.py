@@ -53,8 +53,11 @@ def stdlib_passages(limit: int | None = None, min_chars: int = 40) -> list[Passa
             if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
                 objects.append((f"{module_name}.{name}", obj))
                 if inspect.isclass(obj):
+                    # Only the module's own methods: libraries patch some in (transformers adds
+                    # logging.Logger.warning_advice), which would make the corpus depend on imports.
                     objects.extend((f"{module_name}.{name}.{m}", f) for m, f in sorted(vars(obj).items())
-                                   if not m.startswith("_") and inspect.isfunction(f))
+                                   if not m.startswith("_") and inspect.isfunction(f)
+                                   and f.__module__ == module.__name__)
         for qualname, obj in objects:
             doc = _clean(inspect.getdoc(obj) or "")
             if len(doc) < min_chars or doc in seen:

@@ -72,6 +72,9 @@ class ParityData:
     source: str
     queries: list[str]
     candidates: list[list[str]]  # passage texts per query, best first
+    # From a BEIR folder: the run's query and passage ids (rankings scored against its qrels)
+    query_ids: list[str] | None = None
+    candidate_ids: list[list[str]] | None = None
 
 
 def check_parity_data(config: ParityConfig) -> None:
@@ -106,7 +109,8 @@ def load_parity_data(config: ParityConfig, k: int) -> ParityData:
         if missing:
             raise InputDataError(f"{data_dir / 'corpus.jsonl'}: {len(missing)} run passages missing, e.g. {sorted(missing)[0]}")
         return ParityData(f"BEIR folder {data_dir} ({len(qids)} queries, BM25 top-{k})",
-                          [queries[q] for q in qids], [[texts[d] for d in run[q][:k]] for q in qids])
+                          [queries[q] for q in qids], [[texts[d] for d in run[q][:k]] for q in qids],
+                          qids, [run[q][:k] for q in qids])
     from resrank_export.data.default_corpus import SAMPLE_QUERIES, stdlib_passages
 
     reason = "no parity data folder given" if data_dir is None else f"{data_dir / RUN_FILE} not found"

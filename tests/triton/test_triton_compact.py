@@ -19,18 +19,16 @@ SCORE_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def external_int4_build(triton_build, tmp_path_factory):
+def external_int4_build(triton_build, demo_checkpoint, tmp_path_factory):
     """The demo build with its FP32 and int4_awq graphs saved with every weight in `<graph>.onnx.data`."""
     from resrank_export.export.half import save_graph
     from resrank_export.export.onnx import graph_specs
-    from resrank_export.model.checkpoint import load_checkpoint
-    from resrank_export.model.demo import default_checkpoint
     from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
     from resrank_export.precision.weight_only import DEFAULT_CONFIGS, quantize_weight_only
 
     build = tmp_path_factory.mktemp("external") / "build"
     shutil.copytree(triton_build, build, ignore=shutil.ignore_patterns("*.onnx*"))
-    checkpoint = load_checkpoint(default_checkpoint())
+    checkpoint = demo_checkpoint  # the checkpoint of triton_build's graphs
     calibration = build / "calibration"
     build_calibration_set(checkpoint, calibration, CalibrationConfig(encoder_samples=16, reranker_queries=2),
                           triton_build / "onnx" / "fp32" / "encoder.onnx")
