@@ -212,7 +212,12 @@ class OpenVINOSession:
         if not Path(path).is_file():
             raise InputDataError(f"{path}: graph not found")
         try:
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            core = ov.Core()
+            model = core.read_model(str(path))
+            # the graph's own input and output names: after compilation a port may answer to another
+            # of its tensor's names (a half graph's Cast, "_to_copy"), which no caller uses
+            names = ([port.get_any_name() for port in model.inputs], [port.get_any_name() for port in model.outputs])
+            compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:  # OpenVINO reports every load/compile failure as RuntimeError
             # its message is a stack of "Exception from <source file>" lines above the reason
             reason = next((line for line in reversed(str(exc).splitlines())
@@ -220,8 +225,7 @@ class OpenVINOSession:
             raise NotAvailableError(f"{path}: OpenVINO's CPU plugin could not load it: {reason.strip()[:200]}") from None
         self.compute = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self._request = compiled.create_infer_request()
-        self._inputs = [SimpleNamespace(name=port.get_any_name()) for port in compiled.inputs]
-        self._outputs = [SimpleNamespace(name=port.get_any_name()) for port in compiled.outputs]
+        self._inputs, self._outputs = ([SimpleNamespace(name=name) for name in group] for group in names)
 
     def get_inputs(self) -> list:
         return self._inputs
@@ -230,9 +234,11 @@ class OpenVINOSession:
         return self._outputs
 
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self._request.infer(feeds)
-        # copies: the request reuses its output buffers on the next call
-        return [np.array(result[name]) for name in (output_names or [o.name for o in self._outputs])]
+        # by position (the compiled outputs keep the graph's order), copied: the request reuses its
+        # output buffers on the next call
+        ports = {k: feeds[i.name] for k, i in enumerate(self._inputs)}
+        values = dict(zip((o.name for o in self._outputs), self._request.infer(ports).to_tuple()))
+        return [np.array(values[name]) for name in (output_names or list(values))]
 
 
 # --- the served CPU path `auto` picks (Triton's python backend) ---------------------------------

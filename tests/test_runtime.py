@@ -58,6 +58,28 @@ def test_openvino_session_computes_what_onnx_runtime_does(tiny_export, tmp_path)
         assert np.abs(run_session(half, inputs)[0] - expected).max() <= 0.05, (spec.name, half.compute)
 
 
+def test_openvino_session_keeps_the_graphs_names_of_a_half_export(tiny_checkpoint, tmp_path):
+    """A graph exported in FP16 casts its float input and output (`_to_copy`): the compiled ports
+    may answer to those names, the session keeps the graph's own (the 0.6B FP16 reranker served on
+    OpenVINO failed every request with KeyError '_to_copy')."""
+    pytest.importorskip("openvino")
+    from resrank_export.export.onnx import ExportConfig, export_onnx, graph_specs
+    from resrank_export.precision.calibration import CalibrationConfig, build_calibration_set, load_calibration
+    from resrank_export.runtime import OpenVINOSession
+
+    checkpoint = tiny_checkpoint()
+    graphs = export_onnx(checkpoint, tmp_path / "half", ExportConfig(dtype="fp16"))
+    build_calibration_set(checkpoint, tmp_path / "calib", CalibrationConfig(encoder_samples=4, reranker_queries=2,
+                                                                            retrieval_pool=50))
+    for spec in graph_specs(checkpoint):
+        inputs = load_calibration(tmp_path / "calib", spec)
+        reference = ort_session(graphs[spec.name])
+        session = OpenVINOSession(graphs[spec.name], compute="f32")
+        assert [i.name for i in session.get_inputs()] == [i.name for i in reference.get_inputs()]
+        assert [o.name for o in session.get_outputs()] == [o.name for o in reference.get_outputs()]
+        np.testing.assert_allclose(run_session(session, inputs)[0], run_session(reference, inputs)[0], atol=2e-2)
+
+
 def test_openvino_session_refuses_what_it_cannot_run(tmp_path):
     pytest.importorskip("openvino")
     from resrank_export.errors import InputDataError, NotAvailableError, ResRankExportError
