@@ -12,13 +12,7 @@ import click
 from resrank_export.config_file import load_config_callback, render_config, render_table
 from resrank_export.errors import ResRankExportError
 from resrank_export.export import MAX_OPSET, MIN_OPSET  # light: two numbers, no imports
-from resrank_export.index.config import (  # light: no numpy, no FAISS
-    DEFAULT_MAX_CANDIDATES,
-    DEFAULT_RANK_STRATEGY,
-    KINDS,
-    RANK_STRATEGIES,
-    VECTOR_DTYPES,
-)
+from resrank_export.index.config import KINDS, VECTOR_DTYPES  # light: no numpy, no FAISS
 from resrank_export.interrupt import Interrupted, stop_on_signals
 from resrank_export.precision import PRECISIONS  # light: a tuple, no imports
 
@@ -507,20 +501,9 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
                                       "resrank_repository.json says which and why.")
 @click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
               help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
-@click.option("--max-candidates", type=click.IntRange(min=1), default=DEFAULT_MAX_CANDIDATES, show_default=True,
-              help="Ceiling of candidates per rerank request and of search top_k; past the reranker's own "
-                   "max_candidates (one pass) they are ranked in several passes.")
-@click.option("--rank-strategy", type=click.Choice(RANK_STRATEGIES), default=DEFAULT_RANK_STRATEGY, show_default=True,
-              help="How candidates past one reranker pass are ranked: blocks (disjoint blocks, then their "
-                   "winners together) or sliding (RankGPT windows from the back); docs/gateway.md.")
-@click.option("--rank-step", type=click.IntRange(min=1),
-              help="--rank-strategy sliding: how far each window moves. Default: half the window.")
-@click.option("--passage-cache", type=click.IntRange(min=0), default=10000, show_default=True,
-              help="Passage vectors the passage encoder keeps by content hash (LRU), so repeated rerank "
-                   "documents are not encoded again; 0: no cache.")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
            max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls,
-           cpu_runtime, openvino_compute, max_candidates, rank_strategy, rank_step, passage_cache) -> None:
+           cpu_runtime, openvino_compute) -> None:
     """Write a Triton model repository: composing models and the resrank / resrank_rerank ensembles."""
     from resrank_export.triton.config import TritonConfig
     from resrank_export.triton.repository import write_repository
@@ -532,8 +515,7 @@ def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_qu
         build=build_dir, out=out, index=index_dir, backend=backend, precision=precision, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size, max_batch_tokens=max_batch_tokens,
         instances=instances, gpu=gpu, ort_accelerator=ort_accelerator, cc_model_filenames=pairs, index_shards=index_shards,
-        shard_urls=tuple(shard_urls), cpu_runtime=cpu_runtime, openvino_compute=openvino_compute,
-        max_candidates=max_candidates, rank_strategy=rank_strategy, rank_step=rank_step, passage_cache=passage_cache))
+        shard_urls=tuple(shard_urls), cpu_runtime=cpu_runtime, openvino_compute=openvino_compute))
     click.echo(f"model repository written to {out}: {', '.join(summary['models'])}")
     if summary["cpu_path"]:
         click.echo(f"graphs served on {summary['cpu_path']['reason']}")
@@ -606,26 +588,19 @@ def serve(repository, host, http_port, grpc_port, metrics_port, print_docker) ->
               help="Port the gateway listens on.")
 @click.option("--api-key", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key). Default: "
               "$RESRANK_GATEWAY_API_KEY. An empty key (or variable) is refused, never taken as no key.")
-@click.option("--max-body-bytes", type=click.IntRange(min=1), default=16 << 20, show_default=True,
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--max-documents", type=click.IntRange(min=1),
-              help="Documents per rerank request (default and ceiling: the repository's --max-candidates).")
+              help="Documents per rerank request (default and ceiling: the repository's max_candidates).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds per Triton call before the client gets 504.")
-@click.option("--max-chunks-per-doc", type=click.IntRange(min=1), default=10, show_default=True,
-              help="A rerank document past max_passage_tokens is split into at most this many passages (a "
-                   "request's max_chunks_per_doc overrides it); its score is its best passage's.")
-@click.option("--chunk-overlap", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Tokens that consecutive passages of one document share.")
-def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout, max_chunks_per_doc,
-            chunk_overlap) -> None:
+def gateway(repository, triton_url, host, port, api_key, max_body_bytes, max_documents, timeout) -> None:
     """HTTP front end: Cohere/Jina-style POST /v1/rerank, POST /v1/search, /health, /metrics."""
     from resrank_export.triton.gateway import GatewayConfig, api_key_setting, run_gateway
 
     run_gateway(GatewayConfig(repository=repository, triton_url=triton_url, host=host, port=port,
                               api_key=api_key_setting(api_key), max_body_bytes=max_body_bytes,
-                              max_documents=max_documents, timeout_s=timeout, max_chunks_per_doc=max_chunks_per_doc,
-                              chunk_overlap=chunk_overlap))
+                              max_documents=max_documents, timeout_s=timeout))
 
 
 @main.command()

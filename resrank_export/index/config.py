@@ -10,10 +10,6 @@ from resrank_export.errors import ResRankExportError
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 VECTOR_DTYPES = ("float32", "float16")
-# Ranking past one reranker pass (index/passes.py); here for the CLI's choices.
-RANK_STRATEGIES = ("blocks", "sliding")
-DEFAULT_RANK_STRATEGY = "blocks"  # measured: benchmarks/rerank_passes.py, docs/gateway.md
-DEFAULT_MAX_CANDIDATES = 1000  # a deployment's ceiling of candidates per request (Cohere's own limit)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from resrank_export.errors import InputDataError
-from resrank_export.index.config import DEFAULT_RANK_STRATEGY
-from resrank_export.index.passes import PassSettings, run_rankings, score_asks
 from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.model.text import PromptBuilder
 from resrank_export.runtime import ort_session, run_session
@@ -39,15 +37,10 @@ def _check_query(query: str) -> None:
         raise InputDataError("query is empty or whitespace-only")
 
 
-RERANKER_ROWS = 8  # prompts per reranker run when several passes are scored together (bounded memory)
-
-
 class ResRankPipeline:
-    def __init__(self, build_dir: str | Path, index_dir: str | Path | None = None, precision: str | None = None,
-                 strategy: str | None = None, step: int | None = None):
+    def __init__(self, build_dir: str | Path, index_dir: str | Path | None = None, precision: str | None = None):
         """`precision`: the graphs of onnx/<precision>/ (what a repository of that precision serves);
-        None: the exported ones. `strategy`/`step`: how more candidates than one reranker pass
-        holds are ranked (index/passes.py; None: the default)."""
+        None: the exported ones."""
         from resrank_export.index.encode import OnnxEncoder, encoder_graph
         from resrank_export.index.retriever import Retriever
 
@@ -57,32 +50,26 @@ class ResRankPipeline:
         self.encoder = OnnxEncoder(build, precision=precision)
         self.reranker = ort_session(encoder_graph(build, precision).with_name("reranker.onnx"))
         self.retriever = Retriever.load(index_dir, build) if index_dir is not None else None
-        self.passes = PassSettings(self.prompts.max_candidates, strategy or DEFAULT_RANK_STRATEGY, step)
-        self.passes.validate()
 
-    def rank(self, query: str, slot_vectors: np.ndarray,
-             passes: PassSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(order, scores) of k candidates given by their slot vectors [k, D] in first-stage
-        order: one reranker pass when k fits, else the passes of `passes` (default: the
-        pipeline's)."""
-        def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-            return run_session(self.reranker, inputs)[0]
-
-        [ranked] = run_rankings([(passes or self.passes).ranking(len(slot_vectors))],
-                                lambda asks: score_asks(asks, [query], [slot_vectors], self.prompts, RERANKER_ROWS, run))
-        return ranked
+    def score(self, query: str, slot_vectors: np.ndarray) -> np.ndarray:
+        """Reranker scores [k] of k candidates given by their slot vectors [k, D]."""
+        inputs = self.prompts.batch([query], len(slot_vectors))
+        inputs["passage_embeddings"] = np.ascontiguousarray(slot_vectors[None], dtype=np.float32)
+        return run_session(self.reranker, inputs)[0][0]
 
     def search(self, query: str, k: int) -> RankedPassages:
         _check_query(query)
         if self.retriever is None:
             raise InputDataError("search needs an index; pass index_dir")
         hits = self.retriever.search(query, k)
-        order, scores = self.rank(query, hits.vectors)
-        return RankedPassages([hits.ids[i] for i in order], scores)
+        scores = self.score(query, hits.vectors)
+        order = np.argsort(-scores, kind="stable")
+        return RankedPassages([hits.ids[i] for i in order], scores[order])
 
     def rerank(self, query: str, passages: list[str]) -> RankedPassages:
         _check_query(query)
         if not passages:
             raise InputDataError("no passages to rerank")
-        order, scores = self.rank(query, self.encoder.encode(passages))
-        return RankedPassages([str(i) for i in order], scores)
+        scores = self.score(query, self.encoder.encode(passages))
+        order = np.argsort(-scores, kind="stable")
+        return RankedPassages([str(i) for i in order], scores[order])

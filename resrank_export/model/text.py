@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,37 +105,6 @@ class PassageTokenizer:
 
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self._ids(list(texts), self.passage_template, PASSAGE_MARKER)]
-
-    @cached_property
-    def _whole(self):
-        """The tokenizer without truncation (to find where a long text is split)."""
-        from tokenizers import Tokenizer
-
-        whole = Tokenizer.from_str(self.tokenizer.to_str())
-        whole.no_truncation()
-        return whole
-
-    @cached_property
-    def chunk_tokens(self) -> int:
-        """Text tokens one passage holds: max_tokens less the passage template, the special
-        tokens and the EOS."""
-        frame = len(self._whole.encode(self.passage_template.replace(PASSAGE_MARKER, "")).ids)
-        return max(1, self.max_tokens - frame - (self.eos_id is not None))
-
-    def chunks(self, text: str, overlap: int, max_chunks: int) -> tuple[list[str], bool]:
-        """`text` as passages of chunk_tokens tokens (one if it fits), consecutive ones sharing
-        `overlap` tokens, at most `max_chunks` of them; True when text past them is left out."""
-        encoding = self._whole.encode(text, add_special_tokens=False)
-        offsets, size = encoding.offsets, len(encoding.ids)
-        if size <= self.chunk_tokens:
-            return [text], False
-        pieces, start, step = [], 0, max(1, self.chunk_tokens - overlap)
-        while True:
-            end = min(start + self.chunk_tokens, size)
-            pieces.append(text[offsets[start][0]:offsets[end - 1][1]])
-            if end == size or len(pieces) == max_chunks:
-                return pieces, end < size
-            start += step
 
     def truncated(self, texts: list[str]) -> list[bool]:
         """Which passages lose tokens to truncation (for callers that refuse instead)."""

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resrank_export.errors import NotAvailableError, ResRankExportError
-from resrank_export.index.config import DEFAULT_MAX_CANDIDATES, DEFAULT_RANK_STRATEGY
 from resrank_export.lazy import require
 from resrank_export.precision import PRECISIONS, precision_row
 from resrank_export.model.specs import BATCH, CANDIDATES, GraphSpec, TensorSpec, encoder_spec, reranker_spec
@@ -71,12 +70,6 @@ class TritonConfig:
     package_path: Path | None = PACKAGE_PARENT  # put on the stub's sys.path; None: the installed package
     index_shards: int = 1  # > 1: faiss_lookup_<i> per slice of the index behind a faiss_lookup router
     shard_urls: tuple[str, ...] = ()  # gRPC host:port serving faiss_lookup_<i>, one per shard; (): this server
-    # candidates per rerank request and search top_k (a ceiling, not one reranker pass: past the
-    # reranker's max_candidates they are ranked in several passes, index/passes.py)
-    max_candidates: int = DEFAULT_MAX_CANDIDATES
-    rank_strategy: str = DEFAULT_RANK_STRATEGY  # "blocks" or "sliding"
-    rank_step: int | None = None  # sliding windows' step; None: half the window
-    passage_cache: int = 10000  # passage vectors the passage encoder keeps by content hash (LRU; 0: none)
 
     @property
     def session_settings(self) -> SessionSettings:
@@ -111,12 +104,9 @@ class TritonConfig:
                                          f"{', '.join(OPENVINO_COMPUTE)}")
         if self.ort_accelerator not in (None, "tensorrt", "cuda"):
             raise ResRankExportError(f"ort_accelerator {self.ort_accelerator!r}: expected tensorrt or cuda")
-        for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads", "index_shards",
-                     "max_candidates"):
+        for name in ("max_batch_size", "max_queue_size", "max_batch_tokens", "instances", "ort_threads", "index_shards"):
             if getattr(self, name) < 1:
                 raise ResRankExportError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
-        if self.passage_cache < 0:
-            raise ResRankExportError(f"passage_cache is {self.passage_cache}; expected 0 (no cache) or more vectors")
         if self.index_shards > 1 and self.index is None:
             raise ResRankExportError(f"--index-shards {self.index_shards} needs --index (the index to split)")
         if self.shard_urls and len(self.shard_urls) != self.index_shards:
@@ -166,13 +156,15 @@ def model_specs(dim: int) -> dict[str, GraphSpec]:
     """I/O of every composing model and ensemble, keyed by model name."""
     enc, rer = encoder_spec(dim), reranker_spec(dim)
     slots = rer.tensor("passage_embeddings")
+    prompt = tuple(rer.tensor(n) for n in ("input_ids", "attention_mask", "slot_positions"))
     return {
         "query_tokenizer": GraphSpec("query_tokenizer", (QUERY,), enc.inputs),
         "encoder": enc,
         "faiss_lookup": GraphSpec("faiss_lookup", (enc.outputs[0], TOP_K), (CANDIDATE_IDS, RETRIEVAL_SCORES, slots)),
         "passage_encoder": GraphSpec("passage_encoder", (PASSAGES,), (slots, CANDIDATE_IDS)),
+        "prompt_builder": GraphSpec("prompt_builder", (QUERY, slots), prompt),
         "reranker": rer,
-        "rank_passes": GraphSpec("rank_passes", (QUERY, slots, CANDIDATE_IDS), (DOC_IDS, SCORES, ORDER)),
+        "rank_sort": GraphSpec("rank_sort", (rer.outputs[0], CANDIDATE_IDS), (DOC_IDS, SCORES, ORDER)),
         RETRIEVE_ENSEMBLE: GraphSpec(RETRIEVE_ENSEMBLE, (QUERY, TOP_K), (DOC_IDS, SCORES)),
         RERANK_ENSEMBLE: GraphSpec(RERANK_ENSEMBLE, (QUERY, PASSAGES), (ORDER, SCORES)),
     }
@@ -181,10 +173,14 @@ def model_specs(dim: int) -> dict[str, GraphSpec]:
 # Ensemble wiring: (model, {model input: source}); a source is an ensemble input name or
 # "<model>.<output>". The final map sends "<model>.<output>" to the ensemble outputs.
 def _rerank_steps(candidates: str) -> tuple:
-    """rank_passes (-> reranker, by BLS, in one or more passes) over the candidates that model
-    `candidates` made."""
-    return (("rank_passes", {"QUERY": "QUERY", "passage_embeddings": f"{candidates}.passage_embeddings",
-                             "candidate_ids": f"{candidates}.candidate_ids"}),)
+    """prompt_builder -> reranker -> rank_sort over the candidates that model `candidates` made."""
+    return (
+        ("prompt_builder", {"QUERY": "QUERY", "passage_embeddings": f"{candidates}.passage_embeddings"}),
+        ("reranker", {"input_ids": "prompt_builder.input_ids", "attention_mask": "prompt_builder.attention_mask",
+                      "passage_embeddings": f"{candidates}.passage_embeddings",
+                      "slot_positions": "prompt_builder.slot_positions"}),
+        ("rank_sort", {"scores": "reranker.scores", "candidate_ids": f"{candidates}.candidate_ids"}),
+    )
 
 
 RETRIEVE_STEPS = (
@@ -192,9 +188,9 @@ RETRIEVE_STEPS = (
     ("encoder", {"input_ids": "query_tokenizer.input_ids", "attention_mask": "query_tokenizer.attention_mask"}),
     ("faiss_lookup", {"embeddings": "encoder.embeddings", "TOP_K": "TOP_K"}),
 ) + _rerank_steps("faiss_lookup")
-RETRIEVE_OUTPUTS = {"DOC_IDS": "rank_passes.DOC_IDS", "SCORES": "rank_passes.SCORES"}
+RETRIEVE_OUTPUTS = {"DOC_IDS": "rank_sort.DOC_IDS", "SCORES": "rank_sort.SCORES"}
 RERANK_STEPS = (("passage_encoder", {"PASSAGES": "PASSAGES"}),) + _rerank_steps("passage_encoder")
-RERANK_OUTPUTS = {"ORDER": "rank_passes.ORDER", "SCORES": "rank_passes.SCORES"}
+RERANK_OUTPUTS = {"ORDER": "rank_sort.ORDER", "SCORES": "rank_sort.SCORES"}
 
 
 def _pb():

@@ -15,7 +15,6 @@ from resrank_export.errors import ResRankExportError
 from resrank_export.export.half import external_data_files
 from resrank_export.fs import atomic_dir, link_or_copy, refuse_foreign_folder
 from resrank_export.index.layout import read_index_info
-from resrank_export.index.passes import PassSettings
 from resrank_export.model.checkpoint import CONFIG_FILE, ResRankConfig
 from resrank_export.model.specs import GraphSpec
 from resrank_export.precision.ort_optimize import ort_graph_path
@@ -120,18 +119,18 @@ def _graph_model(config: TritonConfig, spec: GraphSpec) -> tuple[TritonConfig, d
     return replace(config, cc_model_filenames=names), files
 
 
-def _lookup_models(config: TritonConfig, index: Path, count: int, specs: dict) -> dict:
+def _lookup_models(config: TritonConfig, index: Path, count: int, max_candidates: int, specs: dict) -> dict:
     """{name: (parameters, files)} of the index lookup: one faiss_lookup holding the index or, with
     index_shards > 1, a faiss_lookup router plus faiss_lookup_<i> per slice (their index folders
     are written by split_index after the models; `specs` gains the shards' I/O)."""
-    max_top_k = min(config.max_candidates, count)
+    max_top_k = min(max_candidates, count)
     if config.index_shards == 1:
         return {"faiss_lookup": ({"MAX_TOP_K": str(max_top_k)}, {"index": index})}
     models, shard_top_k = {}, []
     for number, (start, stop) in enumerate(shard_bounds(count, config.index_shards)):
         name = shard_model_name(number)
         specs[name] = replace(specs["faiss_lookup"], name=name)
-        shard_top_k.append(str(min(config.max_candidates, stop - start)))
+        shard_top_k.append(str(min(max_candidates, stop - start)))
         models[name] = ({"RESRANK_MODEL": "faiss_lookup", "MAX_TOP_K": shard_top_k[-1]}, {})
     router = {"RESRANK_MODEL": "faiss_router", "MAX_TOP_K": str(max_top_k), "SHARDS": ",".join(models),
               "SHARD_MAX_TOP_K": ",".join(shard_top_k), "SHARD_URLS": ",".join(config.shard_urls)}
@@ -146,8 +145,6 @@ def write_repository(config: TritonConfig) -> dict:
     config.validate()  # the path picked, with the rest of the settings
     build, out = Path(config.build), Path(config.out)
     settings = _read_build(build)
-    passes = PassSettings(settings.max_candidates, config.rank_strategy, config.rank_step)
-    passes.validate()
     refuse_foreign_folder(out, MARKER_FILE, "a resrank-export model repository")
     specs = model_specs(encoder_dim(build))
     batch = config.max_batch_size
@@ -156,24 +153,20 @@ def write_repository(config: TritonConfig) -> dict:
     settings_file = build / CONFIG_FILE
     python = {  # model -> (parameters, files)
         "query_tokenizer": ({}, {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
-        "passage_encoder": ({"ENCODER_MAX_BATCH": str(encoder_batch), "MAX_CANDIDATES": str(config.max_candidates),
-                             "CACHE_SIZE": str(config.passage_cache)},
+        "passage_encoder": ({"ENCODER_MAX_BATCH": str(encoder_batch)},
                             {"tokenizer.json": tokenizers["encoder"], CONFIG_FILE: settings_file}),
-        "rank_passes": ({"STRATEGY": passes.strategy, "STEP": str(passes.step or 0), "RERANKER_MAX_BATCH": str(batch),
-                         "MAX_CANDIDATES": str(config.max_candidates)},
-                        {"tokenizer.json": tokenizers["reranker"], CONFIG_FILE: settings_file}),
+        "prompt_builder": ({}, {"tokenizer.json": tokenizers["reranker"], CONFIG_FILE: settings_file}),
+        "rank_sort": ({}, {}),
     }
     ensembles = [(RERANK_ENSEMBLE, RERANK_STEPS, RERANK_OUTPUTS)]
     summary = {"backend": config.backend, "precision": config.precision, "max_top_k": None,
-               "max_candidates": config.max_candidates, "pass_candidates": settings.max_candidates,
-               "rank_strategy": passes.strategy, "rank_step": passes.slide,
                "ort_fused": config.ort_fused and config.backend != "tensorrt",
                "cpu_path": choice.to_json() if config.backend == "python" else None}
     if config.index is not None:
         index = Path(config.index)
         meta = read_index_info(index)
-        max_top_k = min(config.max_candidates, int(meta["count"]))
-        python.update(_lookup_models(config, index, int(meta["count"]), specs))
+        max_top_k = min(settings.max_candidates, int(meta["count"]))
+        python.update(_lookup_models(config, index, int(meta["count"]), settings.max_candidates, specs))
         ensembles.insert(0, (RETRIEVE_ENSEMBLE, RETRIEVE_STEPS, RETRIEVE_OUTPUTS))
         summary.update(max_top_k=max_top_k, index_shards=config.index_shards, shard_urls=list(config.shard_urls))
     else:

@@ -123,22 +123,3 @@ def test_passage_tokenizer_ignores_padding_stored_in_tokenizer_json():
     true_lengths = [min(len(stored.encode(t).ids), 256) for t in texts]
     assert batch["attention_mask"].sum(axis=1).tolist() == true_lengths
     assert batch["input_ids"].shape[1] == 256
-
-
-def test_long_passages_are_split_into_chunks_that_fit(checkpoint):
-    """chunks(): every piece fits max_tokens whole (nothing truncated), consecutive pieces share
-    `overlap` tokens, together they are the text; past max_chunks the rest is reported cut."""
-    tokenizer = passage_tokenizer(checkpoint)
-    text = " ".join(f"word{i} river bank" for i in range(400))
-    whole = Tokenizer.from_str(tokenizer.tokenizer.to_str())
-    whole.no_truncation()
-    size = len(whole.encode(text, add_special_tokens=False).ids)
-    pieces, cut = tokenizer.chunks(text, overlap=8, max_chunks=1000)
-    assert not cut and len(pieces) > 2 and not any(tokenizer.truncated(pieces))
-    step = tokenizer.chunk_tokens - 8
-    assert len(pieces) == 1 + -(-(size - tokenizer.chunk_tokens) // step)
-    assert pieces[0] == text[:len(pieces[0])] and text.endswith(pieces[-1])
-    for before, after in zip(pieces, pieces[1:]):  # the overlap: the next piece starts inside this one
-        assert after[:10] in before and len(whole.encode(after, add_special_tokens=False).ids) <= tokenizer.chunk_tokens
-    assert tokenizer.chunks(text, 8, 2) == (pieces[:2], True)
-    assert tokenizer.chunks("word river bank", 8, 2) == (["word river bank"], False)

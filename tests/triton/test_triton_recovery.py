@@ -34,7 +34,8 @@ REQUEST_TIMEOUT = 10.0  # every client call; a call that hits it is a hang
 RECOVERED_WITHIN = 30.0  # after the kill (or the restart)
 POLL_SECONDS = 0.01  # between readiness checks: a reload keeps it false for seconds (a stub starting)
 SCORE_ATOL = 1e-4
-PYTHON_MODELS = ("query_tokenizer", "encoder", "faiss_lookup", "passage_encoder", "reranker", "rank_passes")
+PYTHON_MODELS = ("query_tokenizer", "encoder", "faiss_lookup", "passage_encoder", "prompt_builder", "reranker",
+                 "rank_sort")
 PASSAGES = ["json.loads parses a JSON document into Python objects", "csv.reader iterates over the rows of a CSV file",
             "os.path.join joins path components"]
 # What a client sees while a model is down, restarting or the server is away: all immediate and clear.

@@ -93,10 +93,10 @@ def _configs(repo: Path) -> dict:
 
 
 def test_sharded_repository_configs(tiny_build, indexes, tmp_path):
-    write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one", index=indexes["flat"], max_candidates=20))
+    write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one", index=indexes["flat"]))
     plain = _configs(tmp_path / "one")
     summary = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "three", index=indexes["flat"],
-                                            index_shards=3, max_candidates=20))
+                                            index_shards=3))
     sharded = _configs(tmp_path / "three")
     assert set(sharded) == set(plain) | {"faiss_lookup_0", "faiss_lookup_1", "faiss_lookup_2"}
     assert summary["index_shards"] == 3 and summary["max_top_k"] == 20
@@ -193,10 +193,9 @@ def test_two_shard_servers_answer_like_the_unsharded_one(tiny_build, indexes, tm
     from resrank_export.triton.server import ServerConfig, TritonServer, free_port
 
     embeddings = OnnxEncoder(tiny_build).encode(list(QUERIES))
-    one = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one" / "repo", index=indexes["flat"],
-                                        max_candidates=20))
+    one = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "one" / "repo", index=indexes["flat"]))
     two = write_repository(TritonConfig(build=tiny_build, out=tmp_path / "two" / "repo", index=indexes["flat"],
-                                        index_shards=2, max_candidates=20))
+                                        index_shards=2))
     assert "faiss_lookup_1" in two["models"] and "faiss_lookup_1" not in one["models"]
     expected = _answers(tmp_path / "one" / "repo", embeddings)
     _assert_same(_answers(tmp_path / "two" / "repo", embeddings), expected)
@@ -204,7 +203,7 @@ def test_two_shard_servers_answer_like_the_unsharded_one(tiny_build, indexes, tm
     shard_port = free_port()
     front = tmp_path / "front" / "repo"
     write_repository(TritonConfig(build=tiny_build, out=front, index=indexes["flat"], index_shards=2,
-                                  shard_urls=(f"127.0.0.1:{shard_port}",) * 2, max_candidates=20))
+                                  shard_urls=(f"127.0.0.1:{shard_port}",) * 2))
     shards = _shard_only_repository(front, tmp_path / "shards" / "repo")
     for model in front.glob("faiss_lookup_*"):  # the front server holds no shard: answers must come from the other
         shutil.rmtree(model)

@@ -1,9 +1,7 @@
 """PASSAGES (the user's own candidates) -> their slot vectors, by calling the `encoder` model
 of the same repository (business logic scripting), so the passages go through exactly the
 encoder the retrieval path uses, in whatever backend it runs. The passages of all requests of
-one `execute` call go to the encoder together, in chunks of similar length; passages seen before
-come from a bounded LRU cache (CACHE_SIZE vectors; hits and misses in Triton's metrics as
-resrank_passage_cache_lookups_total)."""
+one `execute` call go to the encoder together, in chunks of similar length."""
 
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from resrank_export.triton.models.common import (
     tensors,
     version_dir,
 )
-from resrank_export.triton.models.vector_cache import VectorCache
 
 
 class Model:
@@ -29,14 +26,8 @@ class Model:
         folder = version_dir(args)
         settings = resrank_config(folder)
         self.tokenizer = PassageTokenizer.for_config(folder / "tokenizer.json", settings)
-        self.max_candidates = int(params["MAX_CANDIDATES"])  # the deployment's ceiling, not one reranker pass
+        self.max_candidates = settings.max_candidates
         self.encoder_batch = int(params["ENCODER_MAX_BATCH"])
-        self.cache = VectorCache(int(params.get("CACHE_SIZE", "0")))
-        # the family must outlive its metrics (Triton refuses to count into a deleted family)
-        self.lookups = pb_utils.MetricFamily(name="resrank_passage_cache_lookups_total",
-                                             kind=pb_utils.MetricFamily.COUNTER,
-                                             description="Passages looked up in the passage encoder's vector cache")
-        self.hits, self.misses = (self.lookups.Metric(labels={"result": result}) for result in ("hit", "miss"))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[n, D] in input order; chunks hold texts of similar length (characters as a cheap
@@ -80,13 +71,10 @@ class Model:
             except RequestError as exc:
                 refused[position] = exc
         texts = [str(text) for grid in grids.values() for text in grid.reshape(-1)]
-        hits, misses = self.cache.hits, self.cache.misses
         try:
-            vectors = self.cache.vectors(texts, self.encode) if texts else None
+            vectors = self.encode(texts) if texts else None
         except Exception as exc:  # the encoder failed: every request that needed it says so
             refused.update({position: exc for position in grids})
-        self.hits.increment(self.cache.hits - hits)
-        self.misses.increment(self.cache.misses - misses)
         offsets = dict(zip(grids, np.cumsum([0] + [grid.size for grid in grids.values()])))
 
         def answer(position: int) -> dict:
