@@ -66,6 +66,23 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+
+def cpu_runtime_options(scope: str):
+    """--cpu-runtime and --openvino-compute, the same for `build` (its repository stage) and `triton`."""
+    def decorate(command):
+        command = click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32",
+                               show_default=True, help="--cpu-runtime openvino: precision of the floating-point "
+                                                       "ops (bf16 on AMX / AVX512-BF16 CPUs).")(command)
+        return click.option("--cpu-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
+                            show_default=True,
+                            help=f"{scope}: run the encoder and reranker graphs on ONNX Runtime's CPU provider or "
+                                 "OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; INT8 GEMMs for "
+                                 "--precision int8). auto: the fastest path installed, native on this CPU and gated "
+                                 "by the build's parity or fidelity stage (OpenVINO in BF16 on AMX / AVX512-BF16 "
+                                 "CPUs, else ONNX Runtime FP32); the repository's resrank_repository.json says "
+                                 "which and why.")(command)
+    return decorate
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Show debug logs, including the exporters' own.")
 @click.version_option(package_name="resrank-export")
@@ -121,15 +138,7 @@ def main(verbose: bool) -> None:
               show_default=True, help="FAISS index kind of the index stage.")
 @click.option("--triton-backend", type=click.Choice(["python", "onnxruntime", "tensorrt", "none"]), default="python",
               show_default=True, help="Backend of the graphs in <out>/model_repository; none: no repository.")
-@click.option("--cpu-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
-              show_default=True, help="--triton-backend python: run the encoder and reranker graphs on ONNX Runtime's CPU "
-                                      "provider or OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; "
-                                      "INT8 GEMMs for --precision int8). auto: the fastest path installed, native "
-                                      "on this CPU and gated by the build's parity or fidelity stage (OpenVINO in "
-                                      "BF16 on AMX / AVX512-BF16 CPUs, else ONNX Runtime FP32); the repository's "
-                                      "resrank_repository.json says which and why.")
-@click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
-              help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
+@cpu_runtime_options("--triton-backend python")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="fp16/bf16/int8: calibration folder written by `resrank-export calibrate`.")
 @click.option("--calibration-corpus", type=click.Path(path_type=Path),
@@ -492,15 +501,7 @@ def search_command(index_dir, query, queries_file, top_k, build_dir, as_json) ->
 @click.option("--shard-url", "shard_urls", multiple=True, metavar="HOST:PORT",
               help="gRPC address serving faiss_lookup_<i>, in shard order (one per shard): the router asks "
                    "each shard's own Triton instead of this one's.")
-@click.option("--cpu-runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto",
-              show_default=True, help="python backend: run the encoder and reranker graphs on ONNX Runtime's CPU "
-                                      "provider or OpenVINO's CPU plugin (pip install 'resrank-export[openvino]'; "
-                                      "INT8 GEMMs for --precision int8). auto: the fastest path installed, native "
-                                      "on this CPU and gated by the build's parity or fidelity stage (OpenVINO in "
-                                      "BF16 on AMX / AVX512-BF16 CPUs, else ONNX Runtime FP32); the repository's "
-                                      "resrank_repository.json says which and why.")
-@click.option("--openvino-compute", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
-              help="--cpu-runtime openvino: precision of the floating-point ops (bf16 on AMX / AVX512-BF16 CPUs).")
+@cpu_runtime_options("python backend")
 def triton(build_dir, index_dir, out, backend, precision, max_batch_size, max_queue_delay_us, max_queue_size,
            max_batch_tokens, instances, gpu, ort_accelerator, cc_model_filenames, index_shards, shard_urls,
            cpu_runtime, openvino_compute) -> None:
