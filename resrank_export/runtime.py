@@ -120,11 +120,12 @@ def graph_session(path: str | Path, providers: list[str] | None = None, threads:
     """`ort_session`, except that on the CPU a BF16 graph runs on onnx's reference evaluator and an
     FP8 one on ONNX Runtime without its Q/DQ fusions: what parity and fidelity use, so those graphs
     are checked on machines without a GPU (slowly)."""
-    if not providers and is_bfloat16_graph(path):
+    dtypes = graph_dtypes(path) if not providers else set()
+    if "BFLOAT16" in dtypes:
         log.warning("%s: BF16 graph on a CPU: checked with onnx's reference evaluator (slow; ONNX Runtime's "
                     "CPU provider has no BF16 kernels)", Path(path).name)
         return ReferenceSession(path)
-    if not providers and graph_has_dtype(path, "FLOAT8E4M3FN"):
+    if "FLOAT8E4M3FN" in dtypes:
         # ONNX Runtime's CPU provider runs FP8 QuantizeLinear / DequantizeLinear (MatMul in the
         # graph's float type), but its extended optimizations fuse Q/DQ + MatMul into
         # MatMulIntegerToFloat, which takes INT8 only, and refuse the graph: basic level keeps them
@@ -138,22 +139,21 @@ def graph_session(path: str | Path, providers: list[str] | None = None, threads:
 
 def is_bfloat16_graph(path: str | Path) -> bool:
     """Whether the graph computes in BF16 anywhere: a BF16 weight or a Cast to BF16."""
-    return graph_has_dtype(path, "BFLOAT16")
+    return "BFLOAT16" in graph_dtypes(path)
 
 
-def graph_has_dtype(path: str | Path, dtype: str) -> bool:
-    """Whether the graph holds a weight of onnx.TensorProto.<dtype> or casts to it (the graph
-    structure only; external weight data is not read). False for a file onnx cannot parse."""
+def graph_dtypes(path: str | Path) -> set[str]:
+    """onnx.TensorProto names of the graph's weights and Cast targets, from one read of its
+    structure (external weight data is not read). Empty for a file onnx cannot parse."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable: not this check's to report; the session's own error names the file
-        return False
-    wanted = getattr(onnx.TensorProto, dtype)
-    return any(init.data_type == wanted for init in model.graph.initializer) or any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == wanted for a in node.attribute)
-        for node in model.graph.node)
+        return set()
+    types = {init.data_type for init in model.graph.initializer} | {
+        a.i for node in model.graph.node if node.op_type == "Cast" for a in node.attribute if a.name == "to"}
+    return {onnx.TensorProto.DataType.Name(t) for t in types}
 
 
 class ReferenceSession:
